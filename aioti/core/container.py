@@ -1,0 +1,423 @@
+"""The synchronous model container: runs, metadata and constants over one `ModelLibrary`.
+
+A `Container` may be used from many threads at once, as the native container is: runs on up to
+`num_models` threads proceed in parallel. Constant *mutations* are not synchronized against runs
+by the native code (an update of the active buffer races with runs): callers serialize them, as
+the async facade does with its mutation lock and run gate.
+
+Ownership across the boundary:
+- `run` makes a new owning handle per input; the native `Run` steals (frees) them.
+- the output handles `Run` writes are owned by the caller and become tensors at once; if a run
+  fails after writing some of them, those are freed.
+- constant updates pass borrowed handles; aioti frees them after a copying update, and keeps them
+  (with their tensors) alive for as long as the container may use them after a user-managed one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from ctypes import byref, c_bool, c_char_p, c_int32, c_size_t, c_uint64, c_void_p
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelLoadError, UnsupportedOperation
+from .library import (
+    ConstantEntry,
+    ModelLibrary,
+    free_handles,
+    handles_from_tensors,
+    new_handle,
+    tensors_from_handles,
+)
+from .signature import Signature, parse_signature
+
+__all__ = ["ConstantInfo", "Container", "scalar_type"]
+
+# c10::ScalarType numbering, which `aoti_torch_dtype_*()` returns.
+_SCALAR_TYPES: dict[int, torch.dtype] = {
+    0: torch.uint8, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.int64,
+    5: torch.float16, 6: torch.float32, 7: torch.float64, 9: torch.complex64,
+    10: torch.complex128, 11: torch.bool, 15: torch.bfloat16,
+}
+for _code, _name in ((23, "float8_e5m2"), (24, "float8_e4m3fn")):
+    if hasattr(torch, _name):
+        _SCALAR_TYPES[_code] = getattr(torch, _name)
+
+
+def scalar_type(code: int) -> torch.dtype | None:
+    """The torch dtype of a c10 ScalarType code (None for codes aioti does not map)."""
+    return _SCALAR_TYPES.get(code)
+
+
+@dataclass(frozen=True)
+class ConstantInfo:
+    """One constant of the compiled model."""
+
+    name: str
+    fqn: str
+    dtype: torch.dtype | None
+    nbytes: int
+    from_folded: bool
+    kind: int  # torch::aot_inductor::ConstantType: 1 Parameter, 2 Buffer, 3 TensorConstant
+
+
+class Container:
+    """A native model container. Create it, `run` it, and `delete` it when done.
+
+    `device` is a device string ("cpu", "cuda:1"); `num_models` the number of model instances
+    that may run at once; `single_threaded` uses `RunSingleThreaded`, for callers that never
+    run concurrently; `check_inputs` makes `run` validate inputs against the model's signature.
+    """
+
+    def __init__(
+        self,
+        library: ModelLibrary,
+        *,
+        device: str | torch.device = "cpu",
+        num_models: int = 1,
+        cubin_dir: str | os.PathLike[str] | None = None,
+        single_threaded: bool = False,
+        check_inputs: bool = True,
+        source: str | None = None,
+    ) -> None:
+        if num_models < 1:
+            raise ValueError(f"num_models must be >= 1, got {num_models}")
+        self.library = library
+        self.device = torch.device(device)
+        self.num_models = num_models
+        self.check_inputs = check_inputs
+        self._lib = library
+        handle = c_void_p()
+        cubin = str(cubin_dir).encode() if cubin_dir is not None else None
+        library.call("CreateWithDevice", byref(handle), num_models, str(self.device).encode(), cubin)
+        self._handle: int | None = handle.value
+        self._delete_lock = threading.Lock()
+        self._kept: list[dict[str, tuple[torch.Tensor, int]]] = [{}, {}]  # per buffer
+        self._active = 0
+        self._blob: object | None = None
+        self._run_fn = library.functions[
+            "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
+        ]
+        self.num_inputs = self._count("GetNumInputs")
+        self.num_outputs = self._count("GetNumOutputs")
+        self._in_array = c_void_p * self.num_inputs
+        self._out_array = c_void_p * self.num_outputs
+        self.input_names = self._names("GetInputName", self.num_inputs)
+        self.output_names = self._names("GetOutputName", self.num_outputs)
+        self.call_spec = self._call_spec()
+        self.constants = self._constants()
+        self._by_name = {c.name: c for c in self.constants}
+        self._by_fqn = {c.fqn: c for c in self.constants if c.fqn}
+        self.signature: Signature = parse_signature(source, self.num_inputs)
+
+    # --- metadata ------------------------------------------------------------------------
+
+    def _count(self, fn: str) -> int:
+        n = c_size_t()
+        self._lib.call(fn, self._live(), byref(n))
+        return n.value
+
+    def _names(self, fn: str, n: int) -> list[str]:
+        if not self._lib.has(fn):
+            return [f"{fn[3:7].lower()}{i}" for i in range(n)]
+        out = []
+        for i in range(n):
+            s = c_char_p()
+            self._lib.call(fn, self._live(), i, byref(s))
+            out.append((s.value or b"").decode())
+        return out
+
+    def _call_spec(self) -> tuple[str, str] | None:
+        if not self._lib.has("GetCallSpec"):
+            return None
+        a, b = c_char_p(), c_char_p()
+        self._lib.call("GetCallSpec", self._live(), byref(a), byref(b))
+        return (a.value or b"").decode(), (b.value or b"").decode()
+
+    def _constants(self) -> list[ConstantInfo]:
+        if not self._lib.has("GetNumConstants"):
+            return []
+        out = []
+        h = self._live()
+        for i in range(self._count("GetNumConstants")):
+            name, fqn = c_char_p(), c_char_p()
+            folded, kind, dtype, size = c_bool(), c_int32(), c_int32(-1), c_size_t()
+            self._lib.call("GetConstantName", h, i, byref(name))
+            if self._lib.has("GetConstantOriginalFQN"):
+                self._lib.call("GetConstantOriginalFQN", h, i, byref(fqn))
+            if self._lib.has("GetConstantFromFolded"):
+                self._lib.call("GetConstantFromFolded", h, i, byref(folded))
+            if self._lib.has("GetConstantType"):
+                self._lib.call("GetConstantType", h, i, byref(kind))
+            if self._lib.has("GetConstantDtype"):
+                self._lib.call("GetConstantDtype", h, i, byref(dtype))
+            if self._lib.has("GetConstantDataSize"):
+                self._lib.call("GetConstantDataSize", h, i, byref(size))
+            out.append(ConstantInfo(
+                name=(name.value or b"").decode(), fqn=(fqn.value or b"").decode(),
+                dtype=scalar_type(dtype.value), nbytes=size.value,
+                from_folded=folded.value, kind=kind.value,
+            ))
+        return out
+
+    @property
+    def constant_fqns(self) -> dict[str, str]:
+        """Internal constant name -> original FQN (the `state_dict` key), folded ones excluded."""
+        return {c.name: c.fqn for c in self.constants if not c.from_folded}
+
+    @property
+    def constant_dtypes(self) -> dict[str, torch.dtype | None]:
+        return {c.name: c.dtype for c in self.constants}
+
+    @property
+    def constant_sizes(self) -> dict[str, int]:
+        """Internal constant name -> size in bytes."""
+        return {c.name: c.nbytes for c in self.constants}
+
+    @property
+    def folded_constants(self) -> dict[str, bool]:
+        return {c.name: c.from_folded for c in self.constants}
+
+    @property
+    def closed(self) -> bool:
+        return self._handle is None
+
+    def _live(self) -> int:
+        h = self._handle
+        if h is None:
+            from ..errors import ClosedError
+
+            raise ClosedError("the model container was deleted")
+        return h
+
+    def _need(self, fn: str, what: str) -> None:
+        if not self._lib.has(fn):
+            built = self._lib.torch_version or "an older torch"
+            raise UnsupportedOperation(
+                f"{what} needs AOTInductorModelContainer{fn}, which this model library lacks "
+                f"(built by {built}; this process runs torch {torch.__version__})"
+            )
+
+    # --- runs ------------------------------------------------------------------------------
+
+    def run(
+        self, inputs: Sequence[torch.Tensor], *, stream: int | None = None,
+        check: bool | None = None,
+    ) -> list[torch.Tensor]:
+        """Run once on flat `inputs`; returns the flat outputs (owned by the caller)."""
+        self.signature.check(inputs, self.device, full=self.check_inputs if check is None else check)
+        return self._run(handles_from_tensors(inputs), stream)
+
+    def boxed_run(
+        self, inputs: list[torch.Tensor], *, stream: int | None = None, check: bool | None = None
+    ) -> list[torch.Tensor]:
+        """Like `run`, but takes the inputs over: `inputs` is emptied before the run starts,
+        so their memory can be released as soon as the model is done with them."""
+        self.signature.check(inputs, self.device, full=self.check_inputs if check is None else check)
+        handles = handles_from_tensors(inputs)
+        inputs.clear()
+        return self._run(handles, stream)
+
+    def _run(self, handles: list[int], stream: int | None) -> list[torch.Tensor]:
+        """Run on owning input handles (always stolen, also on failure)."""
+        outs = self._out_array()
+        code = self._run_fn(self._live(), self._in_array(*handles), len(handles),
+                            outs, self.num_outputs, stream, None)
+        if code:
+            message = self._lib.describe_failure("Run", code)
+            free_handles(list(outs))
+            from ..errors import ModelRunError
+
+            raise ModelRunError(message)
+        return tensors_from_handles(list(outs))
+
+    # --- constants ---------------------------------------------------------------------------
+
+    def resolve_constants(
+        self, mapping: Mapping[str, object], *, private: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Map internal names or FQNs to checked, compact tensors on the model's device
+        (`private=True`: always copies the caller cannot touch).
+
+        Raises `InputError` before anything changes for an unknown key, a folded constant, a
+        non-tensor, or a dtype or shape that differs from the model's.
+        """
+        out: dict[str, torch.Tensor] = {}
+        unknown = []
+        for key, value in mapping.items():
+            info = self._by_name.get(key) or self._by_fqn.get(key)
+            if info is None or info.from_folded:
+                unknown.append(key)
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise InputError(
+                    f"constant {key!r}: expected a torch.Tensor, got {type(value).__name__}"
+                )
+            if info.dtype is not None and value.dtype != info.dtype:
+                raise InputError(
+                    f"constant {key!r}: expected dtype {info.dtype}, got {value.dtype}"
+                )
+            nbytes = value.numel() * value.element_size()
+            if nbytes != info.nbytes:
+                raise InputError(
+                    f"constant {key!r}: expected {info.nbytes} bytes of {info.dtype}, "
+                    f"got shape {tuple(value.shape)} ({nbytes} bytes)"
+                )
+            # The native copy reads `storage size` bytes from the data pointer: hand it a
+            # compact tensor of its own.
+            t = value.detach().to(self.device)
+            if private and t is value or not (
+                t.is_contiguous() and t.storage_offset() == 0
+                and t.untyped_storage().nbytes() == nbytes
+            ):
+                t = t.contiguous().clone()
+            out[info.name] = t
+        if unknown:
+            known = ", ".join(sorted(self.constant_fqns.values()))
+            raise InputError(
+                f"unknown constant(s) {', '.join(map(repr, unknown))}: not runtime constants of "
+                f"this model (folded or inlined at compile time, or misspelt); it has: {known}"
+            )
+        return out
+
+    def missing_constants(self, names: set[str]) -> list[str]:
+        return [c.fqn or c.name for c in self.constants
+                if not c.from_folded and c.name not in names]
+
+    def update_constants(
+        self,
+        mapping: Mapping[str, object],
+        *,
+        inactive: bool = False,
+        validate_full: bool = False,
+        user_managed: bool = False,
+    ) -> None:
+        """Update constants of the active (or inactive) buffer from `mapping`.
+
+        Copying by default. `user_managed=True` makes the model use the given tensors' memory
+        directly (no copy; aioti keeps them alive until they are replaced or the model goes).
+        Libraries without the copying function (torch 2.11) get a private copy passed as
+        user-managed, which behaves like a copying update.
+        """
+        copying = not user_managed and self._lib.has("UpdateConstantBufferPairs")
+        resolved = self.resolve_constants(mapping, private=not copying and not user_managed)
+        if validate_full and (missing := self.missing_constants(set(resolved))):
+            raise InputError(f"validate_full: constants missing from the mapping: {missing}")
+        if not resolved:
+            return
+        if not copying:
+            self._need("UpdateUserManagedConstantBufferPairs", "updating constants")
+        fn = "UpdateConstantBufferPairs" if copying else "UpdateUserManagedConstantBufferPairs"
+        names = list(resolved)
+        tensors = [resolved[n] for n in names]
+        handles = handles_from_tensors(tensors)
+        pairs = (ConstantEntry * len(names))(
+            *(ConstantEntry(n.encode(), h) for n, h in zip(names, handles))
+        )
+        try:
+            self._lib.call(fn, self._live(), pairs, len(names), inactive, validate_full)
+        except BaseException:
+            free_handles(handles)
+            raise
+        if copying:
+            free_handles(handles)
+            return
+        kept = self._kept[self._active ^ int(inactive)]
+        replaced = [kept[n][1] for n in names if n in kept]
+        kept.update({n: (t, h) for n, t, h in zip(names, tensors, handles)})
+        free_handles(replaced)
+
+    def update_inactive_constants(self, mapping: Mapping[str, object]) -> None:
+        """Update the inactive buffer (a shorthand for `update_constants(..., inactive=True)`)."""
+        self.update_constants(mapping, inactive=True)
+
+    def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
+                          ) -> dict[str, torch.Tensor]:
+        """Copies of the constants of the active (or inactive) buffer, keyed by internal name
+        (or by FQN). Folded constants are not included."""
+        self._need("ExtractConstantsMapEntries", "extracting constants")
+        entries = ctypes.POINTER(ConstantEntry)()
+        n = c_size_t()
+        self._lib.call("ExtractConstantsMapEntries", self._live(), byref(entries), byref(n), inactive)
+        fqns = [(entries[i].name or b"").decode() for i in range(n.value)]
+        handles = [new_handle(entries[i].handle) for i in range(n.value)]
+        tensors = tensors_from_handles(handles)
+        out = {}
+        for fqn, t in zip(fqns, tensors):
+            info = self._by_fqn.get(fqn)
+            key = fqn if by_fqn or info is None else info.name
+            out[key] = t.clone()
+        return out
+
+    def run_constant_folding(self, *, inactive: bool = False, stream: int | None = None) -> None:
+        """Fold constants of the active (or inactive) buffer; folding the active one waits for
+        runs in flight (the native container takes its exclusive lock)."""
+        self._need("RunConstantFolding", "constant folding")
+        self._lib.call("RunConstantFolding", self._live(), inactive, stream, None)
+
+    def swap_constant_buffer(self) -> None:
+        """Make the inactive buffer active (waits for runs in flight, natively)."""
+        self._need("SwapConstantBuffer", "swapping constant buffers")
+        self._lib.call("SwapConstantBuffer", self._live())
+        self._active ^= 1
+
+    def free_inactive_constant_buffer(self) -> None:
+        self._need("FreeInactiveConstantBuffer", "freeing the inactive buffer")
+        self._lib.call("FreeInactiveConstantBuffer", self._live())
+
+    @property
+    def constants_blob_size(self) -> int:
+        self._need("GetConstantsBlobSize", "reading the weights blob size")
+        n = c_uint64()
+        self._lib.call("GetConstantsBlobSize", self._live(), byref(n))
+        return n.value
+
+    def load_constants_from_blob(self, blob: str | os.PathLike[str] | bytes) -> None:
+        """Load the active buffer from a weights blob (the `*_weights.blob` format of packages
+        compiled with `package_constants_on_disk_format="binary_blob"`). The model reads the
+        blob in place, so aioti keeps it in memory for as long as the container lives."""
+        self._need("AOTInductorModelUpdateConstantsFromBlob", "loading a weights blob")
+        data = Path(blob).read_bytes() if not isinstance(blob, bytes) else blob
+        want = self.constants_blob_size
+        if len(data) < want:
+            raise InputError(f"weights blob: expected at least {want} bytes, got {len(data)}")
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        self._lib.call("AOTInductorModelUpdateConstantsFromBlob", self._live(), buf)
+        self._blob = buf
+
+    # --- lifetime ----------------------------------------------------------------------------
+
+    def delete(self) -> None:
+        """Delete the native container (idempotent). No run may be in flight."""
+        with self._delete_lock:
+            handle, self._handle = self._handle, None
+        if handle is None:
+            return
+        self._lib.call("Delete", handle)
+        for kept in self._kept:
+            free_handles([h for _, h in kept.values()])
+            kept.clear()
+        self._blob = None
+
+
+def open_container(files: object, **kwargs: object) -> Container:
+    """A container over `ModelFiles` (see `package.open_model`), weights blob loaded."""
+    from .package import ModelFiles
+
+    if not isinstance(files, ModelFiles):
+        raise ModelLoadError(f"expected ModelFiles, got {type(files).__name__}")
+    lib = ModelLibrary(files.library, torch_version=files.metadata.get("torch_version"))
+    kwargs.setdefault("cubin_dir", files.cubin_dir)
+    container = Container(lib, source=files.read_source(), **kwargs)  # type: ignore[arg-type]
+    if files.blob is not None:
+        try:
+            container.load_constants_from_blob(files.blob)
+        except BaseException:
+            container.delete()
+            raise
+    return container

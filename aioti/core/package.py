@@ -1,0 +1,207 @@
+"""Reading `.pt2` packages and the content-addressed extraction cache.
+
+A package is a zip archive holding, per model, `<prefix>/data/aotinductor/<model>/` with the
+model library (`*.wrapper.so`), its source (`*.wrapper.cpp`, from which input checks are read),
+metadata (`*_metadata.json`), and optionally constants kept outside the library
+(`*_weights.blob`) and kernel binaries (`*.cubin`). Only the standard library reads it.
+
+Extraction goes to `<cache>/<sha256 of the package>/`: a second load of the same bytes reuses
+it, and concurrent extractions (threads or processes) each write a private temporary directory
+and rename it into place, so no reader ever sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+__all__ = ["ModelFiles", "default_cache_dir", "list_models", "open_model"]
+
+_MARK = "/data/aotinductor/"
+
+
+def default_cache_dir() -> Path:
+    """`$AIOTI_CACHE_DIR`, else `$XDG_CACHE_HOME/aioti/packages`, else `~/.cache/aioti/packages`."""
+    if env := os.environ.get("AIOTI_CACHE_DIR"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "aioti" / "packages"
+
+
+@dataclass
+class ModelFiles:
+    """The files of one model, on disk."""
+
+    name: str
+    library: Path
+    source: Path | None = None
+    blob: Path | None = None
+    cubin_dir: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    package: Path | None = None
+
+    def read_source(self) -> str | None:
+        return self.source.read_text(errors="replace") if self.source else None
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise ModelLoadError(f"{str(path)!r} does not exist or is not a file")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelLoadError(
+            f"{str(path)!r} is not a .pt2 package (not a readable zip archive: {exc})"
+        ) from exc
+
+
+def _models_in(zf: zipfile.ZipFile) -> dict[str, list[zipfile.ZipInfo]]:
+    models: dict[str, list[zipfile.ZipInfo]] = {}
+    for info in zf.infolist():
+        _, mark, rest = info.filename.partition(_MARK)
+        if mark and "/" in rest and not info.is_dir():
+            models.setdefault(rest.split("/", 1)[0], []).append(info)
+    return models
+
+
+def list_models(path: str | os.PathLike[str]) -> list[str]:
+    """Names of the AOTInductor models in a package."""
+    with _open_zip(Path(path)) as zf:
+        return sorted(_models_in(zf))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path) -> None:
+    if dest.is_dir():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        for info in infos:
+            name = info.filename.partition(_MARK)[2].split("/", 1)[1]
+            target = tmp / name
+            if ".." in Path(name).parts:
+                raise ModelLoadError(f"package entry {info.filename!r} escapes its directory")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, target.open("wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # lost a race only if the winner's copy is there
+                raise
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise ModelLoadError(f"cannot extract {infos[0].filename!r}: {exc}") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_platform(meta: dict[str, str], where: str) -> None:
+    want = meta.get("AOTI_PLATFORM"), meta.get("AOTI_MACHINE")
+    have = platform.system().lower(), platform.machine()
+    if want[0] and want[0] != have[0] or want[1] and want[1] != have[1]:
+        raise ModelLoadError(
+            f"{where} was built for {want[0]}/{want[1]}, this machine is {have[0]}/{have[1]}"
+        )
+
+
+def _files_in(directory: Path, name: str, package: Path | None) -> ModelFiles:
+    libs = sorted(directory.rglob("*.so"))
+    if not libs:
+        raise ModelLoadError(f"model {name!r} in {str(package or directory)!r} has no library")
+    lib = next((p for p in libs if p.name.endswith(".wrapper.so")), libs[0])
+    stem = lib.name.removesuffix(".so")
+    meta: dict[str, str] = {}
+    for mpath in sorted(directory.rglob("*metadata.json")):
+        try:
+            meta.update({k: str(v) for k, v in json.loads(mpath.read_text()).items()})
+        except (ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"bad metadata {str(mpath)!r}: {exc}") from exc
+    source = lib.with_name(stem + ".cpp")
+    blobs = sorted(directory.rglob("*_weights.blob")) or sorted(directory.rglob("*.blob"))
+    cubins = sorted(directory.rglob("*.cubin")) + sorted(directory.rglob("*.fatbin"))
+    files = ModelFiles(
+        name=name,
+        library=lib,
+        source=source if source.is_file() else None,
+        blob=blobs[0] if blobs else None,
+        cubin_dir=cubins[0].parent if cubins else None,
+        metadata=meta,
+        package=package,
+    )
+    _check_platform(meta, f"model {name!r} in {str(package or lib)!r}")
+    return files
+
+
+def open_model(
+    path: str | os.PathLike[str],
+    model_name: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ModelFiles:
+    """Locate (extracting once, into the cache) the files of one model of a package or `.so`.
+
+    `model_name` picks a model of a multi-model package; by default the package's only model,
+    or the one named "model" (what `aoti_compile_and_package` writes).
+    """
+    path = Path(path)
+    if path.suffix == ".so":
+        if not path.is_file():
+            raise ModelLoadError(f"{str(path)!r} does not exist or is not a file")
+        return _bare(path)
+    with _open_zip(path) as zf:
+        models = _models_in(zf)
+        if not models:
+            raise ModelLoadError(f"{str(path)!r} holds no AOTInductor model (no {_MARK[1:]}...)")
+        if model_name is None:
+            if len(models) == 1:
+                model_name = next(iter(models))
+            elif "model" in models:
+                model_name = "model"
+            else:
+                raise ModelLoadError(
+                    f"{str(path)!r} holds several models ({', '.join(sorted(models))}): "
+                    "pass model_name"
+                )
+        if model_name not in models:
+            raise ModelLoadError(
+                f"{str(path)!r} has no model {model_name!r} (it has: {', '.join(sorted(models))})"
+            )
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        dest = root / _sha256(path) / model_name
+        _extract(zf, models[model_name], dest)
+    return _files_in(dest, model_name, path)
+
+
+def _bare(lib: Path) -> ModelFiles:
+    """A bare model library: its source and blob are used when they lie beside it."""
+    stem = lib.name.removesuffix(".so")
+    source = lib.with_name(stem + ".cpp")
+    blob = lib.with_name(stem + "_weights.blob")
+    meta_path = lib.with_name(stem + "_metadata.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    files = ModelFiles(
+        name=stem,
+        library=lib,
+        source=source if source.is_file() else None,
+        blob=blob if blob.is_file() else None,
+        metadata={k: str(v) for k, v in meta.items()},
+    )
+    _check_platform(files.metadata, str(lib))
+    return files

@@ -1,0 +1,228 @@
+"""What a model expects of its inputs, and the check that enforces it before every run.
+
+A compiled model does not check its inputs by default: a wrong size or stride is read as if it
+were right (a silent wrong result or a crash), and its own opt-in check
+(`AOTI_RUNTIME_CHECK_INPUTS`) rejects batch 1 on dims exported with `min=1`. aioti therefore
+checks in Python, from a signature read off the wrapper source that every `.pt2` ships beside
+the library: the generated `check_input_N` functions give dtype, static sizes, dynamic ranges and
+device; the generated `assert_size_stride` calls give rank, which dims share a symbol, and the
+stride of every dim as an expression of the sizes.
+
+Dynamic ranges: export's 0/1 specialization makes the generated lower bound 2 for a dim exported
+with `min=1`; the compiled code is generic in that dim, so a lower bound of 2 is taken as 1.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+
+__all__ = ["InputSpec", "Signature", "parse_signature"]
+
+_NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
+_CHECK = re.compile(r"static void check_input_(\d+)\(")
+_DTYPE = re.compile(r"(\w+)_expected_dtype = aoti_torch_dtype_(\w+)\(\)")
+_LOW = re.compile(r"if \((\w+)_size\[(\d+)\] < (-?\d+)\)")
+_HIGH = re.compile(r"if \((\w+)_size\[(\d+)\] > (-?\d+)\)")
+_DEVICE = re.compile(r"(\w+)_expected_device_type = (-?\d+);")
+_ASSERT = re.compile(r'assert_size_stride\((\w+), \{([^}]*)\}, \{([^}]*)\}, "input"\)')
+_DEVICE_TYPES = {0: "cpu", 1: "cuda", 2: "mkldnn", 9: "xpu", 13: "mps"}
+
+
+@dataclass
+class InputSpec:
+    """The expectations for one flat input; unknown parts are `None` and not checked."""
+
+    index: int
+    name: str
+    label: str = ""
+    dtype: torch.dtype | None = None
+    #: per dim: an int (static size) or a symbol name (dynamic)
+    sizes: tuple[int | str, ...] | None = None
+    #: per dim: a product of ints and symbols, e.g. ("64*s0", "64", "1"), or None if not simple
+    strides: tuple[tuple[int, tuple[str, ...]] | None, ...] | None = None
+    ranges: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
+    device_type: str | None = None
+
+    def describe(self) -> str:
+        """e.g. `float32[batch 1..1024, 64]`."""
+        if self.sizes is None:
+            shape = "?"
+        else:
+            dims = []
+            for d, s in enumerate(self.sizes):
+                if isinstance(s, int):
+                    dims.append(str(s))
+                else:
+                    lo, hi = self.ranges.get(d, (None, None))
+                    dims.append(f"{s}:{'' if lo is None else lo}..{'' if hi is None else hi}")
+            shape = "[" + ", ".join(dims) + "]"
+        dt = str(self.dtype).removeprefix("torch.") if self.dtype else "?"
+        return f"{dt}{shape}"
+
+
+def _product(expr: str) -> tuple[int, tuple[str, ...]] | None:
+    const, syms = 1, []
+    for tok in expr.split("*"):
+        tok = tok.strip().removesuffix("L")
+        if re.fullmatch(r"-?\d+", tok):
+            const *= int(tok)
+        elif re.fullmatch(r"[A-Za-z_]\w*", tok):
+            syms.append(tok)
+        else:
+            return None
+    return const, tuple(syms)
+
+
+def _split(body: str) -> list[str]:
+    return [t.strip() for t in body.split(",") if t.strip()]
+
+
+@dataclass
+class Signature:
+    """The input specs of one model, in flat input order, and the check over them."""
+
+    inputs: list[InputSpec]
+    #: True when the wrapper source was found and parsed (otherwise only counts are checked)
+    known: bool
+
+    def batch_range(self, dim: int = 0) -> tuple[str, int | None] | None:
+        """The symbol and upper bound of `dim` if every input is dynamic there with one symbol."""
+        syms = {s.sizes[dim] for s in self.inputs if s.sizes and len(s.sizes) > dim}
+        if len(syms) != 1 or any(not s.sizes or len(s.sizes) <= dim for s in self.inputs):
+            return None
+        (sym,) = syms
+        if not isinstance(sym, str):
+            return None
+        highs = [s.ranges.get(dim, (None, None))[1] for s in self.inputs]
+        known = [h for h in highs if h is not None]
+        return sym, (min(known) if known else None)
+
+    def check(self, tensors: Sequence[object], device: torch.device, *, full: bool = True) -> None:
+        """Raise `InputError` for the first input that does not fit; `full=False` checks counts."""
+        if len(tensors) != len(self.inputs):
+            names = ", ".join(s.label for s in self.inputs)
+            raise InputError(
+                f"wrong number of inputs: expected {len(self.inputs)} ({names}), "
+                f"got {len(tensors)}"
+            )
+        if not full:
+            return
+        bound: dict[str, tuple[int, str]] = {}
+        for spec, t in zip(self.inputs, tensors):
+            _check_one(spec, t, device, bound)
+
+
+def _check_one(
+    spec: InputSpec, t: object, device: torch.device, bound: dict[str, tuple[int, str]]
+) -> None:
+    where = f"input {spec.label}"
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{where}: expected a torch.Tensor, got {type(t).__name__}")
+    if spec.dtype is not None and t.dtype != spec.dtype:
+        raise InputError(f"{where}: expected dtype {spec.dtype}, got {t.dtype}")
+    if t.device != device and not (device.index is None and t.device.type == device.type):
+        raise InputError(f"{where}: expected a tensor on {device}, got one on {t.device}")
+    if spec.sizes is None:
+        return
+    shape = t.shape
+    if len(shape) != len(spec.sizes):
+        raise InputError(
+            f"{where}: expected {len(spec.sizes)} dims ({spec.describe()}), "
+            f"got {len(shape)} (shape {tuple(shape)})"
+        )
+    for d, (want, got) in enumerate(zip(spec.sizes, shape)):
+        if isinstance(want, int):
+            if want != got:
+                raise InputError(
+                    f"{where}: expected size {want} at dim {d} ({spec.describe()}), "
+                    f"got {got} (shape {tuple(shape)})"
+                )
+            continue
+        lo, hi = spec.ranges.get(d, (None, None))
+        if (lo is not None and got < lo) or (hi is not None and got > hi):
+            raise InputError(
+                f"{where}: size {got} at dim {d} is outside the exported range "
+                f"{'' if lo is None else lo}..{'' if hi is None else hi} ({spec.describe()})"
+            )
+        prev = bound.setdefault(want, (got, f"{spec.label} dim {d}"))
+        if prev[0] != got:
+            raise InputError(
+                f"{where}: expected size {prev[0]} at dim {d} (the same as {prev[1]}), got {got}"
+            )
+    if spec.strides is None:
+        return
+    values = {k: v for k, (v, _) in bound.items()}
+    strides = t.stride()
+    for d, expr in enumerate(spec.strides):
+        if expr is None or shape[d] <= 1:
+            continue  # a size-1 dim's stride is never used
+        const, syms = expr
+        if any(s not in values for s in syms):
+            continue
+        want = const * math.prod(values[s] for s in syms)
+        if strides[d] != want:
+            raise InputError(
+                f"{where}: unexpected strides {tuple(strides)} (expected stride {want} at "
+                f"dim {d}; the model reads inputs in its exported layout - pass .contiguous())"
+            )
+
+
+def parse_signature(
+    source: str | None, num_inputs: int, labels: Sequence[str] | None = None
+) -> Signature:
+    """Read the input signature off a model's wrapper source (`*.wrapper.cpp`)."""
+    specs = [InputSpec(i, f"input{i}") for i in range(num_inputs)]
+    for i, spec in enumerate(specs):
+        spec.label = _label(i, spec.name, labels)
+    if not source:
+        return Signature(specs, known=False)
+    by_var: dict[str, InputSpec] = {}
+    for m in _NAME.finditer(source):
+        i = int(m.group(1))
+        if i < num_inputs:
+            specs[i].name = m.group(2)
+            specs[i].label = _label(i, m.group(2), labels)
+            by_var[m.group(2)] = specs[i]
+    for m in _DTYPE.finditer(source):
+        spec = by_var.get(m.group(1))
+        dt = getattr(torch, m.group(2), None)
+        if spec is not None and isinstance(dt, torch.dtype):
+            spec.dtype = dt
+    for m in _DEVICE.finditer(source):
+        if (spec := by_var.get(m.group(1))) is not None:
+            spec.device_type = _DEVICE_TYPES.get(int(m.group(2)))
+    for pattern, slot in ((_LOW, 0), (_HIGH, 1)):
+        for m in pattern.finditer(source):
+            spec = by_var.get(m.group(1))
+            if spec is None:
+                continue
+            d, v = int(m.group(2)), int(m.group(3))
+            if slot == 0 and v == 2:
+                v = 1  # 0/1 specialization: see the module docstring
+            lo_hi = list(spec.ranges.get(d, (None, None)))
+            lo_hi[slot] = v
+            spec.ranges[d] = (lo_hi[0], lo_hi[1])
+    for m in _ASSERT.finditer(source):
+        spec = by_var.get(m.group(1))
+        if spec is None or spec.sizes is not None:
+            continue
+        sizes: list[int | str] = []
+        for tok in _split(m.group(2)):
+            tok = tok.removesuffix("L")
+            sizes.append(int(tok) if re.fullmatch(r"-?\d+", tok) else tok)
+        spec.sizes = tuple(sizes)
+        spec.strides = tuple(_product(tok) for tok in _split(m.group(3)))
+    return Signature(specs, known=bool(by_var))
+
+
+def _label(i: int, name: str, labels: Sequence[str] | None) -> str:
+    if labels is not None and i < len(labels) and labels[i]:
+        return f"{i} ({labels[i]})"
+    return f"{i} ({name})"
