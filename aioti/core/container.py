@@ -99,6 +99,7 @@ class Container:
         self._delete_lock = threading.Lock()
         self._kept: list[dict[str, tuple[torch.Tensor, int]]] = [{}, {}]  # per buffer
         self._active = 0
+        self._inactive_complete = False
         self._blob: object | None = None
         self._run_fn = library.functions[
             "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
@@ -308,6 +309,16 @@ class Container:
         resolved = self.resolve_constants(mapping, private=not copying and not user_managed)
         if validate_full and (missing := self.missing_constants(set(resolved))):
             raise InputError(f"validate_full: constants missing from the mapping: {missing}")
+        if inactive and not self._inactive_complete and self.missing_constants(set(resolved)):
+            # The inactive buffer holds no complete weight set yet: complete it from the active
+            # one, so that a later swap never activates missing constants.
+            if not self._lib.has("ExtractConstantsMapEntries"):
+                raise InputError(
+                    "the inactive buffer holds no complete weight set and this library cannot "
+                    "extract the active one: the first inactive update must give every constant "
+                    f"(missing: {self.missing_constants(set(resolved))})"
+                )
+            resolved = {**self.extract_constants(), **resolved}
         if not resolved:
             return
         if not copying:
@@ -326,14 +337,24 @@ class Container:
             raise
         if copying:
             free_handles(handles)
+            self._mark_updated(inactive)
             return
         kept = self._kept[self._active ^ int(inactive)]
         replaced = [kept[n][1] for n in names if n in kept]
         kept.update({n: (t, h) for n, t, h in zip(names, tensors, handles)})
         free_handles(replaced)
+        self._mark_updated(inactive)
+
+    def _mark_updated(self, inactive: bool) -> None:
+        if inactive:
+            self._inactive_complete = True
 
     def update_inactive_constants(self, mapping: Mapping[str, object]) -> None:
-        """Update the inactive buffer (a shorthand for `update_constants(..., inactive=True)`)."""
+        """Update the inactive buffer (a shorthand for `update_constants(..., inactive=True)`).
+
+        While the inactive buffer holds no complete weight set (after loading, and after
+        `free_inactive_constant_buffer`), constants missing from `mapping` are taken from the
+        active buffer, so the buffer a later swap activates is always complete."""
         self.update_constants(mapping, inactive=True)
 
     def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
@@ -363,12 +384,18 @@ class Container:
     def swap_constant_buffer(self) -> None:
         """Make the inactive buffer active (waits for runs in flight, natively)."""
         self._need("SwapConstantBuffer", "swapping constant buffers")
+        if not self._inactive_complete:
+            raise InputError(
+                "swap refused: the inactive buffer holds no complete weight set "
+                "(update it first; it is empty after loading and after free_inactive)"
+            )
         self._lib.call("SwapConstantBuffer", self._live())
         self._active ^= 1
 
     def free_inactive_constant_buffer(self) -> None:
         self._need("FreeInactiveConstantBuffer", "freeing the inactive buffer")
         self._lib.call("FreeInactiveConstantBuffer", self._live())
+        self._inactive_complete = False
 
     @property
     def constants_blob_size(self) -> int:

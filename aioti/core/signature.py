@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -91,6 +92,9 @@ class Signature:
     inputs: list[InputSpec]
     #: True when the wrapper source was found and parsed (otherwise only counts are checked)
     known: bool
+    #: input layouts (dtype, shape, strides, device per input) that passed the full check:
+    #: services send the same few shapes again and again, and a dict hit is cheaper than checks
+    _accepted: dict[tuple[Any, ...], bool] = field(default_factory=dict, repr=False)
 
     def batch_range(self, dim: int = 0) -> tuple[str, int | None] | None:
         """The symbol and upper bound of `dim` if every input is dynamic there with one symbol."""
@@ -114,9 +118,19 @@ class Signature:
             )
         if not full:
             return
+        try:
+            key = tuple((t.dtype, t.shape, t.stride(), t.device) for t in tensors)  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            key = None
+        if key is not None and key in self._accepted:
+            return
         bound: dict[str, tuple[int, str]] = {}
         for spec, t in zip(self.inputs, tensors):
             _check_one(spec, t, device, bound)
+        if key is not None:
+            if len(self._accepted) >= 1024:
+                self._accepted.clear()
+            self._accepted[key] = True
 
 
 def _check_one(

@@ -1,0 +1,59 @@
+"""What a device backend decides: workers and their streams, input hand-over, readiness, closing.
+
+A backend serves one device (`torch.device`, index resolved). The runtime calls, in order:
+`prepare` on the caller's loop thread for each request; `start_worker` once in each worker thread;
+`before_run` before each run in that thread (returns the stream handle to pass to the native
+`Run`); `finish` once after each batch, before results are delivered (outputs must be ready to
+use on any stream when it returns); `stop_worker` when the worker exits; `aclose` when the
+backend is dropped from the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["Backend"]
+
+
+class Backend:
+    """The CPU-like default: worker threads with no stream, nothing to synchronize."""
+
+    #: device type this backend serves
+    name = "cpu"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def default_workers(self) -> int:
+        """Workers per model when `load(..., workers=None)`."""
+        return 1
+
+    def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:
+        """On the caller's loop thread: inputs as the model will see them, and a readiness token
+        the worker waits on (`before_run`)."""
+        if move_inputs:
+            tensors = [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
+        return list(tensors), None
+
+    def start_worker(self, index: int) -> Any:
+        """In worker thread `index` as it starts: its context (e.g. its stream)."""
+        return index
+
+    def before_run(self, ctx: Any, ready: Any) -> int | None:
+        """In the worker, before one run: wait for `ready`; the stream handle for `Run`."""
+        return None
+
+    def finish(self, ctx: Any) -> None:
+        """In the worker, after a batch of runs: make their outputs ready for any stream."""
+
+    def stop_worker(self, ctx: Any) -> None:
+        """In the worker thread as it exits."""
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (called by the registry on replacement)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.device}>"

@@ -1,0 +1,454 @@
+"""The async facade: `aioti.load(...)` and `AsyncModel`.
+
+`AsyncModel` flattens pytree calls by the model's call spec, checks inputs on the caller's loop
+(so a bad request fails at once and never reaches a worker), queues the request to the model's
+dispatcher and awaits the result. Constant mutations go through one cross-loop async lock; their
+blocking native calls run in threads, never on the loop.
+
+Semantics in brief (docs/concurrency.md has the full statement):
+- cancellation: a request cancelled while queued never runs; one cancelled while running
+  finishes in its worker and its outputs are dropped; the caller sees the cancellation at once.
+- ordering: requests start in the order they were queued (per worker, FIFO from one queue).
+- close: `aclose()` stops admission, lets queued and running requests finish (or fails queued
+  ones with `ClosedError` when `cancel_queued=True`), joins the workers, then deletes the native
+  container. Later calls raise `ClosedError`. Closing twice is fine.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, TypeVar
+
+import anyio
+import torch
+import torch.utils._pytree as pytree
+
+from .backends.base import Backend
+from .backends.registry import resolve_backend
+from .core.container import Container, open_container
+from .core.library import handles_from_tensors
+from .core.package import ModelFiles, open_model
+from .errors import ClosedError, InputError
+from .runtime.dispatch import CANCELLED, Dispatcher, Request
+from .runtime.locks import CrossLoopLock
+from .runtime.loops import current_loop
+
+__all__ = ["AsyncModel", "ModelLoader", "load"]
+
+T = TypeVar("T")
+
+
+def _input_labels(in_spec: pytree.TreeSpec | None, n: int) -> list[str] | None:
+    """`args[0]`, `kwargs['scale']`, ... for each flat input, from the model's input spec."""
+    if in_spec is None or in_spec.num_leaves != n:
+        return None
+    tree = pytree.tree_unflatten(list(range(n)), in_spec)
+    labels = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        head = path[0] if path else None
+        rest = pytree.keystr(path[1:])
+        if getattr(head, "idx", None) == 0:
+            labels.append("args" + rest)
+        elif getattr(head, "idx", None) == 1:
+            labels.append("kwargs" + rest)
+        else:
+            labels.append(pytree.keystr(path))
+    return labels
+
+
+class AsyncModel:
+    """A loaded model served by worker threads; await its calls from asyncio or trio."""
+
+    def __init__(
+        self,
+        files: ModelFiles,
+        container: Container,
+        backend: Backend,
+        *,
+        workers: int,
+        max_queue: int,
+        on_full: Literal["wait", "raise"],
+        move_inputs: bool,
+        batching: Any = None,
+    ) -> None:
+        self.files = files
+        self.backend = backend
+        self.device = backend.device
+        self.check_inputs = container.check_inputs
+        self._container = container
+        self._on_full_wait = on_full == "wait"
+        self._move_inputs = move_inputs
+        self._lock = CrossLoopLock()
+        spec = container.call_spec
+        self.in_spec = pytree.treespec_loads(spec[0]) if spec and spec[0] else None
+        self.out_spec = pytree.treespec_loads(spec[1]) if spec and spec[1] else None
+        labels = _input_labels(self.in_spec, container.num_inputs)
+        if labels:
+            for s, label in zip(container.signature.inputs, labels):
+                s.label = f"{s.index} ({label})"
+        self.signature = container.signature
+        # Fast paths for the common specs: positional tensors in, one tensor (or a flat
+        # tuple) out; anything else goes through pytree.
+        n = container.num_inputs
+        leaf = pytree.tree_structure(0)
+        self._positional = self.in_spec is not None and self.in_spec == pytree.tree_structure(
+            (tuple(range(n)), {}))
+        self._single_out = self.out_spec is not None and self.out_spec == leaf
+        self._batcher = None
+        process = self._process
+        if batching is not None:
+            from .runtime.batching import Batcher
+
+            self._batcher = Batcher(batching, container.signature, self._run_one, backend)
+            process = self._batcher.process
+        self._dispatcher = Dispatcher(
+            process,
+            workers=workers,
+            max_queue=max_queue,
+            start_worker=backend.start_worker,
+            stop_worker=backend.stop_worker,
+            on_stopped=container.delete,
+            max_take=self._batcher.max_take if self._batcher else 64,
+            linger=self._batcher.linger_s if self._batcher else 0.0,
+            name=f"aioti-{files.name}",
+        )
+        self.workers = workers
+        self._closed = False
+
+    # --- what the model is -------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._container.input_names)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._container.output_names)
+
+    @property
+    def call_spec(self) -> tuple[str, str] | None:
+        """The serialized (input, output) pytree specs, as the model library reports them."""
+        return self._container.call_spec
+
+    @property
+    def constant_fqns(self) -> dict[str, str]:
+        """Internal constant name -> original FQN, for constants that can be updated."""
+        return self._container.constant_fqns
+
+    @property
+    def constant_dtypes(self) -> dict[str, torch.dtype | None]:
+        return self._container.constant_dtypes
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.files.metadata)
+
+    @property
+    def container(self) -> Container:
+        """The synchronous core container (for introspection; do not run or mutate it directly
+        while the model serves)."""
+        return self._container
+
+    def stats(self) -> dict[str, Any]:
+        """Counts (queued, running, completed, failed, cancelled) and latency percentiles (s)."""
+        out = self._dispatcher.stats()
+        if self._batcher is not None:
+            out["batching"] = self._batcher.stats()
+        return out
+
+    # --- runs --------------------------------------------------------------------------------
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run on a pytree of inputs, like torch's `AOTICompiledModel.__call__`."""
+        if self._positional and not kwargs and len(args) == self._container.num_inputs:
+            flat = list(args)
+        else:
+            flat = self._flatten(args, kwargs)
+        outputs = await self._submit(flat)
+        if self._single_out:
+            return outputs[0]
+        return pytree.tree_unflatten(outputs, self.out_spec) if self.out_spec else outputs
+
+    async def run(self, inputs: Sequence[torch.Tensor], *, timeout: float | None = None
+                  ) -> list[torch.Tensor]:
+        """Run on a flat list of tensors; returns the flat list of outputs."""
+        return await self._with_timeout(self._submit(list(inputs)), timeout)
+
+    async def boxed_run(self, inputs: list[torch.Tensor], *, timeout: float | None = None
+                        ) -> list[torch.Tensor]:
+        """Like `run`, but takes the inputs over: `inputs` is emptied once the request is
+        queued, so the model holds the only references and frees them after use."""
+        if not isinstance(inputs, list):
+            raise InputError(f"boxed_run takes a list of tensors, got {type(inputs).__name__}")
+        return await self._with_timeout(self._submit(inputs, boxed=True), timeout)
+
+    @staticmethod
+    async def _with_timeout(coro: Awaitable[T], timeout: float | None) -> T:
+        if timeout is None:
+            return await coro
+        with anyio.fail_after(timeout):
+            return await coro
+
+    def _flatten(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        if self.in_spec is None:
+            return list(args) + list(kwargs.values())
+        from torch.export._tree_utils import reorder_kwargs
+
+        try:
+            leaves, spec = pytree.tree_flatten((args, reorder_kwargs(kwargs, self.in_spec)))
+        except (ValueError, KeyError, AssertionError) as exc:
+            raise InputError(f"arguments do not match the model's signature: {exc}") from exc
+        if len(leaves) != self._container.num_inputs:
+            # Non-tensor leaves were specialized into the model at export: drop them, as torch.
+            leaves = [x for x in leaves if isinstance(x, torch.Tensor)]
+        elif spec != self.in_spec:
+            raise InputError(f"arguments have structure {spec}, the model expects {self.in_spec}")
+        return leaves
+
+    async def _submit(self, flat: list[Any], *, boxed: bool = False) -> list[torch.Tensor]:
+        dispatcher = self._dispatcher
+        if self._closed or dispatcher.closing:
+            raise ClosedError("the model is closed")
+        tensors, ready = self.backend.prepare(flat, move_inputs=self._move_inputs)
+        self.signature.check(tensors, self.device, full=self.check_inputs)
+        req = Request((tensors, ready), current_loop())
+        if self._batcher is not None:
+            self._batcher.admit(req)
+        if not dispatcher.try_submit(req):
+            await dispatcher.submit(req, wait=self._on_full_wait)
+        if boxed:
+            flat.clear()
+        del tensors, flat
+        try:
+            return await req.waiter.wait()  # type: ignore[no-any-return]
+        except BaseException:
+            dispatcher.cancel(req)
+            raise
+
+    def _run_one(self, tensors: list[torch.Tensor], stream: int | None) -> list[torch.Tensor]:
+        return self._container._run(handles_from_tensors(tensors), stream)
+
+    def _process(self, ctx: Any, batch: list[Request]) -> None:
+        """Worker side: run each request of a batch on this worker's stream."""
+        before, run = self.backend.before_run, self._container._run
+        for req in batch:
+            if req.state == CANCELLED:
+                continue
+            tensors, ready = req.payload
+            try:
+                req.result = run(handles_from_tensors(tensors), before(ctx, ready))
+            except Exception as exc:
+                req.error = exc
+        self.backend.finish(ctx)
+
+    # --- constants ---------------------------------------------------------------------------
+
+    async def _mutate(self, fn: Callable[[], T], *, exclusive: bool = False) -> T:
+        """Run a blocking constant operation in a thread, under the mutation lock; `exclusive`
+        also holds off runs (for operations the native container does not synchronize)."""
+        if self._closed:
+            raise ClosedError("the model is closed")
+
+        def call() -> T:
+            if self._dispatcher.stopped:
+                raise ClosedError("the model is closed")
+            if not exclusive:
+                return fn()
+            with self._dispatcher.exclusive():
+                return fn()
+
+        async with self._lock:
+            return await anyio.to_thread.run_sync(call)
+
+    async def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
+                                ) -> dict[str, torch.Tensor]:
+        """Copies of the active (or inactive) buffer's constants, by internal name (or FQN)."""
+        return await self._mutate(
+            lambda: self._container.extract_constants(inactive=inactive, by_fqn=by_fqn)
+        )
+
+    async def update_constants(
+        self,
+        mapping: Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        inactive: bool = False,
+        validate_full: bool = False,
+        user_managed: bool = False,
+    ) -> None:
+        """Update constants from a mapping (internal names or FQNs: a `state_dict()` works), a
+        `.safetensors` file or a `torch.save`d state_dict. Updating the active buffer waits for
+        runs in flight and holds new ones until it is done; the inactive one does not."""
+        resolved = await self._resolve(mapping)
+        await self._mutate(
+            lambda: self._container.update_constants(
+                resolved, inactive=inactive, validate_full=validate_full,
+                user_managed=user_managed,
+            ),
+            exclusive=not inactive,
+        )
+
+    async def update_inactive_constants(self, mapping: Mapping[str, Any] | str | os.PathLike[str]
+                                        ) -> None:
+        """Update the inactive buffer; runs keep going on the active one."""
+        await self.update_constants(mapping, inactive=True)
+
+    async def fold_constants(self, *, inactive: bool = False) -> None:
+        """Run constant folding on the active (or inactive) buffer."""
+        await self._mutate(lambda: self._container.run_constant_folding(inactive=inactive))
+
+    async def swap_constants(self) -> None:
+        """Make the inactive buffer active; runs that started before finish on the old one."""
+        await self._mutate(self._container.swap_constant_buffer)
+
+    async def free_inactive_constants(self) -> None:
+        await self._mutate(self._container.free_inactive_constant_buffer)
+
+    async def load_constants_from_blob(self, path: str | os.PathLike[str]) -> None:
+        """Load the active buffer from a weights blob file (`*_weights.blob` format)."""
+        data = await anyio.Path(path).read_bytes()
+        await self._mutate(lambda: self._container.load_constants_from_blob(data), exclusive=True)
+
+    async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
+                       fold: bool = True) -> None:
+        """Update inactive -> fold it (if the model folds) -> swap, as one mutation.
+
+        Runs keep flowing on the old weights until the swap, and use the new ones after it. The
+        old buffer stays inactive, so `swap_constants()` rolls back. Cancelled midway, the model
+        keeps serving the old weights (or, if the swap had begun, the new ones)."""
+        resolved = await self._resolve(mapping)
+        c = self._container
+        folds = fold and any(c.folded_constants.values())
+        async with self._lock:
+            await anyio.to_thread.run_sync(lambda: c.update_constants(resolved, inactive=True))
+            if folds:
+                await anyio.to_thread.run_sync(lambda: c.run_constant_folding(inactive=True))
+            await anyio.to_thread.run_sync(c.swap_constant_buffer)
+
+    async def _resolve(self, mapping: Mapping[str, Any] | str | os.PathLike[str]
+                       ) -> dict[str, torch.Tensor]:
+        if isinstance(mapping, (str, os.PathLike)):
+            from .core.weights import read_state_dict
+
+            mapping = await anyio.to_thread.run_sync(read_state_dict, Path(mapping))
+        return self._container.resolve_constants(mapping)
+
+    # --- closing -----------------------------------------------------------------------------
+
+    async def aclose(self, *, cancel_queued: bool = False) -> None:
+        """Stop admission, finish (or with `cancel_queued`, fail) queued requests, join the
+        workers, delete the native container. Idempotent."""
+        if self._closed and self._dispatcher.stopped:
+            return
+        self._closed = True
+        self._dispatcher.shutdown(cancel_queued=cancel_queued)
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._dispatcher.join)
+
+    async def __aenter__(self) -> AsyncModel:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        warnings.warn(
+            f"aioti model {self.files.name!r} was not closed; use 'async with' or 'await "
+            "model.aclose()'", ResourceWarning, stacklevel=2, source=self,
+        )
+        self._dispatcher.shutdown()  # the last worker to exit deletes the container
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.workers} workers"
+        return f"<AsyncModel {self.files.name!r} on {self.device}, {state}>"
+
+
+class ModelLoader:
+    """What `load` returns: `await` it for the model, or `async with` it to close on exit."""
+
+    def __init__(self, opener: Callable[[], Awaitable[AsyncModel]]) -> None:
+        self._opener = opener
+        self._model: AsyncModel | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncModel]:
+        return self._opener().__await__()
+
+    async def __aenter__(self) -> AsyncModel:
+        self._model = await self._opener()
+        return self._model
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._model is not None:
+            await self._model.aclose()
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    model_name: str | None = None,
+    workers: int | None = None,
+    max_queue: int = 1024,
+    on_full: Literal["wait", "raise"] = "wait",
+    check_inputs: bool = True,
+    move_inputs: bool = False,
+    batching: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> ModelLoader:
+    """Load a `.pt2` package (or a bare model `.so`) for async use.
+
+    `device` picks the backend from the registry; `workers` the number of worker threads (one
+    execution stream each; default from the backend: 1 on CPU, 4 on CUDA); `max_queue` bounds
+    queued requests, and `on_full` says whether callers then wait or get `QueueFullError`;
+    `check_inputs=False` skips the per-input checks (counts are always checked);
+    `move_inputs=True` copies inputs to the model's device; `batching` takes an
+    `aioti.Batching` to merge concurrent requests. All blocking work runs off the event loop.
+    """
+    if on_full not in ("wait", "raise"):
+        raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
+
+    async def opener() -> AsyncModel:
+        backend = await resolve_backend(device)
+        n = workers if workers is not None else backend.default_workers()
+        if n < 1:
+            raise ValueError(f"workers must be >= 1, got {n}")
+        made: list[Any] = []
+
+        def blocking() -> None:
+            files = open_model(path, model_name, cache_dir=cache_dir)
+            made.append(files)
+            made.append(open_container(files, device=str(backend.device), num_models=n,
+                                       check_inputs=check_inputs))
+            if batching is not None:
+                from .runtime.batching import probe_batch_dim
+
+                c = made[1]
+                reason = probe_batch_dim(lambda t, s: c._run(handles_from_tensors(t), s),
+                                         c.signature, backend.device, batching.dim)
+                if reason:
+                    raise InputError(f"this model cannot be batched: {reason}")
+
+        try:
+            await anyio.to_thread.run_sync(blocking)
+            return AsyncModel(made[0], made[1], backend, workers=n, max_queue=max_queue,
+                              on_full=on_full, move_inputs=move_inputs, batching=batching)
+        except BaseException:
+            if len(made) == 2:
+                made[1].delete()
+            raise
+
+    return ModelLoader(opener)

@@ -1,0 +1,71 @@
+"""trio specifics of loop delivery: tasks parked and rescheduled through the run's token."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import outcome
+import trio
+
+
+class TrioWaiter:
+    """A one-shot result slot awaited by one trio task."""
+
+    __slots__ = ("_task", "_outcome", "_state")
+
+    def __init__(self) -> None:
+        self._task: trio.lowlevel.Task | None = None
+        self._outcome: outcome.Outcome | None = None
+        self._state = 0  # 0 pending, 1 settled, 2 cancelled
+
+    async def wait(self) -> Any:
+        if self._outcome is not None:  # settled before anyone waited
+            await trio.lowlevel.checkpoint()
+            return self._outcome.unwrap()
+        self._task = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._state = 2
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def settle(self, result: Any, error: BaseException | None) -> bool:
+        """Complete the wait (on trio's thread); False when it was cancelled already."""
+        if self._state:
+            return False
+        self._state = 1
+        value = outcome.Error(error) if error is not None else outcome.Value(result)
+        if self._task is None:
+            self._outcome = value
+        else:
+            trio.lowlevel.reschedule(self._task, value)
+        return True
+
+
+class TrioLoop:
+    """A running trio run as a delivery target for worker threads."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+
+    def waiter(self) -> TrioWaiter:
+        return TrioWaiter()
+
+    def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
+        """Schedule `fn(arg)` in the run from any thread; False once the run has finished."""
+        try:
+            self._token.run_sync_soon(fn, arg)
+        except trio.RunFinishedError:
+            return False
+        return True
+
+
+def current() -> TrioLoop | None:
+    try:
+        return TrioLoop(trio.lowlevel.current_trio_token())
+    except RuntimeError:
+        return None

@@ -1,0 +1,170 @@
+"""Dynamic batching: concurrent requests that agree on everything but the batch dim run as one.
+
+Policy (stated in docs/batching.md):
+- A worker takes up to `max_batch_size` queued requests at a wake-up. It lingers for more only
+  while demand is high (its previous batch merged more than one request) and only until the
+  oldest queued request has waited `max_delay_ms`; a lone caller never waits.
+- Taken requests are grouped by signature (every input's dtype and non-batch sizes) in queue
+  order; each group is cut into runs of at most `max_batch_size` rows and at most the batch dim's
+  exported maximum. A request larger than that runs alone.
+- Inputs are checked per request before queueing, so a bad request fails alone. If a merged run
+  fails, its requests are run one by one, so a failure reaches only the request that causes it.
+- Outputs are split back along the batch dim; the model is refused at load if a probe shows an
+  output that does not carry the batch dim.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.signature import Signature
+from ..errors import InputError
+from .dispatch import CANCELLED, Request, _Latencies
+
+__all__ = ["Batcher", "Batching"]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Options of dynamic batching (off unless passed to `aioti.load(..., batching=...)`)."""
+
+    max_batch_size: int = 64
+    max_delay_ms: float = 2.0
+    dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_delay_ms < 0:
+            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+
+
+RunOne = Callable[[list[torch.Tensor], "int | None"], list[torch.Tensor]]
+
+
+class Batcher:
+    """Merges, runs and splits requests for one model."""
+
+    def __init__(self, config: Batching, signature: Signature, run_one: RunOne, backend: Any
+                 ) -> None:
+        self.config = config
+        self.dim = config.dim
+        found = signature.batch_range(config.dim)
+        if found is None:
+            raise InputError(
+                f"batching needs every input to share one dynamic dim {config.dim}; this model's "
+                f"inputs are {[s.describe() for s in signature.inputs]}"
+            )
+        self.symbol, dim_max = found
+        self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
+        self.max_take = config.max_batch_size
+        self.linger_s = config.max_delay_ms / 1000.0
+        self._run_one = run_one
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._sizes: Counter[int] = Counter()
+        self._runs = 0
+        self.queue_wait = _Latencies()
+
+    def admit(self, req: Request) -> None:
+        """On the caller's thread: the request's grouping key and its number of rows."""
+        tensors = req.payload[0]
+        d = self.dim
+        key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) for t in tensors)
+        req.extra = (key, int(tensors[0].shape[d]))
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            hist = dict(sorted(self._sizes.items()))
+            runs = self._runs
+        return {"runs": runs, "batch_rows": hist, "queue_wait_s": self.queue_wait.percentiles(50, 99)}
+
+    def process(self, ctx: Any, batch: list[Request]) -> None:
+        """Worker side: group, merge, run, split."""
+        import time
+
+        now = time.perf_counter()
+        live = [r for r in batch if r.state != CANCELLED]
+        for r in live:
+            self.queue_wait.add(now - r.t0)
+        groups: dict[Any, list[Request]] = {}
+        for r in live:
+            groups.setdefault(r.extra[0], []).append(r)
+        for reqs in groups.values():
+            chunk: list[Request] = []
+            rows = 0
+            for r in reqs:
+                n = r.extra[1]
+                if chunk and rows + n > self.max_rows:
+                    self._run_chunk(ctx, chunk)
+                    chunk, rows = [], 0
+                chunk.append(r)
+                rows += n
+            if chunk:
+                self._run_chunk(ctx, chunk)
+        self._backend.finish(ctx)
+
+    def _run_single(self, ctx: Any, r: Request) -> None:
+        tensors, ready = r.payload
+        try:
+            r.result = self._run_one(tensors, self._backend.before_run(ctx, ready))
+        except Exception as exc:
+            r.error = exc
+
+    def _run_chunk(self, ctx: Any, chunk: list[Request]) -> None:
+        rows = [r.extra[1] for r in chunk]
+        with self._lock:
+            self._sizes[sum(rows)] += 1
+            self._runs += 1
+        if len(chunk) == 1:
+            self._run_single(ctx, chunk[0])
+            return
+        d = self.dim
+        stream = None
+        for r in chunk:
+            stream = self._backend.before_run(ctx, r.payload[1])
+        try:
+            merged = [torch.cat(parts, d) for parts in zip(*(r.payload[0] for r in chunk))]
+            outputs = self._run_one(merged, stream)
+            total = sum(rows)
+            if any(o.dim() <= d or o.shape[d] != total for o in outputs):
+                raise RuntimeError("an output does not carry the batch dim")
+            pieces = [o.split(rows, d) for o in outputs]
+        except Exception:
+            for r in chunk:  # isolate the failure to the request(s) that cause it
+                self._run_single(ctx, r)
+            return
+        for i, r in enumerate(chunk):
+            r.result = [p[i] for p in pieces]
+
+
+def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device, dim: int
+                    ) -> str | None:
+    """Run batches of 2 and 3 rows of zeros; the reason batching cannot work, or None."""
+    found = signature.batch_range(dim)
+    if found is None:
+        return f"the inputs share no dynamic dim {dim}"
+    sym = found[0]
+    shapes = []
+    for rows in (2, 3):
+        inputs = []
+        for s in signature.inputs:
+            if s.sizes is None or s.dtype is None:
+                return "the model's input signature is unknown (no wrapper source)"
+            shape = [rows if x == sym else (x if isinstance(x, int) else
+                     max(1, s.ranges.get(i, (1, None))[0] or 1)) for i, x in enumerate(s.sizes)]
+            inputs.append(torch.zeros(shape, dtype=s.dtype, device=device))
+        outs = run_one(inputs, None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        shapes.append([tuple(o.shape) for o in outs])
+    for i, (a, b) in enumerate(zip(*shapes)):
+        if len(a) <= dim or (a[dim], b[dim]) != (2, 3):
+            return f"output {i} does not carry the batch dim (shapes {a} at 2 rows, {b} at 3)"
+    return None

@@ -1,0 +1,365 @@
+"""The request queue and its worker threads: the bridge between event loops and native runs.
+
+Protocol, in one place:
+
+- A caller (on any event loop) makes a `Request` holding its inputs and a waiter of its own loop
+  and puts it on the bounded queue (`submit`): at once when there is room, else it waits for
+  room (or gets `QueueFullError`, by option), or `ClosedError` once closing has begun.
+- Each worker thread owns one execution context (a CUDA stream, or nothing on CPU). A worker
+  that wakes takes every queued request up to its share in one go, runs them through the
+  `process` function it was given, and hands all results that go to one loop back in one
+  `post` (one loop wake-up per loop per batch). Settling skips waiters already cancelled.
+- Cancellation of a caller removes its request from the queue if it is still there (it never
+  runs); a request already running finishes and its outputs are dropped on delivery.
+- `exclusive()` stops workers from starting new batches and waits for running ones: constant
+  mutations that the native container does not synchronize run inside it.
+- Closing stops admission, optionally fails queued requests with `ClosedError`, lets the
+  workers finish the rest, and calls `on_stopped` (deleting the native container) from the last
+  worker to exit, after every run has returned.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import ClosedError, QueueFullError
+from .loops import Loop, Waiter, current_loop
+
+__all__ = ["Dispatcher", "Request"]
+
+QUEUED, RUNNING, DONE, CANCELLED = range(4)
+
+
+class Request:
+    """One unit of work: inputs in, `result` or `error` out, delivered to `waiter` on `loop`."""
+
+    __slots__ = ("payload", "loop", "waiter", "state", "result", "error", "t0", "extra")
+
+    def __init__(self, payload: Any, loop: Loop, extra: Any = None) -> None:
+        self.payload = payload
+        self.loop = loop
+        self.waiter: Waiter = loop.waiter()
+        self.state = QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.t0 = time.perf_counter()
+        self.extra = extra
+
+
+def _settle_all(batch: Sequence[tuple[Request, Any, BaseException | None]]) -> None:
+    for req, result, error in batch:
+        req.waiter.settle(result, error)
+
+
+class _Latencies:
+    """A bounded sample of recent request latencies (seconds)."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def add(self, value: float) -> None:
+        self._samples.append(value)
+
+    def percentiles(self, *qs: float) -> dict[str, float | None]:
+        data = sorted(self._samples)
+        if not data:
+            return {f"p{int(q)}": None for q in qs}
+        return {f"p{int(q)}": data[min(len(data) - 1, int(q / 100 * len(data)))] for q in qs}
+
+
+_live: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """Stop every dispatcher's workers before interpreter shutdown joins threads."""
+    for d in list(_live):
+        d.shutdown(wait=5.0)
+
+
+class Dispatcher:
+    """A bounded queue served by `len(contexts)` worker threads."""
+
+    def __init__(
+        self,
+        process: Callable[[Any, list[Request]], None],
+        *,
+        workers: int,
+        max_queue: int,
+        start_worker: Callable[[int], Any] = lambda i: None,
+        stop_worker: Callable[[Any], None] = lambda ctx: None,
+        on_stopped: Callable[[], None] = lambda: None,
+        max_take: int = 64,
+        linger: float = 0.0,
+        name: str = "aioti",
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {max_queue}")
+        self._process = process
+        self._start_worker = start_worker
+        self._stop_worker = stop_worker
+        self._on_stopped = on_stopped
+        self.max_queue = max_queue
+        self.max_take = max_take
+        self._linger = linger
+        self._last_take = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[Request] = deque()
+        self._space: deque[tuple[Loop, Waiter]] = deque()
+        self._closing = False
+        self._paused = 0
+        self._running = 0
+        self._alive = workers
+        self.completed = self.failed = self.cancelled = 0
+        self.latency = _Latencies()
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._worker, args=(i,), name=f"{name}-worker-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        self._num_workers = workers
+        _live.add(self)
+        for t in self._threads:
+            t.start()
+
+    # --- callers' side (event loop threads) ---------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def try_submit(self, req: Request) -> bool:
+        """Queue `req` if there is room; raises `ClosedError` once closing has begun."""
+        with self._cond:
+            if self._closing:
+                raise ClosedError("the model is closed")
+            if len(self._queue) >= self.max_queue:
+                return False
+            self._queue.append(req)
+            self._cond.notify()
+        return True
+
+    async def submit(self, req: Request, *, wait: bool = True) -> None:
+        """Queue `req`, waiting for room when the queue is full (or raising `QueueFullError`)."""
+        while not self.try_submit(req):
+            if not wait:
+                raise QueueFullError(
+                    f"the request queue is full ({self.max_queue} waiting); try again later"
+                )
+            entry = (req.loop, req.loop.waiter())
+            with self._cond:
+                if len(self._queue) < self.max_queue or self._closing:
+                    continue
+                self._space.append(entry)
+            try:
+                await entry[1].wait()
+            except BaseException:
+                with self._cond:
+                    if entry in self._space:
+                        self._space.remove(entry)
+                    elif self._space:  # we were woken but leave: pass the turn on
+                        self._wake_space_locked(1)
+                raise
+
+    def cancel(self, req: Request) -> None:
+        """The caller of `req` stopped waiting: a queued request never runs; a running one is
+        left to finish and its outputs are dropped."""
+        with self._cond:
+            if req.state == QUEUED:
+                try:
+                    self._queue.remove(req)
+                except ValueError:
+                    pass
+                else:
+                    self._wake_space_locked(1)
+            if req.state in (QUEUED, RUNNING):
+                req.state = CANCELLED
+                self.cancelled += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            counts = {
+                "queued": len(self._queue), "running": self._running,
+                "completed": self.completed, "failed": self.failed, "cancelled": self.cancelled,
+                "workers": self._num_workers, "max_queue": self.max_queue,
+            }
+        return {**counts, "latency_s": self.latency.percentiles(50, 90, 99)}
+
+    # --- exclusive sections (mutation threads) ------------------------------------------------
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off new batches and wait for running ones; for native calls that must not race
+        with runs. Blocks the calling thread: call it from a worker thread, never a loop."""
+        with self._cond:
+            self._paused += 1
+            while self._running:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._cond.notify_all()
+
+    # --- closing ------------------------------------------------------------------------------
+
+    def shutdown(self, *, cancel_queued: bool = False, wait: float | None = None) -> None:
+        """Stop admission and let the workers finish; `wait` seconds to join them (None: don't)."""
+        with self._cond:
+            self._closing = True
+            dropped = list(self._queue) if cancel_queued else []
+            if cancel_queued:
+                self._queue.clear()
+            for req in dropped:
+                req.state = CANCELLED
+            space = list(self._space)
+            self._space.clear()
+            self._cond.notify_all()
+        err = ClosedError("the model was closed before this request ran")
+        self._deliver([(r, None, err) for r in dropped])
+        for loop, waiter in space:
+            loop.post(lambda w: w.settle(None, None), waiter)
+        if wait is not None:
+            deadline = time.monotonic() + wait
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join(max(0.0, deadline - time.monotonic()))
+
+    def join(self) -> None:
+        """Block until every worker has exited and `on_stopped` has run."""
+        for t in self._threads:
+            t.join()
+        self._stopped.wait()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _wake_space_locked(self, n: int) -> list[tuple[Loop, Waiter]]:
+        woken = [self._space.popleft() for _ in range(min(n, len(self._space)))]
+        for loop, waiter in woken:
+            loop.post(lambda w: w.settle(None, None), waiter)
+        return woken
+
+    def _should_linger(self) -> bool:
+        """Wait for a fuller batch? Only under demand (the last take merged several requests),
+        with room left, and until the oldest request has waited `linger` seconds."""
+        q = self._queue
+        return bool(
+            self._linger and self._last_take > 1 and len(q) < self.max_take
+            and not self._closing
+            and time.perf_counter() - q[0].t0 < self._linger
+        )
+
+    def _take_locked(self) -> list[Request]:
+        q = self._queue
+        n = min(self.max_take, max(1, -(-len(q) // self._num_workers)), len(q))
+        batch = [q.popleft() for _ in range(n)]
+        self._last_take = n
+        for req in batch:
+            req.state = RUNNING
+        if self._space:
+            self._wake_space_locked(n)
+        return batch
+
+    def _deliver(self, results: list[tuple[Request, Any, BaseException | None]]) -> None:
+        if not results:
+            return
+        by_loop: dict[int, tuple[Loop, list[tuple[Request, Any, BaseException | None]]]] = {}
+        for item in results:
+            loop = item[0].loop
+            by_loop.setdefault(id(loop), (loop, []))[1].append(item)
+        for loop, items in by_loop.values():
+            loop.post(self._settle_batch, items)  # a closed loop: outputs are dropped
+
+    def _settle_batch(self, items: list[tuple[Request, Any, BaseException | None]]) -> None:
+        now = time.perf_counter()
+        add = self.latency.add
+        for req, result, error in items:
+            if req.waiter.settle(result, error):
+                add(now - req.t0)
+
+    def _worker(self, index: int) -> None:
+        cond, queue = self._cond, self._queue
+        ctx = None
+        try:
+            ctx = self._start_worker(index)
+            while True:
+                with cond:
+                    while True:
+                        if self._paused or not queue:
+                            if not queue and self._closing:
+                                return
+                            cond.wait()
+                            continue
+                        if self._should_linger():
+                            cond.wait(self._linger - (time.perf_counter() - queue[0].t0))
+                            continue
+                        break
+                    batch = self._take_locked()
+                    self._running += 1
+                ok = bad = 0
+                try:
+                    self._process(ctx, batch)
+                except BaseException as exc:  # process sets errors per request; this is a bug net
+                    for req in batch:
+                        if req.error is None and req.result is None:
+                            req.error = exc
+                    if not isinstance(exc, Exception):
+                        raise
+                finally:
+                    results = []
+                    for req in batch:
+                        if req.state == CANCELLED:
+                            req.result = req.payload = None  # outputs released here
+                            continue
+                        req.state = DONE
+                        if req.error is None:
+                            ok += 1
+                        else:
+                            bad += 1
+                        results.append((req, req.result, req.error))
+                        req.result = req.payload = None
+                    self._deliver(results)
+                    del results
+                    with cond:
+                        self._running -= 1
+                        self.completed += ok
+                        self.failed += bad
+                        if self._paused and not self._running:
+                            cond.notify_all()
+        finally:
+            if ctx is not None:
+                self._stop_worker(ctx)
+            with cond:
+                self._alive -= 1
+                last = self._alive == 0
+                if last:
+                    self._closing = True
+                    leftover = list(queue)
+                    queue.clear()
+            if last:
+                err = ClosedError("the model's workers stopped before this request ran")
+                self._deliver([(r, None, err) for r in leftover])
+                try:
+                    self._on_stopped()
+                finally:
+                    self._stopped.set()
+                    _live.discard(self)
+
+
+def make_request(payload: Any, extra: Any = None) -> Request:
+    """A request for the calling coroutine's loop."""
+    return Request(payload, current_loop(), extra)
