@@ -84,6 +84,7 @@ class Container:
         single_threaded: bool = False,
         check_inputs: bool = True,
         source: str | None = None,
+        constants_loaded: bool = True,
     ) -> None:
         if num_models < 1:
             raise ValueError(f"num_models must be >= 1, got {num_models}")
@@ -100,7 +101,8 @@ class Container:
         self._kept: list[dict[str, tuple[torch.Tensor, int]]] = [{}, {}]  # per buffer
         self._active = 0
         self._inactive_complete = False
-        self._blob: object | None = None
+        self._blobs: list[object] = []
+        self._constants_loaded = constants_loaded
         self._run_fn = library.functions[
             "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
         ]
@@ -272,7 +274,7 @@ class Container:
             # The native copy reads `storage size` bytes from the data pointer: hand it a
             # compact tensor of its own.
             t = value.detach().to(self.device)
-            if private and t is value or not (
+            if private and t.data_ptr() == value.data_ptr() or not (
                 t.is_contiguous() and t.storage_offset() == 0
                 and t.untyped_storage().nbytes() == nbytes
             ):
@@ -405,17 +407,36 @@ class Container:
         return n.value
 
     def load_constants_from_blob(self, blob: str | os.PathLike[str] | bytes) -> None:
-        """Load the active buffer from a weights blob (the `*_weights.blob` format of packages
-        compiled with `package_constants_on_disk_format="binary_blob"`). The model reads the
-        blob in place, so aioti keeps it in memory for as long as the container lives."""
-        self._need("AOTInductorModelUpdateConstantsFromBlob", "loading a weights blob")
+        """Load the active buffer from a weights blob: the constants' bytes, concatenated in
+        constant order (the `*_weights.blob` of packages compiled with
+        `package_constants_on_disk_format="binary_blob"`).
+
+        The first load of a blob-built model goes through the native function. Natively, a
+        second load would leave the constants pointing at freed memory (torch 2.13 `emplace`s
+        into a filled map and frees the old blob), so every later load is a copying
+        `update_constants` of the blob's slices instead, which works for any model."""
+        self._need("GetConstantsBlobSize", "loading a weights blob")
         data = Path(blob).read_bytes() if not isinstance(blob, bytes) else blob
         want = self.constants_blob_size
         if len(data) < want:
             raise InputError(f"weights blob: expected at least {want} bytes, got {len(data)}")
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        self._lib.call("AOTInductorModelUpdateConstantsFromBlob", self._live(), buf)
-        self._blob = buf
+        if not self._constants_loaded:
+            self._need("AOTInductorModelUpdateConstantsFromBlob", "loading a weights blob")
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+            self._lib.call("AOTInductorModelUpdateConstantsFromBlob", self._live(), buf)
+            self._blobs.append(buf)
+            self._constants_loaded = True
+            return
+        shapes = {k: t.shape for k, t in self.extract_constants().items()}
+        mapping, offset = {}, 0
+        for c in self.constants:
+            if c.from_folded:
+                continue
+            chunk = bytearray(data[offset:offset + c.nbytes])
+            offset += c.nbytes
+            if c.nbytes and c.dtype is not None and c.name in shapes:
+                mapping[c.name] = torch.frombuffer(chunk, dtype=c.dtype).reshape(shapes[c.name])
+        self.update_constants(mapping)
 
     # --- lifetime ----------------------------------------------------------------------------
 
@@ -429,7 +450,7 @@ class Container:
         for kept in self._kept:
             free_handles([h for _, h in kept.values()])
             kept.clear()
-        self._blob = None
+        self._blobs.clear()
 
 
 def open_container(files: object, **kwargs: object) -> Container:
@@ -440,7 +461,8 @@ def open_container(files: object, **kwargs: object) -> Container:
         raise ModelLoadError(f"expected ModelFiles, got {type(files).__name__}")
     lib = ModelLibrary(files.library, torch_version=files.metadata.get("torch_version"))
     kwargs.setdefault("cubin_dir", files.cubin_dir)
-    container = Container(lib, source=files.read_source(), **kwargs)  # type: ignore[arg-type]
+    container = Container(lib, source=files.read_source(),  # type: ignore[arg-type]
+                          constants_loaded=files.blob is None, **kwargs)
     if files.blob is not None:
         try:
             container.load_constants_from_blob(files.blob)
