@@ -223,7 +223,8 @@ def test_weights_blob(container, models, tmp_path):
         c.load_constants_from_blob(b"\0" * 3)
     m = perturbed("buffers")  # a blob of other weights, in constant order
     sd = m.state_dict()
-    blob = b"".join(sd[x.fqn].contiguous().numpy().tobytes() for x in c.constants)
+    blob = b"".join(bytes(sd[x.fqn].contiguous().view(torch.uint8).flatten().tolist())
+                    for x in c.constants)
     c.load_constants_from_blob(blob)
     assert same(c.run(flat("blob")), eager_flat("buffers", module=m))
 
