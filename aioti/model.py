@@ -33,7 +33,7 @@ from .core.container import Container, open_container
 from .core.library import handles_from_tensors
 from .core.package import ModelFiles, open_model
 from .errors import ClosedError, InputError
-from .runtime.dispatch import CANCELLED, Dispatcher, Request
+from .runtime.dispatch import Dispatcher, Request
 from .runtime.locks import CrossLoopLock
 from .runtime.loops import current_loop
 
@@ -42,22 +42,26 @@ __all__ = ["AsyncModel", "ModelLoader", "load"]
 T = TypeVar("T")
 
 
-def _input_labels(in_spec: pytree.TreeSpec | None, n: int) -> list[str] | None:
-    """`args[0]`, `kwargs['scale']`, ... for each flat input, from the model's input spec."""
-    if in_spec is None or in_spec.num_leaves != n:
-        return None
-    tree = pytree.tree_unflatten(list(range(n)), in_spec)
-    labels = []
-    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
-        head = path[0] if path else None
-        rest = pytree.keystr(path[1:])
-        if getattr(head, "idx", None) == 0:
-            labels.append("args" + rest)
-        elif getattr(head, "idx", None) == 1:
-            labels.append("kwargs" + rest)
-        else:
-            labels.append(pytree.keystr(path))
-    return labels
+def _run_one(container: Container) -> Callable[[list[torch.Tensor], int | None], list[Any]]:
+    return lambda tensors, stream: container._run(handles_from_tensors(tensors), stream)
+
+
+def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
+    """The worker-side function: run each request of a batch on the worker's stream."""
+    before, run, finish = backend.before_run, container._run, backend.finish
+
+    def process(ctx: Any, batch: list[Request], begin: Callable[[Request], bool]) -> None:
+        for req in batch:
+            if not begin(req):
+                continue
+            tensors, ready = req.payload
+            try:
+                req.result = run(handles_from_tensors(tensors), before(ctx, ready))
+            except Exception as exc:
+                req.error = exc
+        finish(ctx)
+
+    return process
 
 
 class AsyncModel:
@@ -86,10 +90,6 @@ class AsyncModel:
         spec = container.call_spec
         self.in_spec = pytree.treespec_loads(spec[0]) if spec and spec[0] else None
         self.out_spec = pytree.treespec_loads(spec[1]) if spec and spec[1] else None
-        labels = _input_labels(self.in_spec, container.num_inputs)
-        if labels:
-            for s, label in zip(container.signature.inputs, labels):
-                s.label = f"{s.index} ({label})"
         self.signature = container.signature
         # Fast paths for the common specs: positional tensors in, one tensor (or a flat
         # tuple) out; anything else goes through pytree.
@@ -98,12 +98,13 @@ class AsyncModel:
         self._positional = self.in_spec is not None and self.in_spec == pytree.tree_structure(
             (tuple(range(n)), {}))
         self._single_out = self.out_spec is not None and self.out_spec == leaf
+        # Workers must not reference the model, so that dropping it can be detected.
         self._batcher = None
-        process = self._process
+        process = _make_process(container, backend)
         if batching is not None:
             from .runtime.batching import Batcher
 
-            self._batcher = Batcher(batching, container.signature, self._run_one, backend)
+            self._batcher = Batcher(batching, container.signature, _run_one(container), backend)
             process = self._batcher.process
         self._dispatcher = Dispatcher(
             process,
@@ -232,22 +233,6 @@ class AsyncModel:
         except BaseException:
             dispatcher.cancel(req)
             raise
-
-    def _run_one(self, tensors: list[torch.Tensor], stream: int | None) -> list[torch.Tensor]:
-        return self._container._run(handles_from_tensors(tensors), stream)
-
-    def _process(self, ctx: Any, batch: list[Request]) -> None:
-        """Worker side: run each request of a batch on this worker's stream."""
-        before, run = self.backend.before_run, self._container._run
-        for req in batch:
-            if req.state == CANCELLED:
-                continue
-            tensors, ready = req.payload
-            try:
-                req.result = run(handles_from_tensors(tensors), before(ctx, ready))
-            except Exception as exc:
-                req.error = exc
-        self.backend.finish(ctx)
 
     # --- constants ---------------------------------------------------------------------------
 
@@ -437,8 +422,7 @@ def load(
                 from .runtime.batching import probe_batch_dim
 
                 c = made[1]
-                reason = probe_batch_dim(lambda t, s: c._run(handles_from_tensors(t), s),
-                                         c.signature, backend.device, batching.dim)
+                reason = probe_batch_dim(_run_one(c), c.signature, backend.device, batching.dim)
                 if reason:
                     raise InputError(f"this model cannot be batched: {reason}")
 

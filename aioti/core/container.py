@@ -34,7 +34,7 @@ from .library import (
     new_handle,
     tensors_from_handles,
 )
-from .signature import Signature, parse_signature
+from .signature import Signature, input_labels, parse_signature
 
 __all__ = ["ConstantInfo", "Container", "scalar_type"]
 
@@ -116,7 +116,8 @@ class Container:
         self.constants = self._constants()
         self._by_name = {c.name: c for c in self.constants}
         self._by_fqn = {c.fqn: c for c in self.constants if c.fqn}
-        self.signature: Signature = parse_signature(source, self.num_inputs)
+        labels = input_labels(self.call_spec[0] if self.call_spec else None, self.num_inputs)
+        self.signature: Signature = parse_signature(source, self.num_inputs, labels)
 
     # --- metadata ------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["InputSpec", "Signature", "parse_signature"]
+__all__ = ["InputSpec", "Signature", "input_labels", "parse_signature"]
 
 _NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
 _CHECK = re.compile(r"static void check_input_(\d+)\(")
@@ -240,3 +240,29 @@ def _label(i: int, name: str, labels: Sequence[str] | None) -> str:
     if labels is not None and i < len(labels) and labels[i]:
         return f"{i} ({labels[i]})"
     return f"{i} ({name})"
+
+
+def input_labels(in_spec: str | None, n: int) -> list[str] | None:
+    """`args[0]`, `kwargs['scale']`, ... for each flat input, from the model's input spec."""
+    import torch.utils._pytree as pytree
+
+    if not in_spec:
+        return None
+    try:
+        spec = pytree.treespec_loads(in_spec)
+    except Exception:
+        return None
+    if spec.num_leaves != n:
+        return None
+    tree = pytree.tree_unflatten(list(range(n)), spec)
+    labels = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        head = path[0] if path else None
+        rest = pytree.keystr(path[1:])
+        if getattr(head, "idx", None) == 0:
+            labels.append("args" + rest)
+        elif getattr(head, "idx", None) == 1:
+            labels.append("kwargs" + rest)
+        else:
+            labels.append(pytree.keystr(path))
+    return labels

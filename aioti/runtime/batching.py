@@ -25,7 +25,7 @@ import torch
 
 from ..core.signature import Signature
 from ..errors import InputError
-from .dispatch import CANCELLED, Request, _Latencies
+from .dispatch import Request, _Latencies
 
 __all__ = ["Batcher", "Batching"]
 
@@ -85,12 +85,12 @@ class Batcher:
             runs = self._runs
         return {"runs": runs, "batch_rows": hist, "queue_wait_s": self.queue_wait.percentiles(50, 99)}
 
-    def process(self, ctx: Any, batch: list[Request]) -> None:
+    def process(self, ctx: Any, batch: list[Request], begin: Callable[[Request], bool]) -> None:
         """Worker side: group, merge, run, split."""
         import time
 
         now = time.perf_counter()
-        live = [r for r in batch if r.state != CANCELLED]
+        live = [r for r in batch if begin(r)]
         for r in live:
             self.queue_wait.add(now - r.t0)
         groups: dict[Any, list[Request]] = {}

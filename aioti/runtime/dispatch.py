@@ -89,7 +89,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        process: Callable[[Any, list[Request]], None],
+        process: Callable[[Any, list[Request], Callable[[Request], bool]], None],
         *,
         workers: int,
         max_queue: int,
@@ -116,6 +116,7 @@ class Dispatcher:
         self._queue: deque[Request] = deque()
         self._space: deque[tuple[Loop, Waiter]] = deque()
         self._closing = False
+        self._drop_queued = False
         self._paused = 0
         self._running = 0
         self._alive = workers
@@ -170,6 +171,19 @@ class Dispatcher:
                         self._wake_space_locked(1)
                 raise
 
+    def begin(self, req: Request) -> bool:
+        """Worker side, right before running `req`: False if it must not run (its caller left,
+        or the model is closing with `cancel_queued`). Requests a worker has taken but not
+        begun count as queued for cancellation."""
+        with self._cond:
+            if req.state != QUEUED:
+                return False
+            if self._drop_queued:
+                req.error = ClosedError("the model was closed before this request ran")
+                return False
+            req.state = RUNNING
+            return True
+
     def cancel(self, req: Request) -> None:
         """The caller of `req` stopped waiting: a queued request never runs; a running one is
         left to finish and its outputs are dropped."""
@@ -178,7 +192,7 @@ class Dispatcher:
                 try:
                     self._queue.remove(req)
                 except ValueError:
-                    pass
+                    pass  # taken by a worker, not begun: begin() will refuse it
                 else:
                     self._wake_space_locked(1)
             if req.state in (QUEUED, RUNNING):
@@ -220,6 +234,7 @@ class Dispatcher:
             dropped = list(self._queue) if cancel_queued else []
             if cancel_queued:
                 self._queue.clear()
+                self._drop_queued = True
             for req in dropped:
                 req.state = CANCELLED
             space = list(self._space)
@@ -268,8 +283,6 @@ class Dispatcher:
         n = min(self.max_take, max(1, -(-len(q) // self._num_workers)), len(q))
         batch = [q.popleft() for _ in range(n)]
         self._last_take = n
-        for req in batch:
-            req.state = RUNNING
         if self._space:
             self._wake_space_locked(n)
         return batch
@@ -312,7 +325,7 @@ class Dispatcher:
                     self._running += 1
                 ok = bad = 0
                 try:
-                    self._process(ctx, batch)
+                    self._process(ctx, batch, self.begin)
                 except BaseException as exc:  # process sets errors per request; this is a bug net
                     for req in batch:
                         if req.error is None and req.result is None:

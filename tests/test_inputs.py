@@ -1,0 +1,83 @@
+"""The bad-input catalogue: each case raises InputError naming the input, expected and given."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aioti
+from aioti.core import open_container, open_model
+from aioti.testing import eager_model
+
+pytestmark = pytest.mark.anyio
+
+X = torch.randn(8, 16)
+Y = torch.randn(8, 8)
+S = torch.rand(8)
+
+# (case, flat inputs of multi_io, fragments the message must contain)
+CASES = [
+    ("too few inputs", [X, Y], ["expected 3", "got 2"]),
+    ("too many inputs", [X, Y, S, S], ["expected 3", "got 4"]),
+    ("wrong dtype", [X.double(), Y, S], ["args[0]", "float32", "float64"]),
+    ("wrong rank", [X, Y, S[None]], ["kwargs['scale']", "expected 1 dims", "got 2"]),
+    ("wrong static size", [torch.randn(8, 15), Y, S], ["args[0]", "expected size 16", "got 15"]),
+    ("dynamic size over max", [torch.randn(65, 16), torch.randn(65, 8), S],
+     ["args[0]", "65", "1..64"]),
+    ("shared dim mismatch", [X, torch.randn(7, 8), S], ["args[1]", "expected size 8", "got 7"]),
+    ("non-contiguous", [torch.randn(16, 8).t(), Y, S], ["args[0]", "strides", "contiguous"]),
+    ("non-tensor", [X, 3.0, S], ["args[1]", "torch.Tensor", "float"]),
+    ("wrong device", [X.to("meta"), Y, S], ["args[0]", "cpu", "meta"]),
+]
+
+
+@pytest.fixture(scope="module")
+def sync_model(models, tmp_path_factory):
+    c = open_container(open_model(models["multi_io"], cache_dir=tmp_path_factory.mktemp("c")))
+    yield c
+    c.delete()
+
+
+@pytest.mark.parametrize("case, inputs, fragments", CASES, ids=[c[0] for c in CASES])
+def test_core_rejects(sync_model, case, inputs, fragments):
+    with pytest.raises(aioti.InputError) as info:
+        sync_model.run(list(inputs))
+    for f in fragments:
+        assert f in str(info.value), (f, str(info.value))
+
+
+@pytest.mark.parametrize("case, inputs, fragments", CASES, ids=[c[0] for c in CASES])
+async def test_async_rejects_and_keeps_serving(models, case, inputs, fragments):
+    async with aioti.load(models["multi_io"]) as model:
+        with pytest.raises(aioti.InputError) as info:
+            await model.run(list(inputs))
+        for f in fragments:
+            assert f in str(info.value)
+        out = await model(X, Y, scale=S)
+        ref = eager_model("multi_io")(X, Y, scale=S)
+        assert torch.allclose(out["sum"], ref["sum"], atol=1e-5)
+
+
+def test_batch_one_accepted_on_min_one_dim(sync_model):
+    """FACTS: the model's own check rejects batch 1 on a dim exported with min=1."""
+    out = sync_model.run([X[:1].clone(), Y[:1].clone(), S])
+    ref = eager_model("multi_io")(X[:1], Y[:1], scale=S)
+    assert torch.allclose(out[0], ref["sum"], atol=1e-5)
+
+
+def test_opt_out_checks_only_counts(models, tmp_path):
+    c = open_container(open_model(models["small_mlp"], cache_dir=tmp_path), check_inputs=False)
+    try:
+        with pytest.raises(aioti.InputError, match="wrong number"):
+            c.run([])
+        c.run([torch.randn(3, 64)])
+    finally:
+        c.delete()
+
+
+async def test_pytree_call_errors(models):
+    async with aioti.load(models["multi_io"]) as model:
+        with pytest.raises(aioti.InputError):
+            await model(X, Y, scale=S, extra=S)
+        with pytest.raises(aioti.InputError):
+            await model(X, Y)

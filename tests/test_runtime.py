@@ -1,0 +1,265 @@
+"""The async runtime on asyncio and trio: concurrency, cancellation, backpressure, closing."""
+
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+
+import anyio
+import pytest
+import torch
+
+import aioti
+from aioti.testing import eager_model, example_inputs
+
+pytestmark = pytest.mark.anyio
+
+
+def live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+async def test_await_and_async_with(models):
+    model = await aioti.load(models["small_mlp"])
+    try:
+        assert not model.closed and model.workers == 1
+        x = torch.randn(4, 64)
+        assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
+    finally:
+        await model.aclose()
+    assert model.closed
+    async with aioti.load(models["small_mlp"]) as m2:
+        assert (await m2.run([x]))[0].shape == (4, 10)
+    assert m2.closed
+
+
+async def test_64_concurrent_callers_match_oracle(models):
+    eager = eager_model("multi_io")
+    failures = []
+    async with aioti.load(models["multi_io"]) as model:
+
+        async def caller(i: int) -> None:
+            for j in range(10):
+                args, kwargs = example_inputs("multi_io", batch=1 + (i + j) % 7, seed=i * 100 + j)
+                got = await model(*args, **kwargs)
+                ref = eager(*args, **kwargs)
+                if not (torch.allclose(got["sum"], ref["sum"], atol=1e-5)
+                        and torch.allclose(got["pair"][1], ref["pair"][1])):
+                    failures.append((i, j))
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(64):
+                    tg.start_soon(caller, i)
+        stats = model.stats()
+    assert not failures
+    assert stats["completed"] == 640 and stats["failed"] == 0
+    assert stats["latency_s"]["p99"] is not None
+
+
+async def test_boxed_run_hands_inputs_over(models):
+    async with aioti.load(models["small_mlp"]) as model:
+        inputs = [torch.randn(2, 64)]
+        ref = eager_model("small_mlp")(inputs[0])
+        out = await model.boxed_run(inputs)
+        assert inputs == [] and torch.allclose(out[0], ref, atol=1e-5)
+
+
+async def test_cancel_while_queued_never_runs(models):
+    async with aioti.load(models["mid_mlp"], max_queue=256) as model:
+        x = torch.randn(64, 1024)
+        before = live_tensors()
+        with anyio.move_on_after(0.05):
+            async with anyio.create_task_group() as tg:
+                for _ in range(100):
+                    tg.start_soon(model.run, [x])
+        with anyio.fail_after(60):
+            while model.stats()["running"] or model.stats()["queued"]:
+                await anyio.sleep(0.01)
+        stats = model.stats()
+        assert stats["cancelled"] > 0
+        # Requests cancelled while queued were removed and never ran.
+        assert stats["completed"] + stats["cancelled"] >= 100
+        assert stats["completed"] < 100
+        assert live_tensors() <= before  # no output or input kept alive
+
+
+async def test_cancel_while_running_returns_at_once(models):
+    async with aioti.load(models["mid_mlp"]) as model:
+        x = torch.randn(256, 1024)
+        await model.run([x])  # warm
+        before = live_tensors()
+        for _ in range(5):
+            with anyio.move_on_after(0.0005) as scope:
+                await model.run([x])
+            assert scope.cancelled_caught
+        with anyio.fail_after(30):
+            while model.stats()["running"] or model.stats()["queued"]:
+                await anyio.sleep(0.005)
+        assert live_tensors() <= before
+        assert (await model.run([x]))[0].shape == (256, 1024)  # still serving
+
+
+async def test_timeout_argument(models):
+    async with aioti.load(models["mid_mlp"]) as model:
+        with pytest.raises(TimeoutError):
+            await model.run([torch.randn(256, 1024)], timeout=1e-5)
+
+
+@pytest.mark.parametrize("on_full", ["raise", "wait"])
+async def test_backpressure(models, on_full):
+    async with aioti.load(models["mid_mlp"], max_queue=2, on_full=on_full) as model:
+        x = torch.randn(256, 1024)
+        results, errors = [], []
+
+        async def call() -> None:
+            try:
+                results.append(await model.run([x]))
+            except aioti.QueueFullError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for _ in range(12):
+                    tg.start_soon(call)
+        if on_full == "raise":
+            assert errors and "queue is full" in str(errors[0])
+            assert len(results) + len(errors) == 12
+        else:
+            assert not errors and len(results) == 12
+
+
+async def test_aclose_with_runs_in_flight(models):
+    model = await aioti.load(models["mid_mlp"])
+    x = torch.randn(64, 1024)
+    outcomes = []
+
+    async def call() -> None:
+        try:
+            outcomes.append((await model.run([x]))[0].shape)
+        except aioti.ClosedError:
+            outcomes.append("closed")
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(call)
+            await anyio.sleep(0.01)
+            await model.aclose()
+    assert len(outcomes) == 10 and all(o == (64, 1024) for o in outcomes)  # finished, not dropped
+    assert model.container.closed  # deleted only after the runs
+    await model.aclose()  # twice is fine
+    with pytest.raises(aioti.ClosedError):
+        await model.run([x])
+
+
+async def test_aclose_cancel_queued(models):
+    model = await aioti.load(models["mid_mlp"])
+    x = torch.randn(256, 1024)
+    outcomes = []
+
+    async def call() -> None:
+        try:
+            await model.run([x])
+            outcomes.append("ran")
+        except aioti.ClosedError:
+            outcomes.append("closed")
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(call)
+            await anyio.sleep(0.01)
+            await model.aclose(cancel_queued=True)
+    assert len(outcomes) == 20 and "closed" in outcomes
+
+
+async def test_errors_are_isolated(models):
+    async with aioti.load(models["small_mlp"]) as model:
+        good = torch.randn(3, 64)
+
+        async def bad() -> None:
+            with pytest.raises(aioti.InputError):
+                await model.run([torch.randn(3, 63)])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(bad if i % 2 else model.run, *(() if i % 2 else ([good],)))
+        assert model.stats()["failed"] == 0  # rejected before queueing
+        assert (await model(good)).shape == (3, 10)
+
+
+def test_two_event_loops_in_two_threads(models):
+    eager = eager_model("small_mlp")  # built once: seeding is process-global
+    xs = [torch.randn(2, 64) for _ in range(50)]
+    refs = [eager(x) for x in xs]
+
+    async def main() -> bool:
+        ok = True
+        for x, ref in zip(xs, refs):
+            ok &= bool(torch.allclose(await shared(x), ref, atol=1e-5))
+        return ok
+
+    shared = anyio.run(lambda: aioti.load(models["small_mlp"]))  # loaded on a third loop
+    results = []
+    threads = [threading.Thread(target=lambda b=b: results.append(anyio.run(main, backend=b)))
+               for b in ("asyncio", "trio")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True, True]
+    anyio.run(shared.aclose)
+
+
+def test_unclosed_model_warns(models):
+    async def main() -> None:
+        model = await aioti.load(models["small_mlp"])
+        await model(torch.randn(1, 64))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        anyio.run(main)
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning) for w in caught)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_interpreter_exit_with_unclosed_model_does_not_hang(models, backend):
+    code = textwrap.dedent(f"""
+        import anyio, torch, aioti
+        async def main():
+            global model
+            model = await aioti.load({str(models['mid_mlp'])!r})
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(model.run, [torch.randn(64, 1024)])
+                tg.cancel_scope.cancel()
+        anyio.run(main, backend={backend!r})
+        print("exited")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exited" in proc.stdout
+
+
+def test_loop_ending_with_runs_in_flight(models):
+    model = None
+
+    async def main() -> None:
+        nonlocal model
+        model = await aioti.load(models["mid_mlp"])
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(model.run, [torch.randn(64, 1024)])
+            await anyio.sleep(0)
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)  # the loop closes while workers still run: their deliveries are dropped
+    anyio.run(model.aclose)
+    assert model.container.closed
