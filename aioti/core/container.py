@@ -34,7 +34,7 @@ from .library import (
     new_handle,
     tensors_from_handles,
 )
-from .signature import Signature, input_labels, parse_signature
+from .signature import Signature, constant_shapes, input_labels, parse_signature
 
 __all__ = ["ConstantInfo", "Container", "scalar_type"]
 
@@ -118,6 +118,8 @@ class Container:
         self._by_fqn = {c.fqn: c for c in self.constants if c.fqn}
         labels = input_labels(self.call_spec[0] if self.call_spec else None, self.num_inputs)
         self.signature: Signature = parse_signature(source, self.num_inputs, labels)
+        #: constant name -> shape where the wrapper source says (else sizes are checked in bytes)
+        self.constant_shapes = constant_shapes(source)
 
     # --- metadata ------------------------------------------------------------------------
 
@@ -267,9 +269,15 @@ class Container:
                     f"constant {key!r}: expected dtype {info.dtype}, got {value.dtype}"
                 )
             nbytes = value.numel() * value.element_size()
-            if nbytes != info.nbytes:
+            shape = self.constant_shapes.get(info.name)
+            if shape is not None and tuple(value.shape) != shape:
                 raise InputError(
-                    f"constant {key!r}: expected {info.nbytes} bytes of {info.dtype}, "
+                    f"constant {key!r}: expected shape {shape}, got {tuple(value.shape)}"
+                )
+            # Without a known shape: data sizes are padded to 64 bytes by the compiler.
+            if shape is None and not (0 <= info.nbytes - nbytes < 64):
+                raise InputError(
+                    f"constant {key!r}: expected about {info.nbytes} bytes of {info.dtype}, "
                     f"got shape {tuple(value.shape)} ({nbytes} bytes)"
                 )
             # The native copy reads `storage size` bytes from the data pointer: hand it a

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["InputSpec", "Signature", "input_labels", "parse_signature"]
+__all__ = ["InputSpec", "Signature", "constant_shapes", "input_labels", "parse_signature"]
 
 _NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
 _CHECK = re.compile(r"static void check_input_(\d+)\(")
@@ -96,17 +96,18 @@ class Signature:
     #: services send the same few shapes again and again, and a dict hit is cheaper than checks
     _accepted: dict[tuple[Any, ...], bool] = field(default_factory=dict, repr=False)
 
-    def batch_range(self, dim: int = 0) -> tuple[str, int | None] | None:
-        """The symbol and upper bound of `dim` if every input is dynamic there with one symbol."""
-        syms = {s.sizes[dim] for s in self.inputs if s.sizes and len(s.sizes) > dim}
-        if len(syms) != 1 or any(not s.sizes or len(s.sizes) <= dim for s in self.inputs):
+    def batch_range(self, dim: int = 0) -> tuple[str, int | None, tuple[bool, ...]] | None:
+        """The symbol and upper bound of dynamic dim `dim`, and which inputs carry it: every
+        input dynamic at `dim` must share one symbol; the others are passed through unbatched."""
+        carries = tuple(bool(s.sizes and len(s.sizes) > dim and isinstance(s.sizes[dim], str))
+                        for s in self.inputs)
+        syms = {s.sizes[dim] for s, c in zip(self.inputs, carries) if c}  # type: ignore[index]
+        if len(syms) != 1:
             return None
         (sym,) = syms
-        if not isinstance(sym, str):
-            return None
-        highs = [s.ranges.get(dim, (None, None))[1] for s in self.inputs]
+        highs = [s.ranges.get(dim, (None, None))[1] for s, c in zip(self.inputs, carries) if c]
         known = [h for h in highs if h is not None]
-        return sym, (min(known) if known else None)
+        return str(sym), (min(known) if known else None), carries
 
     def check(self, tensors: Sequence[object], device: torch.device, *, full: bool = True) -> None:
         """Raise `InputError` for the first input that does not fit; `full=False` checks counts."""
@@ -266,3 +267,24 @@ def input_labels(in_spec: str | None, n: int) -> list[str] | None:
         else:
             labels.append(pytree.keystr(path))
     return labels
+
+
+_CONST_NAME = re.compile(r'constants_info_\[(\d+)\]\.name = "([^"]*)";')
+_CONST_SHAPE = re.compile(r"constants_info_\[(\d+)\]\.shape = \{([^}]*)\};")
+
+
+def constant_shapes(source: str | None) -> dict[str, tuple[int, ...]]:
+    """Constant name -> shape, read off the wrapper source (empty when there is none)."""
+    if not source:
+        return {}
+    names = {int(m.group(1)): m.group(2) for m in _CONST_NAME.finditer(source)}
+    out = {}
+    for m in _CONST_SHAPE.finditer(source):
+        i = int(m.group(1))
+        try:
+            shape = tuple(int(t.removesuffix("L")) for t in _split(m.group(2)))
+        except ValueError:
+            continue
+        if i in names:
+            out[names[i]] = shape
+    return out

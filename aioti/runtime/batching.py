@@ -61,7 +61,7 @@ class Batcher:
                 f"batching needs every input to share one dynamic dim {config.dim}; this model's "
                 f"inputs are {[s.describe() for s in signature.inputs]}"
             )
-        self.symbol, dim_max = found
+        self.symbol, dim_max, self.carries = found
         self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
         self.max_take = config.max_batch_size
         self.linger_s = config.max_delay_ms / 1000.0
@@ -76,8 +76,12 @@ class Batcher:
         """On the caller's thread: the request's grouping key and its number of rows."""
         tensors = req.payload[0]
         d = self.dim
-        key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) for t in tensors)
-        req.extra = (key, int(tensors[0].shape[d]))
+        # Inputs without the batch dim are shared by a merged run: only requests passing the
+        # very same tensor (unmodified) merge.
+        key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
+                    for t, c in zip(tensors, self.carries))
+        first = self.carries.index(True)
+        req.extra = (key, int(tensors[first].shape[d]))
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -130,7 +134,8 @@ class Batcher:
         for r in chunk:
             stream = self._backend.before_run(ctx, r.payload[1])
         try:
-            merged = [torch.cat(parts, d) for parts in zip(*(r.payload[0] for r in chunk))]
+            merged = [torch.cat(parts, d) if c else parts[0]
+                      for parts, c in zip(zip(*(r.payload[0] for r in chunk)), self.carries)]
             outputs = self._run_one(merged, stream)
             total = sum(rows)
             if any(o.dim() <= d or o.shape[d] != total for o in outputs):
@@ -150,14 +155,14 @@ def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device,
     found = signature.batch_range(dim)
     if found is None:
         return f"the inputs share no dynamic dim {dim}"
-    sym = found[0]
+    sym, _, carries = found
     shapes = []
     for rows in (2, 3):
         inputs = []
-        for s in signature.inputs:
+        for s, c in zip(signature.inputs, carries):
             if s.sizes is None or s.dtype is None:
                 return "the model's input signature is unknown (no wrapper source)"
-            shape = [rows if x == sym else (x if isinstance(x, int) else
+            shape = [rows if c and i == dim else (x if isinstance(x, int) else
                      max(1, s.ranges.get(i, (1, None))[0] or 1)) for i, x in enumerate(s.sizes)]
             inputs.append(torch.zeros(shape, dtype=s.dtype, device=device))
         outs = run_one(inputs, None)

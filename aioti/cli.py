@@ -1,0 +1,242 @@
+"""The `aioti` command line: info, run, bench, demo.
+
+Errors are one line on stderr and exit status 1 (2 for usage errors); `--debug` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .core import list_models, open_container, open_model
+
+    names = list_models(args.path) if args.path.suffix != ".so" else [args.path.stem]
+    files = open_model(args.path, args.model_name)
+    c = open_container(files)
+    try:
+        info: dict[str, Any] = {
+            "package": str(args.path), "models": names, "model": files.name,
+            "metadata": files.metadata,
+            "device": files.metadata.get("AOTI_DEVICE_KEY", "?"),
+            "inputs": [{"name": s.label, "spec": s.describe()} for s in c.signature.inputs],
+            "outputs": c.output_names,
+            "constants": [{"name": k.name, "fqn": k.fqn, "dtype": str(k.dtype), "bytes": k.nbytes,
+                           "folded": k.from_folded} for k in c.constants],
+            "abi_present": sorted(c.library.available), "abi_missing": sorted(c.library.missing),
+        }
+    finally:
+        c.delete()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"package  {info['package']}  (models: {', '.join(names)})")
+    print(f"model    {info['model']}  built for {info['device']}")
+    for i in info["inputs"]:
+        print(f"input    {i['name']}: {i['spec']}")
+    print(f"outputs  {', '.join(info['outputs'])}")
+    for k in info["constants"]:
+        print(f"constant {k['name']} ({k['fqn']}): {k['dtype']}, {k['bytes']} bytes"
+              + (", folded" if k["folded"] else ""))
+    print(f"ABI      {len(info['abi_present'])} functions; missing: "
+          f"{', '.join(info['abi_missing']) or 'none'}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anyio
+    import torch
+
+    from . import load
+
+    data = torch.load(args.input, map_location="cpu", weights_only=True)
+
+    async def go() -> Any:
+        async with load(args.path, device=args.device, model_name=args.model_name,
+                        move_inputs=True) as model:
+            if isinstance(data, dict):
+                return await model(**data)
+            if isinstance(data, (tuple, list)):
+                return await model(*data)
+            return await model(data)
+
+    out = anyio.run(go)
+    import torch.utils._pytree as pytree
+
+    for i, t in enumerate(pytree.tree_leaves(out)):
+        print(f"output {i}: {tuple(t.shape)} {t.dtype} mean={t.float().mean().item():.6g}")
+    if args.output:
+        torch.save(out, args.output)
+        print(f"saved to {args.output}")
+    return 0
+
+
+def _random_inputs(signature: Any, device: Any) -> list[Any]:
+    import torch
+
+    inputs = []
+    for s in signature.inputs:
+        if s.sizes is None or s.dtype is None:
+            raise SystemExit("aioti: the model's input signature is unknown; cannot make inputs")
+        shape = [x if isinstance(x, int) else max(1, (s.ranges.get(i, (1, None))[0] or 1))
+                 for i, x in enumerate(s.sizes)]
+        t = torch.randn(shape) if s.dtype.is_floating_point else torch.zeros(shape)
+        inputs.append(t.to(s.dtype).to(device))
+    return inputs
+
+
+async def measure(model: Any, inputs: list[Any], concurrency: int, duration: float,
+                  progress: bool = False) -> dict[str, Any]:
+    """Closed-loop load from `concurrency` tasks for `duration` s: rate, latency, loop lag."""
+    import anyio
+
+    lat: list[float] = []
+    lags: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def client() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                await model.run(inputs)
+            except Exception:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+
+    async def lag() -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            await anyio.sleep(0.001)
+            lags.append(time.perf_counter() - t0 - 0.001)
+            if progress:
+                done = 1 - max(0.0, stop - time.perf_counter()) / duration
+                print(f"\r[{'#' * int(done * 30):<30}] {len(lat)} requests", end="",
+                      file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lag)
+        for _ in range(concurrency):
+            tg.start_soon(client)
+    elapsed = time.perf_counter() - t0
+    if progress:
+        print(file=sys.stderr)
+    return {"requests_per_s": len(lat) / elapsed, "p50_ms": _pct(lat, 50) * 1e3,
+            "p90_ms": _pct(lat, 90) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
+            "loop_lag_p99_ms": _pct(lags, 99) * 1e3, "errors": errors, "requests": len(lat)}
+
+
+def _pct(data: list[float], q: float) -> float:
+    if not data:
+        return float("nan")
+    s = sorted(data)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import anyio
+
+    from . import Batching, load
+
+    batching = Batching(max_batch_size=args.batching) if args.batching else None
+
+    async def go() -> dict[str, Any]:
+        async with load(args.path, device=args.device, workers=args.workers,
+                        batching=batching) as model:
+            inputs = _random_inputs(model.signature, model.device)
+            await model.run(inputs)
+            return await measure(model, inputs, args.concurrency, args.duration, progress=True)
+
+    row = anyio.run(go, backend=args.backend)
+    print(f"{'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'lag p99 ms':>10} errors")
+    print(f"{row['requests_per_s']:10.0f} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} "
+          f"{row['p99_ms']:8.3f} {row['loop_lag_p99_ms']:10.3f} {row['errors']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(row, indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import anyio
+    import torch
+
+    from . import load
+    from .testing import compile_model, eager_model
+
+    path = compile_model("small_mlp", verbose=True)
+    print(f"aioti demo: small MLP (Linear(64,128)-ReLU-Linear(128,10)) compiled at {path}")
+    x = torch.randn(8, 64)
+    eager = eager_model("small_mlp")
+    loader = torch._inductor.aoti_load_package(str(path))
+
+    async def go() -> tuple[dict[str, Any], dict[str, Any], bool]:
+        async with load(path) as model:
+            ok = bool(torch.allclose(await model(x), eager(x), atol=1e-5))
+            ours = await measure(model, [x], 64, args.duration)
+
+        class Naive:
+            async def run(self, inputs: list[Any]) -> Any:
+                return await anyio.to_thread.run_sync(loader, *inputs)
+
+        naive = await measure(Naive(), [x], 64, args.duration)
+        return ours, naive, ok
+
+    ours, naive, ok = anyio.run(go)
+    print(f"output matches the eager module: {ok}")
+    print(f"64 concurrent asyncio tasks, {args.duration:.0f} s each:")
+    print(f"{'':28}{'req/s':>10} {'p99 ms':>8} {'loop lag p99 ms':>16}")
+    for name, r in (("aioti", ours), ("anyio.to_thread + torch", naive)):
+        print(f"{name:28}{r['requests_per_s']:10.0f} {r['p99_ms']:8.2f} {r['loop_lag_p99_ms']:16.2f}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aioti", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("info", help="what a compiled model expects and exports")
+    p.add_argument("path", type=Path)
+    p.add_argument("--model-name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_info)
+    p = sub.add_parser("run", help="one run on inputs saved with torch.save")
+    p.add_argument("path", type=Path)
+    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--output", type=Path)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model-name")
+    p.set_defaults(fn=_run)
+    p = sub.add_parser("bench", help="load from N concurrent tasks with random inputs")
+    p.add_argument("path", type=Path)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
+    p.add_argument("--json", type=Path)
+    p.set_defaults(fn=_bench)
+    p = sub.add_parser("demo", help="compile the demo model once and compare with to_thread")
+    p.add_argument("--duration", type=float, default=2.0)
+    p.set_defaults(fn=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"aioti: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The backend registry and the CUDA backend (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import anyio
+import pytest
+import torch
+
+import aioti
+from aioti.backends import registry
+from aioti.testing import eager_model
+
+pytestmark = pytest.mark.anyio
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+async def test_builtins_and_resolve():
+    assert {"cpu", "cuda"} <= set(aioti.backends())
+    cpu = await aioti.resolve_backend("cpu")
+    assert cpu is await aioti.resolve_backend(torch.device("cpu"))
+    with pytest.raises(aioti.BackendError, match="no backend for device type 'meta'"):
+        await aioti.resolve_backend("meta")
+    with pytest.raises(aioti.BackendError, match="not a device"):
+        await aioti.resolve_backend("gpu!")
+    if not torch.cuda.is_available():
+        with pytest.raises(aioti.BackendError, match="CUDA is not available"):
+            await aioti.resolve_backend("cuda:1")
+
+
+async def test_register_and_concurrent_resolve_initializes_once():
+    calls = []
+
+    async def factory(device):
+        calls.append(device)
+        await anyio.sleep(0.01)
+        return aioti.Backend(device)
+
+    aioti.register_backend("privateuseone", factory, replace=True)
+    with pytest.raises(aioti.BackendError, match="already registered"):
+        aioti.register_backend("privateuseone", factory)
+    got = []
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(lambda: _append(got, aioti.resolve_backend("privateuseone:0")))
+    assert len(calls) == 1 and len(got) == 100 and len({id(b) for b in got}) == 1
+    aioti.register_backend("privateuseone", lambda d: 42, replace=True)
+    with pytest.raises(aioti.BackendError, match="not a Backend"):
+        await aioti.resolve_backend("privateuseone:0")
+
+
+async def _append(out, coro):
+    out.append(await coro)
+
+
+def test_entry_point_plugins(tmp_path, monkeypatch):
+    dist = tmp_path / "fakeplug-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[aioti.backends]\nhpu = fakeplug_mod:factory\nipu = missing_module:factory\n")
+    (tmp_path / "fakeplug_mod.py").write_text(textwrap.dedent("""
+        import aioti
+        def factory(device):
+            return aioti.Backend(device)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    assert "hpu" in aioti.backends() and "ipu" not in aioti.backends()
+
+    async def main():
+        assert isinstance(await aioti.resolve_backend("hpu"), aioti.Backend)
+        with pytest.raises(aioti.BackendError, match="missing_module"):
+            await aioti.resolve_backend("ipu")
+        assert await aioti.resolve_backend("cpu")
+
+    anyio.run(main)
+    for name in ("hpu", "ipu"):
+        registry._factories.pop(name, None)
+        registry._broken.pop(name, None)
+    sys.modules.pop("fakeplug_mod", None)
+
+
+async def test_custom_backend_example(models):
+    sys.path.insert(0, "examples")
+    try:
+        import custom_backend
+    finally:
+        sys.path.remove("examples")
+    out = await custom_backend.main(models["small_mlp"])
+    assert out["runs"] == 4 and out["finished_batches"] >= 1
+
+
+@cuda
+async def test_cuda_matches_eager(models):
+    from aioti.testing import compile_model
+
+    path = compile_model("small_mlp", "cuda")
+    x = torch.randn(8, 64, device="cuda")
+    async with aioti.load(path, device="cuda") as model:
+        assert model.workers == 4
+        out = await model(x)
+        assert out.device.type == "cuda"
+        assert torch.allclose(out, eager_model("small_mlp", "cuda")(x), atol=1e-4)
+        with pytest.raises(aioti.InputError, match="cuda"):
+            await model(x.cpu())
+    async with aioti.load(path, device="cuda", move_inputs=True) as model:
+        assert torch.allclose(await model(x.cpu()), eager_model("small_mlp", "cuda")(x), atol=1e-4)
+
+
+@cuda
+async def test_cuda_inputs_from_caller_stream_and_constants(models):
+    from aioti.testing import compile_model
+
+    path = compile_model("small_mlp", "cuda")
+    eager = eager_model("small_mlp", "cuda")
+    async with aioti.load(path, device="cuda") as model:
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            x = torch.randn(64, 64, device="cuda") * 3  # produced asynchronously on s
+            outs = [model(x) for _ in range(8)]
+            results = [await o for o in outs]
+        ref = eager(x)
+        assert all(torch.allclose(r, ref, atol=1e-4) for r in results)
+        sd = {k: v.cpu() + 0.5 for k, v in eager.state_dict().items()}
+        await model.hot_swap(sd)  # CPU tensors copied to the device
+        eager.load_state_dict(sd)
+        assert torch.allclose(await model(x), eager(x), atol=1e-4)
