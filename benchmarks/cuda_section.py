@@ -1,0 +1,117 @@
+"""The CUDA section of the benchmark: the 4 x Linear(1024) MLP on one GPU.
+
+Rows: a synchronous loop over aioti's core (and over torch's loader, run in a subprocess since it
+may crash); raw threads over the core, one CUDA stream each, each synchronizing its stream every
+64 runs; aioti on asyncio at concurrency 64 with 1, 2 and 4 worker streams. Batch 1 and 64.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import anyio
+import torch
+
+import aioti
+from aioti.cli import measure
+from aioti.core import open_container, open_model
+from aioti.core.library import handles_from_tensors
+from aioti.testing import compile_model
+
+
+def raw_threads(path: Any, x: torch.Tensor, streams: int, duration: float) -> float:
+    c = open_container(open_model(path), device="cuda", num_models=streams)
+    counts = [0] * streams
+    stop = time.perf_counter() + duration
+
+    def work(i: int) -> None:
+        s = torch.cuda.Stream()
+        torch.cuda.set_stream(s)
+        h = s.cuda_stream
+        while time.perf_counter() < stop:
+            for _ in range(64):
+                c._run(handles_from_tensors([x]), h)
+            s.synchronize()
+            counts[i] += 64
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rate = sum(counts) / (time.perf_counter() - t0)
+    c.delete()
+    return rate
+
+
+def sync_core(path: Any, x: torch.Tensor, duration: float) -> float:
+    c = open_container(open_model(path), device="cuda")
+    n, stop, t0 = 0, time.perf_counter() + duration, time.perf_counter()
+    while time.perf_counter() < stop:
+        c.run([x])
+        torch.cuda.synchronize()
+        n += 1
+    rate = n / (time.perf_counter() - t0)
+    c.delete()
+    return rate
+
+
+TORCH_LOADER = """
+import sys, time, torch
+m = torch._inductor.aoti_load_package(sys.argv[1])
+x = torch.randn(int(sys.argv[2]), 1024, device="cuda")
+n, stop, t0 = 0, time.perf_counter() + float(sys.argv[3]), time.perf_counter()
+while time.perf_counter() < stop:
+    m(x); torch.cuda.synchronize(); n += 1
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def torch_loader(path: Any, batch: int, duration: float) -> float | str:
+    p = subprocess.run([sys.executable, "-c", TORCH_LOADER, str(path), str(batch), str(duration)],
+                       capture_output=True, text=True, timeout=300)
+    if p.returncode:
+        return f"crashed (exit {p.returncode})"
+    return float(p.stdout.strip().splitlines()[-1])
+
+
+def run_cuda(duration: float, repeats: int) -> list[dict[str, Any]]:
+    path = compile_model("mid_mlp", "cuda", verbose=True)
+    rows: list[dict[str, Any]] = []
+    for batch in (1, 64):
+        x = torch.randn(batch, 1024, device="cuda")
+        med = lambda f: statistics.median(f() for _ in range(repeats))  # noqa: E731
+        base = med(lambda: sync_core(path, x, duration))
+        rows.append({"batch": batch, "config": "sync aioti core loop", "runs_per_s": base})
+        rows.append({"batch": batch, "config": "sync torch loader loop",
+                     "runs_per_s": torch_loader(path, batch, duration)})
+        for streams in (1, 2, 4):
+            raw = med(lambda: raw_threads(path, x, streams, duration))
+
+            async def go(s: int = streams) -> dict[str, Any]:
+                async with aioti.load(path, device="cuda", workers=s) as model:
+                    await model.run([x])
+                    return await measure(model, [x], 64, duration)
+
+            ours = [anyio.run(go) for _ in range(repeats)]
+            rate = statistics.median(r["requests_per_s"] for r in ours)
+            rows.append({"batch": batch, "config": f"raw threads, {streams} streams",
+                         "runs_per_s": raw})
+            rows.append({"batch": batch, "config": f"aioti asyncio c64, {streams} streams",
+                         "runs_per_s": rate, "vs_raw": rate / raw,
+                         "loop_lag_p99_ms": statistics.median(r["loop_lag_p99_ms"] for r in ours),
+                         "p99_ms": statistics.median(r["p99_ms"] for r in ours)})
+        one = next(r for r in rows if r["batch"] == batch and r["config"].endswith(" 1 streams"))
+        for r in rows:
+            if r["batch"] == batch and r["config"].startswith("aioti"):
+                r["vs_1_stream"] = r["runs_per_s"] / one["runs_per_s"]
+        for r in rows:
+            if r["batch"] == batch:
+                print(r, flush=True)
+    return rows
