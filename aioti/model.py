@@ -48,15 +48,15 @@ def _run_one(container: Container) -> Callable[[list[torch.Tensor], int | None],
 
 def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
     """The worker-side function: run each request of a batch on the worker's stream."""
-    before, run, finish = backend.before_run, container._run, backend.finish
+    begin_batch, run, finish = backend.begin_batch, container._run, backend.finish
 
     def process(ctx: Any, batch: list[Request], begin: Callable[[Request], bool]) -> None:
+        stream = begin_batch(ctx, [req.payload[1] for req in batch])
         for req in batch:
             if not begin(req):
                 continue
-            tensors, ready = req.payload
             try:
-                req.result = run(handles_from_tensors(tensors), before(ctx, ready))
+                req.result = run(handles_from_tensors(req.payload[0]), stream)
             except Exception as exc:
                 req.error = exc
         finish(ctx)

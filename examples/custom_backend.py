@@ -35,9 +35,9 @@ class CountingBackend(aioti.Backend):
     def default_workers(self) -> int:
         return 2
 
-    def before_run(self, ctx: Any, ready: Any) -> int | None:
+    def begin_batch(self, ctx: Any, readies: list[Any]) -> int | None:
         with self._lock:
-            self.runs += 1
+            self.runs += len(readies)
         return None  # no stream on CPU
 
     def finish(self, ctx: Any) -> None:

@@ -2,8 +2,8 @@
 
 A backend serves one device (`torch.device`, index resolved). The runtime calls, in order:
 `prepare` on the caller's loop thread for each request; `start_worker` once in each worker thread;
-`before_run` before each run in that thread (returns the stream handle to pass to the native
-`Run`); `finish` once after each batch, before results are delivered (outputs must be ready to
+`begin_batch` before each batch of runs in that thread (waits for the batch's inputs to be ready
+and returns the stream handle to pass to the native `Run`); `finish` once after each batch, before results are delivered (outputs must be ready to
 use on any stream when it returns); `stop_worker` when the worker exits; `aclose` when the
 backend is dropped from the registry.
 """
@@ -33,7 +33,7 @@ class Backend:
 
     def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:
         """On the caller's loop thread: inputs as the model will see them, and a readiness token
-        the worker waits on (`before_run`)."""
+        the worker waits on (`begin_batch`)."""
         if move_inputs:
             tensors = [t.to(self.device) if isinstance(t, torch.Tensor) else t for t in tensors]
         return list(tensors), None
@@ -42,8 +42,9 @@ class Backend:
         """In worker thread `index` as it starts: its context (e.g. its stream)."""
         return index
 
-    def before_run(self, ctx: Any, ready: Any) -> int | None:
-        """In the worker, before one run: wait for `ready`; the stream handle for `Run`."""
+    def begin_batch(self, ctx: Any, readies: list[Any]) -> int | None:
+        """In the worker, before a batch of runs: wait for the requests' readiness tokens;
+        returns the stream handle for `Run` (None: the default stream / CPU)."""
         return None
 
     def finish(self, ctx: Any) -> None:

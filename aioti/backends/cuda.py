@@ -4,13 +4,16 @@
   worker thread, which also makes it that thread's current stream so that the model's output
   allocations belong to it.
 - Inputs: on the caller's thread an event is recorded on the caller's current stream; the worker's
-  stream waits on it before the run, so inputs made asynchronously by the caller are complete.
+  stream waits on it before the batch, so inputs made asynchronously by the caller are complete.
+  One event per (caller thread, stream) is re-recorded rather than a new one made per request:
+  a worker that waits on a later record of it waits at least as long as it must, never less.
 - Readiness: after each batch the worker synchronizes its stream, so an awaited result is ready on
   any stream; the loop never blocks on the GPU. Inputs stay referenced until then.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +39,7 @@ class CudaBackend(Backend):
                 f"{', '.join(f'cuda:{i}' for i in range(count))}"
             )
         super().__init__(torch.device("cuda", index))
+        self._events = threading.local()  # per caller thread: stream handle -> event
 
     def default_workers(self) -> int:
         return 4
@@ -45,10 +49,12 @@ class CudaBackend(Backend):
             tensors = [t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor)
                        and t.device != self.device else t for t in tensors]
         tensors = list(tensors)
-        if not any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
-            return tensors, None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
+        stream = torch.cuda.current_stream(self.device)
+        events = self._events.__dict__
+        event = events.get(stream.cuda_stream)
+        if event is None:
+            event = events[stream.cuda_stream] = torch.cuda.Event()
+        event.record(stream)
         return tensors, event
 
     def start_worker(self, index: int) -> torch.cuda.Stream:
@@ -57,9 +63,12 @@ class CudaBackend(Backend):
         torch.cuda.set_stream(stream)
         return stream
 
-    def before_run(self, ctx: torch.cuda.Stream, ready: Any) -> int:
-        if ready is not None:
-            ctx.wait_event(ready)
+    def begin_batch(self, ctx: torch.cuda.Stream, readies: list[Any]) -> int:
+        seen: set[int] = set()
+        for event in readies:
+            if event is not None and id(event) not in seen:
+                seen.add(id(event))
+                ctx.wait_event(event)
         return ctx.cuda_stream
 
     def finish(self, ctx: torch.cuda.Stream) -> None:

@@ -95,6 +95,7 @@ class Batcher:
 
         now = time.perf_counter()
         live = [r for r in batch if begin(r)]
+        stream = self._backend.begin_batch(ctx, [r.payload[1] for r in live])
         for r in live:
             self.queue_wait.add(now - r.t0)
         groups: dict[Any, list[Request]] = {}
@@ -106,33 +107,29 @@ class Batcher:
             for r in reqs:
                 n = r.extra[1]
                 if chunk and rows + n > self.max_rows:
-                    self._run_chunk(ctx, chunk)
+                    self._run_chunk(stream, chunk)
                     chunk, rows = [], 0
                 chunk.append(r)
                 rows += n
             if chunk:
-                self._run_chunk(ctx, chunk)
+                self._run_chunk(stream, chunk)
         self._backend.finish(ctx)
 
-    def _run_single(self, ctx: Any, r: Request) -> None:
-        tensors, ready = r.payload
+    def _run_single(self, stream: int | None, r: Request) -> None:
         try:
-            r.result = self._run_one(tensors, self._backend.before_run(ctx, ready))
+            r.result = self._run_one(r.payload[0], stream)
         except Exception as exc:
             r.error = exc
 
-    def _run_chunk(self, ctx: Any, chunk: list[Request]) -> None:
+    def _run_chunk(self, stream: int | None, chunk: list[Request]) -> None:
         rows = [r.extra[1] for r in chunk]
         with self._lock:
             self._sizes[sum(rows)] += 1
             self._runs += 1
         if len(chunk) == 1:
-            self._run_single(ctx, chunk[0])
+            self._run_single(stream, chunk[0])
             return
         d = self.dim
-        stream = None
-        for r in chunk:
-            stream = self._backend.before_run(ctx, r.payload[1])
         try:
             merged = [torch.cat(parts, d) if c else parts[0]
                       for parts, c in zip(zip(*(r.payload[0] for r in chunk)), self.carries)]
@@ -143,7 +140,7 @@ class Batcher:
             pieces = [o.split(rows, d) for o in outputs]
         except Exception:
             for r in chunk:  # isolate the failure to the request(s) that cause it
-                self._run_single(ctx, r)
+                self._run_single(stream, r)
             return
         for i, r in enumerate(chunk):
             r.result = [p[i] for p in pieces]
