@@ -24,6 +24,10 @@ from .base import Backend
 
 __all__ = ["CudaBackend"]
 
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream
+)
+
 
 class CudaBackend(Backend):
     name = "cuda"
@@ -39,7 +43,8 @@ class CudaBackend(Backend):
                 f"{', '.join(f'cuda:{i}' for i in range(count))}"
             )
         super().__init__(torch.device("cuda", index))
-        self._events = threading.local()  # per caller thread: stream handle -> event
+        self._index = index
+        self._events = threading.local()  # per caller thread: raw stream -> (stream, event)
 
     def default_workers(self) -> int:
         return 4
@@ -49,13 +54,13 @@ class CudaBackend(Backend):
             tensors = [t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor)
                        and t.device != self.device else t for t in tensors]
         tensors = list(tensors)
-        stream = torch.cuda.current_stream(self.device)
         events = self._events.__dict__
-        event = events.get(stream.cuda_stream)
-        if event is None:
-            event = events[stream.cuda_stream] = torch.cuda.Event()
-        event.record(stream)
-        return tensors, event
+        raw = _current_raw_stream(self._index)
+        entry = events.get(raw)
+        if entry is None:
+            entry = events[raw] = (torch.cuda.current_stream(self.device), torch.cuda.Event())
+        entry[1].record(entry[0])
+        return tensors, entry[1]
 
     def start_worker(self, index: int) -> torch.cuda.Stream:
         torch.cuda.set_device(self.device)
