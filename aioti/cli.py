@@ -78,20 +78,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _random_inputs(signature: Any, device: Any) -> list[Any]:
-    import torch
-
-    inputs = []
-    for s in signature.inputs:
-        if s.sizes is None or s.dtype is None:
-            raise SystemExit("aioti: the model's input signature is unknown; cannot make inputs")
-        shape = [x if isinstance(x, int) else max(1, (s.ranges.get(i, (1, None))[0] or 1))
-                 for i, x in enumerate(s.sizes)]
-        t = torch.randn(shape) if s.dtype.is_floating_point else torch.zeros(shape)
-        inputs.append(t.to(s.dtype).to(device))
-    return inputs
-
-
 async def measure(model: Any, inputs: list[Any], concurrency: int, duration: float,
                   progress: bool = False) -> dict[str, Any]:
     """Closed-loop load from `concurrency` tasks for `duration` s: rate, latency, loop lag."""
@@ -152,7 +138,7 @@ def _bench(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         async with load(args.path, device=args.device, workers=args.workers,
                         batching=batching) as model:
-            inputs = _random_inputs(model.signature, model.device)
+            inputs = model.signature.example(model.device)
             await model.run(inputs)
             return await measure(model, inputs, args.concurrency, args.duration, progress=True)
 

@@ -46,6 +46,22 @@ def _run_one(container: Container) -> Callable[[list[torch.Tensor], int | None],
     return lambda tensors, stream: container._run(handles_from_tensors(tensors), stream)
 
 
+def _probe_seconds(container: Container, backend: Backend) -> float:
+    """The fastest of three runs on example inputs (infinity if none can be made)."""
+    import time
+
+    try:
+        inputs = container.signature.example(backend.device)
+    except InputError:
+        return float("inf")
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        container.run(inputs)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
     """The worker-side function: run each request of a batch on the worker's stream."""
     begin_batch, run, finish = backend.begin_batch, container._run, backend.finish
@@ -86,6 +102,8 @@ class AsyncModel:
         self._container = container
         self._on_full_wait = on_full == "wait"
         self._move_inputs = move_inputs
+        # The base backend's prepare is the identity unless inputs are moved: skip the call.
+        self._plain_inputs = type(backend).prepare is Backend.prepare and not move_inputs
         self._lock = CrossLoopLock()
         spec = container.call_spec
         self.in_spec = pytree.treespec_loads(spec[0]) if spec and spec[0] else None
@@ -181,6 +199,8 @@ class AsyncModel:
     async def run(self, inputs: Sequence[torch.Tensor], *, timeout: float | None = None
                   ) -> list[torch.Tensor]:
         """Run on a flat list of tensors; returns the flat list of outputs."""
+        if timeout is None:
+            return await self._submit(list(inputs))
         return await self._with_timeout(self._submit(list(inputs)), timeout)
 
     async def boxed_run(self, inputs: list[torch.Tensor], *, timeout: float | None = None
@@ -218,7 +238,10 @@ class AsyncModel:
         dispatcher = self._dispatcher
         if self._closed or dispatcher.closing:
             raise ClosedError("the model is closed")
-        tensors, ready = self.backend.prepare(flat, move_inputs=self._move_inputs)
+        if self._plain_inputs:
+            tensors, ready = flat, None
+        else:
+            tensors, ready = self.backend.prepare(flat, move_inputs=self._move_inputs)
         self.signature.check(tensors, self.device, full=self.check_inputs)
         req = Request((tensors, ready), current_loop())
         if self._batcher is not None:
@@ -408,16 +431,20 @@ def load(
 
     async def opener() -> AsyncModel:
         backend = await resolve_backend(device)
-        n = workers if workers is not None else backend.default_workers()
-        if n < 1:
-            raise ValueError(f"workers must be >= 1, got {n}")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        n = workers or backend.default_workers()
+        num_models = n if workers is not None else max(n, backend.max_auto_workers)
         made: list[Any] = []
 
         def blocking() -> None:
+            nonlocal n
             files = open_model(path, model_name, cache_dir=cache_dir)
             made.append(files)
-            made.append(open_container(files, device=str(backend.device), num_models=n,
+            made.append(open_container(files, device=str(backend.device), num_models=num_models,
                                        check_inputs=check_inputs))
+            if workers is None and num_models > n:
+                n = backend.auto_workers(_probe_seconds(made[1], backend)) or n
             if batching is not None:
                 from .runtime.batching import probe_batch_dim
 

@@ -2,13 +2,14 @@
 
     python benchmarks/throughput.py [--quick] [--json PATH] [--cuda]
 
-One process, every row measured in the same run, each ratio against the synchronous loop over
-torch's own loader measured in this run. Rows (per model: small MLP and mid MLP, batch 8):
-sync loop; aioti on asyncio and trio at concurrency 1, 16, 64 (default workers, and 2 workers
-at 64); batching on (small MLP, 64); naive `anyio.to_thread.run_sync` and `asyncio.to_thread`.
-aioti's worker threads are joined after each row; naive rows run last (their pools keep idle
-threads). Also: request latency during a stream of hot swaps against steady state (mid MLP).
-Each row is the median of `--repeats` runs.
+One command; every ratio is against the synchronous loop over torch's own loader measured in the
+same run. Each row runs in a child process of its own: threads a row leaves behind (OpenMP teams
+of the model's kernels, `to_thread` pools) measurably slow later rows in the same process (seen:
+aioti 38k/s before a synchronous torch loop, 17-21k/s after it). Rows (per model: small MLP and
+mid MLP, batch 8): sync loops over torch's loader and over aioti's core; aioti on asyncio and
+trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching on (small MLP,
+64); naive `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream
+of hot swaps against steady state (mid MLP). Each row is the median of `--repeats` runs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,7 +80,8 @@ def run_aioti(path: Path, x: torch.Tensor, conc: int, backend: str, duration: fl
 
 
 def hot_swap_rows(path: Path, duration: float) -> list[dict[str, Any]]:
-    """Mid MLP, 16 tasks: latency at steady state, then during back-to-back hot swaps."""
+    """Mid MLP, 16 tasks: latency at steady state, then during a stream of hot swaps (one every
+    50 ms, alternating two weight sets)."""
     a = eager_model("mid_mlp").state_dict()
     b = {k: v + 0.01 for k, v in a.items()}
     x = torch.randn(8, 1024)
@@ -97,6 +100,7 @@ def hot_swap_rows(path: Path, duration: float) -> list[dict[str, Any]]:
                     await model.hot_swap(b if i % 2 == 0 else a)
                     swaps.append(time.perf_counter() - t0)
                     i += 1
+                    await anyio.sleep(max(0.0, 0.05 - (time.perf_counter() - t0)))
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(swapper)
@@ -108,6 +112,51 @@ def hot_swap_rows(path: Path, duration: float) -> list[dict[str, Any]]:
     return anyio.run(go)
 
 
+def run_row(model: str, config: str, conc: int | None, duration: float, repeats: int
+            ) -> list[dict[str, Any]]:
+    """One row, measured in this (child) process."""
+    path = compile_model(model)
+    x = torch.randn(8, 64 if model == "small_mlp" else 1024)
+    d = duration
+    if config == "hot swaps":
+        return hot_swap_rows(path, d * 2)
+    if config == "sync torch loop":
+        loader = torch._inductor.aoti_load_package(str(path))
+        fn: Any = lambda: sync_loop(loader, x, d)
+    elif config == "sync aioti core loop":
+        core = aioti.core.open_container(aioti.core.open_model(path))
+        fn = lambda: sync_loop(lambda t: core.run([t]), x, d)
+    elif config.startswith("naive"):
+        loader = torch._inductor.aoti_load_package(str(path))
+        kind = config.split()[1].split(".")[0]
+        fn = lambda: anyio.run(measure, Naive(loader, kind), [x], conc, d)
+    else:
+        backend = config.split()[1]
+        kw: dict[str, Any] = {}
+        if "workers=2" in config:
+            kw["workers"] = 2
+        if "batching" in config:
+            kw["batching"] = aioti.Batching(max_batch_size=64, max_delay_ms=1.0)
+        fn = lambda: run_aioti(path, x, conc or 1, backend, d, **kw)
+    fn()  # warm-up
+    return [median_row([fn() for _ in range(repeats)])]
+
+
+def plan(models: list[str]) -> list[tuple[str, str, int | None]]:
+    rows: list[tuple[str, str, int | None]] = []
+    for model in models:
+        rows += [(model, "sync torch loop", None), (model, "sync aioti core loop", None)]
+        for backend in ("asyncio", "trio"):
+            rows += [(model, f"aioti {backend}", c) for c in (1, 16, 64)]
+            rows.append((model, f"aioti {backend} workers=2", 64))
+            if model == "small_mlp":
+                rows.append((model, f"aioti {backend} batching", 64))
+        rows += [(model, f"naive {k}.to_thread", c) for k in ("anyio", "asyncio") for c in (16, 64)]
+        if model == "mid_mlp":
+            rows.append((model, "hot swaps", 16))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short runs, one repeat")
@@ -116,63 +165,48 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--models", default="small_mlp,mid_mlp")
     ap.add_argument("--cuda", action="store_true", help="the CUDA section only")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # child mode: one row as JSON
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.duration = 1, 0.5
+    if args.row:
+        model, config, conc = json.loads(args.row)
+        print("ROW " + json.dumps(run_row(model, config, conc, args.duration, args.repeats)))
+        return 0
     if args.cuda:
         from cuda_section import run_cuda
 
         rows = run_cuda(args.duration, args.repeats)
-        print(json.dumps(rows, indent=2))
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return 0
 
-    rows: list[dict[str, Any]] = []
-
-    def add(model: str, name: str, conc: int | None, fn: Any) -> None:
-        row = median_row([fn() for _ in range(args.repeats)])
-        row.update(model=model, config=name, concurrency=conc)
-        rows.append(row)
-        base = next(r for r in rows if r["model"] == model and r["config"] == "sync torch loop")
-        row["ratio"] = row["requests_per_s"] / base["requests_per_s"]
-        lag = row.get("loop_lag_p99_ms")
-        print(f"{model:10} {name:30} {conc or '-':>4} {row['requests_per_s']:9.0f}/s "
-              f"x{row['ratio']:5.2f}  p50 {row['p50_ms']:7.3f} ms  p99 {row['p99_ms']:7.3f} ms"
-              f"  lag p99 {'-' if lag is None else f'{lag:.2f}'} ms", flush=True)
-
     for model in args.models.split(","):
-        path = compile_model(model, verbose=True)
-        x = torch.randn(8, 64 if model == "small_mlp" else 1024)
-        loader = torch._inductor.aoti_load_package(str(path))
-        core = aioti.core.open_container(aioti.core.open_model(path))
-        d = args.duration
-        add(model, "sync torch loop", None, lambda: sync_loop(loader, x, d))
-        add(model, "sync aioti core loop", None, lambda: sync_loop(lambda t: core.run([t]), x, d))
-        core.delete()
-        for backend in ("asyncio", "trio"):
-            for conc in (1, 16, 64):
-                add(model, f"aioti {backend}", conc,
-                    lambda b=backend, c=conc: run_aioti(path, x, c, b, d))
-            add(model, f"aioti {backend} workers=2", 64,
-                lambda b=backend: run_aioti(path, x, 64, b, d, workers=2))
-        if model == "small_mlp":
-            for backend in ("asyncio", "trio"):
-                add(model, f"aioti {backend} batching", 64, lambda b=backend: run_aioti(
-                    path, x, 64, b, d, batching=aioti.Batching(max_batch_size=64,
-                                                                max_delay_ms=1.0)))
-        for kind in ("anyio", "asyncio"):
-            for conc in (16, 64):
-                add(model, f"naive {kind}.to_thread", conc,
-                    lambda k=kind, c=conc: anyio.run(measure, Naive(loader, k), [x], c, d))
-    if "mid_mlp" in args.models:
-        for r in hot_swap_rows(compile_model("mid_mlp"), args.duration * 2):
-            r.update(model="mid_mlp", config=r.pop("row"), concurrency=16)
-            rows.append(r)
-            print(f"mid_mlp    {r['config']:30}   16 {r['requests_per_s']:9.0f}/s"
-                  f"  p50 {r['p50_ms']:7.3f} ms  p99 {r['p99_ms']:7.3f} ms"
-                  + (f"  ({r['hot_swaps']} swaps, {r['hot_swap_ms']:.1f} ms each)"
-                     if "hot_swaps" in r else ""), flush=True)
+        compile_model(model, verbose=True)
+    rows: list[dict[str, Any]] = []
+    base: dict[str, float] = {}
+    for model, config, conc in plan(args.models.split(",")):
+        cmd = [sys.executable, __file__, "--row", json.dumps([model, config, conc]),
+               "--duration", str(args.duration), "--repeats", str(args.repeats)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if line is None:
+            print(f"{model:10} {config:30} failed: {proc.stderr.strip()[-300:]}", flush=True)
+            continue
+        for row in json.loads(line[4:]):
+            name = row.pop("row", config)
+            row.update(model=model, config=name, concurrency=conc)
+            if name == "sync torch loop":
+                base[model] = row["requests_per_s"]
+            row["ratio"] = row["requests_per_s"] / base[model] if model in base else None
+            rows.append(row)
+            lag = row.get("loop_lag_p99_ms")
+            extra = (f"  ({row['hot_swaps']} swaps, {row['hot_swap_ms']:.1f} ms each)"
+                     if row.get("hot_swaps") else "")
+            print(f"{model:10} {name:30} {conc or '-':>4} {row['requests_per_s']:9.0f}/s "
+                  f"x{row['ratio'] or 0:5.2f}  p50 {row['p50_ms']:7.3f} ms  "
+                  f"p99 {row['p99_ms']:7.3f} ms  lag p99 "
+                  f"{'-' if lag is None else f'{lag:.2f}'} ms{extra}", flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2))

@@ -28,8 +28,16 @@ class Backend:
         self.device = device
 
     def default_workers(self) -> int:
-        """Workers per model when `load(..., workers=None)`."""
+        """Workers per model when `load(..., workers=None)`, before `auto_workers`."""
         return 1
+
+    def auto_workers(self, run_seconds: float) -> int | None:
+        """Given the time of one probe run at load, a better worker count, or None to keep
+        `default_workers()` (no probe is run then). The container is created with
+        `max(default_workers(), max_auto_workers)` model instances."""
+        return None
+
+    max_auto_workers = 1
 
     def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:
         """On the caller's loop thread: inputs as the model will see them, and a readiness token

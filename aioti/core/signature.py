@@ -109,6 +109,24 @@ class Signature:
         known = [h for h in highs if h is not None]
         return str(sym), (min(known) if known else None), carries
 
+    def example(self, device: torch.device | str = "cpu", rows: int = 8) -> list[torch.Tensor]:
+        """Inputs that fit: random floats (zeros for other dtypes), each dynamic dim at `rows`
+        clipped to its exported range. Raises `InputError` when the signature is unknown."""
+        out = []
+        for s in self.inputs:
+            if s.sizes is None or s.dtype is None:
+                raise InputError(f"input {s.label}: its signature is unknown (no wrapper source)")
+            shape = []
+            for d, size in enumerate(s.sizes):
+                if isinstance(size, int):
+                    shape.append(size)
+                    continue
+                lo, hi = s.ranges.get(d, (None, None))
+                shape.append(max(lo or 1, min(rows, hi or rows)))
+            t = torch.randn(shape) if s.dtype.is_floating_point else torch.zeros(shape)
+            out.append(t.to(dtype=s.dtype, device=device))
+        return out
+
     def check(self, tensors: Sequence[object], device: torch.device, *, full: bool = True) -> None:
         """Raise `InputError` for the first input that does not fit; `full=False` checks counts."""
         if len(tensors) != len(self.inputs):
@@ -120,7 +138,11 @@ class Signature:
         if not full:
             return
         try:
-            key = tuple((t.dtype, t.shape, t.stride(), t.device) for t in tensors)  # type: ignore[attr-defined]
+            if len(tensors) == 1:
+                t = tensors[0]
+                key: tuple[Any, ...] | None = (t.dtype, t.shape, t.stride(), t.device)  # type: ignore[attr-defined]
+            else:
+                key = tuple([(t.dtype, t.shape, t.stride(), t.device) for t in tensors])  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
             key = None
         if key is not None and key in self._accepted:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -64,8 +65,14 @@ class TrioLoop:
         return True
 
 
+_cache = threading.local()
+
+
 def current() -> TrioLoop | None:
-    try:
-        return TrioLoop(trio.lowlevel.current_trio_token())
-    except RuntimeError:
+    if not trio.lowlevel.in_trio_run():
         return None
+    token = trio.lowlevel.current_trio_token()
+    loop: TrioLoop | None = getattr(_cache, "loop", None)
+    if loop is None or loop._token is not token:
+        loop = _cache.loop = TrioLoop(token)
+    return loop

@@ -62,6 +62,7 @@ class Batcher:
                 f"inputs are {[s.describe() for s in signature.inputs]}"
             )
         self.symbol, dim_max, self.carries = found
+        self._single = self.carries == (True,) and config.dim == 0
         self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
         self.max_take = config.max_batch_size
         self.linger_s = config.max_delay_ms / 1000.0
@@ -76,6 +77,10 @@ class Batcher:
         """On the caller's thread: the request's grouping key and its number of rows."""
         tensors = req.payload[0]
         d = self.dim
+        if self._single:
+            t = tensors[0]
+            req.extra = ((t.dtype, t.shape[1:]), t.shape[0])
+            return
         # Inputs without the batch dim are shared by a merged run: only requests passing the
         # very same tensor (unmodified) merge.
         key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
@@ -152,16 +157,15 @@ def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device,
     found = signature.batch_range(dim)
     if found is None:
         return f"the inputs share no dynamic dim {dim}"
-    sym, _, carries = found
+    _, _, carries = found
     shapes = []
     for rows in (2, 3):
-        inputs = []
-        for s, c in zip(signature.inputs, carries):
-            if s.sizes is None or s.dtype is None:
-                return "the model's input signature is unknown (no wrapper source)"
-            shape = [rows if c and i == dim else (x if isinstance(x, int) else
-                     max(1, s.ranges.get(i, (1, None))[0] or 1)) for i, x in enumerate(s.sizes)]
-            inputs.append(torch.zeros(shape, dtype=s.dtype, device=device))
+        try:
+            inputs = signature.example(device, rows)
+        except InputError as exc:
+            return str(exc)
+        if [t.shape[dim] for t, c in zip(inputs, carries) if c] != [rows] * sum(carries):
+            return f"dim {dim} cannot be {rows} within the exported range"
         outs = run_one(inputs, None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

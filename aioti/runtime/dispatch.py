@@ -119,6 +119,7 @@ class Dispatcher:
         self._drop_queued = False
         self._paused = 0
         self._running = 0
+        self._idle = 0  # workers blocked in wait(): only then is a notify needed
         self._alive = workers
         self.completed = self.failed = self.cancelled = 0
         self.latency = _Latencies()
@@ -146,7 +147,8 @@ class Dispatcher:
             if len(self._queue) >= self.max_queue:
                 return False
             self._queue.append(req)
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
         return True
 
     async def submit(self, req: Request, *, wait: bool = True) -> None:
@@ -315,10 +317,14 @@ class Dispatcher:
                         if self._paused or not queue:
                             if not queue and self._closing:
                                 return
+                            self._idle += 1
                             cond.wait()
+                            self._idle -= 1
                             continue
                         if self._should_linger():
+                            self._idle += 1
                             cond.wait(self._linger - (time.perf_counter() - queue[0].t0))
+                            self._idle -= 1
                             continue
                         break
                     batch = self._take_locked()

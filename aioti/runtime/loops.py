@@ -34,11 +34,13 @@ class Loop(Protocol):
 
 def current_loop() -> Loop:
     """The loop of the calling coroutine (asyncio, uvloop or trio)."""
-    loop: Loop | None = _asyncio.current()
-    if loop is None and "trio" in sys.modules:
+    loop: Loop | None = None
+    if "trio" in sys.modules:  # checked first: under trio, asyncio's lookup costs an exception
         from . import _trio
 
         loop = _trio.current()
+    if loop is None:
+        loop = _asyncio.current()
     if loop is None:
         raise RuntimeError("aioti must be awaited from a running asyncio or trio event loop")
     return loop
