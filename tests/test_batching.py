@@ -76,7 +76,7 @@ async def test_batch_dim_maximum_respected(models):
 
 async def test_cancel_inside_batch(models):
     eager = eager_model("mid_mlp")
-    async with aioti.load(models["mid_mlp"], batching=aioti.Batching(64, 20)) as model:
+    async with aioti.load(models["mid_mlp"], workers=1, batching=aioti.Batching(64, 20)) as model:
         x = torch.randn(1, 1024)
         big = torch.randn(256, 1024)
         kept = []

@@ -71,7 +71,7 @@ async def test_boxed_run_hands_inputs_over(models):
 
 
 async def test_cancel_while_queued_never_runs(models):
-    async with aioti.load(models["mid_mlp"], max_queue=256) as model:
+    async with aioti.load(models["mid_mlp"], workers=1, max_queue=256) as model:
         x = torch.randn(64, 1024)
         before = live_tensors()
         with anyio.move_on_after(0.05):
@@ -115,7 +115,7 @@ async def test_timeout_argument(models):
 
 @pytest.mark.parametrize("on_full", ["raise", "wait"])
 async def test_backpressure(models, on_full):
-    async with aioti.load(models["mid_mlp"], max_queue=2, on_full=on_full) as model:
+    async with aioti.load(models["mid_mlp"], workers=1, max_queue=2, on_full=on_full) as model:
         x = torch.randn(256, 1024)
         results, errors = [], []
 
@@ -161,7 +161,7 @@ async def test_aclose_with_runs_in_flight(models):
 
 
 async def test_aclose_cancel_queued(models):
-    model = await aioti.load(models["mid_mlp"])
+    model = await aioti.load(models["mid_mlp"], workers=1)
     x = torch.randn(256, 1024)
     outcomes = []
 
