@@ -239,7 +239,7 @@ class AsyncModel:
         if self._closed or dispatcher.closing:
             raise ClosedError("the model is closed")
         if self._plain_inputs:
-            tensors, ready = flat, None
+            tensors, ready = (list(flat) if boxed else flat), None
         else:
             tensors, ready = self.backend.prepare(flat, move_inputs=self._move_inputs)
         self.signature.check(tensors, self.device, full=self.check_inputs)

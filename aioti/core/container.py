@@ -231,6 +231,9 @@ class Container:
 
     def _run(self, handles: list[int], stream: int | None) -> list[torch.Tensor]:
         """Run on owning input handles (always stolen, also on failure)."""
+        if len(handles) != self.num_inputs:  # the library would throw through its C ABI
+            free_handles(handles)
+            raise InputError(f"wrong number of inputs: expected {self.num_inputs}, got {len(handles)}")
         outs = self._out_array()
         code = self._run_fn(self._live(), self._in_array(*handles), len(handles),
                             outs, self.num_outputs, stream, None)
