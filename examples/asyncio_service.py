@@ -1,0 +1,87 @@
+"""An HTTP inference service on asyncio (Starlette + uvicorn) over one aioti model.
+
+    python examples/asyncio_service.py MODEL.pt2 [--port 8000]
+
+Endpoints:
+- POST /predict   {"inputs": [[...], ...]}  -> {"outputs": [[...], ...]}   (one flat input)
+- POST /hot-swap  {"state_dict": PATH}      -> {"swapped": true}         (weights file on disk)
+- POST /rollback                            -> {"rolled_back": true}
+- GET  /stats                               -> the model's counters and latency percentiles
+
+The model is loaded at start-up and closed at shutdown (Starlette's lifespan); requests await
+the model concurrently and never block the loop. Bad input answers 422 with the model's message,
+a full queue 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+import aioti
+
+
+def create_app(model_path: str, **load_kwargs: Any) -> Starlette:
+    state: dict[str, aioti.AsyncModel] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with aioti.load(model_path, on_full="raise", **load_kwargs) as model:
+            state["model"] = model
+            yield
+
+    async def predict(request: Request) -> JSONResponse:
+        body = await request.json()
+        try:
+            x = torch.tensor(body["inputs"], dtype=torch.float32)
+            y = await state["model"](x)
+        except (KeyError, TypeError, ValueError) as exc:
+            return JSONResponse({"error": f"bad request: {exc}"}, status_code=422)
+        except aioti.QueueFullError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return JSONResponse({"outputs": y.tolist()})
+
+    async def hot_swap(request: Request) -> JSONResponse:
+        body = await request.json()
+        try:
+            await state["model"].hot_swap(body["state_dict"])
+        except (KeyError, aioti.InputError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        return JSONResponse({"swapped": True})
+
+    async def rollback(request: Request) -> JSONResponse:
+        await state["model"].swap_constants()
+        return JSONResponse({"rolled_back": True})
+
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse(state["model"].stats())
+
+    return Starlette(
+        routes=[Route("/predict", predict, methods=["POST"]),
+                Route("/hot-swap", hot_swap, methods=["POST"]),
+                Route("/rollback", rollback, methods=["POST"]),
+                Route("/stats", stats)],
+        lifespan=lifespan,
+    )
+
+
+def main() -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--port", type=int, default=8000)
+    args = ap.parse_args()
+    uvicorn.run(create_app(args.model), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Every example runs: the services over real loopback sockets, with many concurrent clients."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import torch
+
+from aioti.testing import eager_model
+
+pytestmark = pytest.mark.anyio
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def asyncio_service(models):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(EXAMPLES / "asyncio_service.py"),
+                             str(models["small_mlp"]), "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url + "/stats", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("the asyncio service did not start")
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_service(asyncio_service, tmp_path):
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(2, 64) for _ in range(200)]
+    async with httpx.AsyncClient(base_url=asyncio_service, timeout=30) as client:
+        results = [None] * len(xs)
+
+        async def call(i):
+            r = await client.post("/predict", json={"inputs": xs[i].tolist()})
+            results[i] = r
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(xs)):
+                    tg.start_soon(call, i)
+        for x, r in zip(xs, results):
+            assert r.status_code == 200
+            assert torch.allclose(torch.tensor(r.json()["outputs"]), eager(x), atol=1e-4)
+        bad = await client.post("/predict", json={"inputs": [[1.0, 2.0]]})
+        assert bad.status_code == 422 and "expected size 64" in bad.json()["error"]
+        sd = {k: v + 0.5 for k, v in eager.state_dict().items()}
+        torch.save(sd, tmp_path / "w.pt")
+        assert (await client.post("/hot-swap", json={"state_dict": str(tmp_path / "w.pt")})).json()
+        eager.load_state_dict(sd)
+        r = await client.post("/predict", json={"inputs": xs[0].tolist()})
+        assert torch.allclose(torch.tensor(r.json()["outputs"]), eager(xs[0]), atol=1e-4)
+        await client.post("/rollback")
+        stats = (await client.get("/stats")).json()
+        assert stats["completed"] >= 201 and stats["failed"] == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_service(models):
+    import trio
+    import trio_service
+
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(3, 64) for _ in range(50)]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(trio_service.serve, str(models["small_mlp"]), 0)
+            answers = {}
+
+            async def client(i):
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                async with stream:
+                    await stream.send_all(json.dumps({"inputs": xs[i].tolist()}).encode() + b"\n")
+                    buf = b""
+                    while not buf.endswith(b"\n"):
+                        buf += await stream.receive_some()
+                    answers[i] = json.loads(buf)
+
+            async with trio.open_nursery() as clients:
+                for i in range(len(xs)):
+                    clients.start_soon(client, i)
+            nursery.cancel_scope.cancel()
+    for i, x in enumerate(xs):
+        assert torch.allclose(torch.tensor(answers[i]["outputs"]), eager(x), atol=1e-4)
+
+
+async def test_hot_swap_example(models):
+    import hot_swap
+
+    seen = await hot_swap.main(str(models["small_mlp"]))
+    assert seen["old"] > 0 and seen["new"] > 0
+
+
+def test_pytest_harness_example():
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           str(EXAMPLES / "pytest_harness")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "4 passed" in proc.stdout
+
+
+def test_cli(models, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "aioti", *args], capture_output=True,
+                              text=True, timeout=300)
+
+    info = cli("info", str(models["multi_io"]), "--json")
+    assert info.returncode == 0
+    data = json.loads(info.stdout)
+    assert data["models"] == ["model"] and len(data["inputs"]) == 3
+    assert "kwargs['scale']" in data["inputs"][2]["name"]
+    torch.save((torch.randn(4, 16), torch.randn(4, 8)), tmp_path / "in.pt")
+    bad = cli("run", str(models["multi_io"]), "--input", str(tmp_path / "in.pt"))
+    assert bad.returncode == 1 and bad.stderr.startswith("aioti: error:")
+    assert "Traceback" not in bad.stderr
+    torch.save(torch.randn(4, 64), tmp_path / "x.pt")
+    ok = cli("run", str(models["small_mlp"]), "--input", str(tmp_path / "x.pt"),
+             "--output", str(tmp_path / "y.pt"))
+    assert ok.returncode == 0 and "output 0: (4, 10)" in ok.stdout
+    assert torch.load(tmp_path / "y.pt").shape == (4, 10)
+    missing = cli("info", str(tmp_path / "nope.pt2"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    notpkg = tmp_path / "text.pt2"
+    notpkg.write_text("x")
+    assert "not a .pt2" in cli("info", str(notpkg)).stderr
+    bench = cli("bench", str(models["small_mlp"]), "--duration", "0.5", "--concurrency", "8",
+                "--backend", "trio", "--json", str(tmp_path / "b.json"))
+    assert bench.returncode == 0, bench.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["requests"] > 0
