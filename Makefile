@@ -19,11 +19,11 @@ demo: venv
 	$(PY) -m aioti demo
 
 test: venv
-	$(PY) -m ruff check aioti tests benchmarks examples
+	$(PY) -m ruff check aioti tests benchmarks examples docs
 	$(PY) -m pytest -q
 
 lint: venv
-	$(PY) -m ruff check aioti tests benchmarks examples
+	$(PY) -m ruff check aioti tests benchmarks examples docs
 
 bench: venv
 	$(PY) benchmarks/throughput.py --json out/throughput.json

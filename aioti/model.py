@@ -142,14 +142,17 @@ class AsyncModel:
 
     @property
     def closed(self) -> bool:
+        """True once `aclose()` began (or the model was dropped unclosed)."""
         return self._closed
 
     @property
     def input_names(self) -> list[str]:
+        """The model's flat input names, as the library reports them."""
         return list(self._container.input_names)
 
     @property
     def output_names(self) -> list[str]:
+        """The model's flat output names, as the library reports them."""
         return list(self._container.output_names)
 
     @property
@@ -164,10 +167,12 @@ class AsyncModel:
 
     @property
     def constant_dtypes(self) -> dict[str, torch.dtype | None]:
+        """Internal constant name -> dtype."""
         return self._container.constant_dtypes
 
     @property
     def metadata(self) -> dict[str, str]:
+        """The package's metadata for this model (device key, platform, ...)."""
         return dict(self.files.metadata)
 
     @property
@@ -317,6 +322,7 @@ class AsyncModel:
         await self._mutate(self._container.swap_constant_buffer)
 
     async def free_inactive_constants(self) -> None:
+        """Release the inactive buffer's memory (a later swap needs a new update first)."""
         await self._mutate(self._container.free_inactive_constant_buffer)
 
     async def load_constants_from_blob(self, path: str | os.PathLike[str]) -> None:
