@@ -81,3 +81,29 @@ async def test_pytree_call_errors(models):
             await model(X, Y, scale=S, extra=S)
         with pytest.raises(aioti.InputError):
             await model(X, Y)
+
+
+@pytest.fixture(scope="module")
+def old_style_signature(models, tmp_path_factory):
+    """The signature as read from a torch 2.11 wrapper, which has no assert_size_stride calls."""
+    import re
+
+    from aioti.core.signature import input_labels, parse_signature
+
+    files = open_model(models["multi_io"], cache_dir=tmp_path_factory.mktemp("c"))
+    source = re.sub(r".*assert_size_stride.*\n", "", files.read_source())
+    c = open_container(files)
+    try:
+        labels = input_labels(c.call_spec[0], 3)
+    finally:
+        c.delete()
+    return parse_signature(source, 3, labels)
+
+
+@pytest.mark.parametrize("case, inputs, fragments", CASES, ids=[c[0] for c in CASES])
+def test_old_style_source_rejects(old_style_signature, case, inputs, fragments):
+    with pytest.raises(aioti.InputError) as info:
+        old_style_signature.check(list(inputs), torch.device("cpu"))
+    assert fragments[0] in str(info.value)
+    old_style_signature.check([X, Y, S], torch.device("cpu"))  # valid inputs still pass
+    old_style_signature.check([X[:1].clone(), Y[:1].clone(), S], torch.device("cpu"))

@@ -4,9 +4,13 @@ A compiled model does not check its inputs by default: a wrong size or stride is
 were right (a silent wrong result or a crash), and its own opt-in check
 (`AOTI_RUNTIME_CHECK_INPUTS`) rejects batch 1 on dims exported with `min=1`. aioti therefore
 checks in Python, from a signature read off the wrapper source that every `.pt2` ships beside
-the library: the generated `check_input_N` functions give dtype, static sizes, dynamic ranges and
-device; the generated `assert_size_stride` calls give rank, which dims share a symbol, and the
-stride of every dim as an expression of the sizes.
+the library: the generated `check_input_N` functions give dtype, static sizes and strides, dynamic ranges and
+device; the generated `assert_size_stride` calls (torch 2.13) give rank, which dims share a
+symbol, and the stride of every dim as an expression of the sizes. Libraries without those calls
+(torch 2.11) get rank from the highest dim the checks mention, symbols from the `sN = x_size[d]`
+definitions, and a dynamic dim that defines no symbol is bound to the one defined symbol with
+the same range at the same dim (the compiled code reads only defined symbols, so such a dim must
+equal one of them).
 
 Dynamic ranges: export's 0/1 specialization makes the generated lower bound 2 for a dim exported
 with `min=1`; the compiled code is generic in that dim, so a lower bound of 2 is taken as 1.
@@ -33,6 +37,8 @@ _LOW = re.compile(r"if \((\w+)_size\[(\d+)\] < (-?\d+)\)")
 _HIGH = re.compile(r"if \((\w+)_size\[(\d+)\] > (-?\d+)\)")
 _DEVICE = re.compile(r"(\w+)_expected_device_type = (-?\d+);")
 _ASSERT = re.compile(r'assert_size_stride\((\w+), \{([^}]*)\}, \{([^}]*)\}, "input"\)')
+_STATIC = re.compile(r"if \((-?\d+) != (\w+)_(size|stride)\[(\d+)\]\)")
+_SYMBOL = re.compile(r"int64_t (s\d+) = (\w+)_size\[(\d+)\];")
 _DEVICE_TYPES = {0: "cpu", 1: "cuda", 2: "mkldnn", 9: "xpu", 13: "mps"}
 
 
@@ -256,7 +262,37 @@ def parse_signature(
             sizes.append(int(tok) if re.fullmatch(r"-?\d+", tok) else tok)
         spec.sizes = tuple(sizes)
         spec.strides = tuple(_product(tok) for tok in _split(m.group(3)))
+    if any(s.sizes is None for s in by_var.values()):
+        _from_checks(source, by_var)
     return Signature(specs, known=bool(by_var))
+
+
+def _from_checks(source: str, by_var: dict[str, InputSpec]) -> None:
+    """Sizes and strides from the `check_input_N` functions alone (no `assert_size_stride`)."""
+    static: dict[tuple[str, str], dict[int, int]] = {}
+    for m in _STATIC.finditer(source):
+        static.setdefault((m.group(2), m.group(3)), {})[int(m.group(4))] = int(m.group(1))
+    defined = {(m.group(2), int(m.group(3))): m.group(1) for m in _SYMBOL.finditer(source)}
+    ranges_of_symbols = {sym: (var, d) for (var, d), sym in defined.items()}
+    for var, spec in by_var.items():
+        if spec.sizes is not None:
+            continue
+        sizes, strides = static.get((var, "size"), {}), static.get((var, "stride"), {})
+        dims = set(sizes) | set(strides) | set(spec.ranges)
+        if not dims:
+            continue
+        out: list[int | str] = []
+        for d in range(max(dims) + 1):
+            if d in sizes:
+                out.append(sizes[d])
+            elif (var, d) in defined:
+                out.append(defined[(var, d)])
+            else:
+                same = [sym for sym, (v2, d2) in ranges_of_symbols.items()
+                        if d2 == d and by_var[v2].ranges.get(d2) == spec.ranges.get(d)]
+                out.append(same[0] if len(same) == 1 else f"{var}_d{d}")
+        spec.sizes = tuple(out)
+        spec.strides = tuple((strides[d], ()) if d in strides else None for d in range(len(out)))
 
 
 def _label(i: int, name: str, labels: Sequence[str] | None) -> str:
