@@ -98,15 +98,15 @@ async def measure(model: Any, inputs: list[Any], concurrency: int, duration: flo
                 errors += 1
             lat.append(time.perf_counter() - t0)
 
+    bar = _Progress(duration) if progress else None
+
     async def lag() -> None:
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
             await anyio.sleep(0.001)
             lags.append(time.perf_counter() - t0 - 0.001)
-            if progress:
-                done = 1 - max(0.0, stop - time.perf_counter()) / duration
-                print(f"\r[{'#' * int(done * 30):<30}] {len(lat)} requests", end="",
-                      file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.update(duration - max(0.0, stop - time.perf_counter()), len(lat))
 
     t0 = time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -114,11 +114,60 @@ async def measure(model: Any, inputs: list[Any], concurrency: int, duration: flo
         for _ in range(concurrency):
             tg.start_soon(client)
     elapsed = time.perf_counter() - t0
-    if progress:
-        print(file=sys.stderr)
+    if bar is not None:
+        bar.close()
     return {"requests_per_s": len(lat) / elapsed, "p50_ms": _pct(lat, 50) * 1e3,
             "p90_ms": _pct(lat, 90) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
             "loop_lag_p99_ms": _pct(lags, 99) * 1e3, "errors": errors, "requests": len(lat)}
+
+
+class _Progress:
+    """A progress bar on stderr (rich's, when the `cli` extra is installed)."""
+
+    def __init__(self, total: float) -> None:
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            self._rich = None
+        else:
+            self._rich = Progress(transient=True)
+            self._rich.start()
+            self._task = self._rich.add_task("benchmarking", total=total)
+        self._last = 0.0
+
+    def update(self, done: float, requests: int) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, completed=done, description=f"{requests} requests")
+        elif time.perf_counter() - self._last > 0.1:
+            self._last = time.perf_counter()
+            print(f"\r{requests} requests, {done:.1f} s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        else:
+            print(file=sys.stderr)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    """Print a table (rich's, when the `cli` extra is installed)."""
+    cells = [[f"{c:,.0f}" if isinstance(c, float) and c >= 100 else
+              f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        widths = [max(len(x) for x in col) for col in zip(columns, *cells)]
+        for row in (columns, *cells):
+            print("  ".join(x.rjust(w) for x, w in zip(row, widths)))
+        return
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c, justify="right")
+    for row in cells:
+        table.add_row(*row)
+    Console().print(table)
 
 
 def _pct(data: list[float], q: float) -> float:
@@ -143,9 +192,10 @@ def _bench(args: argparse.Namespace) -> int:
             return await measure(model, inputs, args.concurrency, args.duration, progress=True)
 
     row = anyio.run(go, backend=args.backend)
-    print(f"{'req/s':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'lag p99 ms':>10} errors")
-    print(f"{row['requests_per_s']:10.0f} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} "
-          f"{row['p99_ms']:8.3f} {row['loop_lag_p99_ms']:10.3f} {row['errors']}")
+    _table(f"{args.path.name}: {args.concurrency} tasks on {args.backend}, {args.duration:g} s",
+           ["req/s", "p50 ms", "p90 ms", "p99 ms", "loop lag p99 ms", "errors"],
+           [[row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
+             row["loop_lag_p99_ms"], row["errors"]]])
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
     return 0
@@ -158,7 +208,11 @@ def _demo(args: argparse.Namespace) -> int:
     from . import load
     from .testing import compile_model, eager_model
 
-    path = compile_model("small_mlp", verbose=True)
+    from .testing import cache_dir
+
+    print(f"aioti demo: model cache {cache_dir()}", flush=True)
+    path = _with_status("compiling the demo model (first run only, about 10-40 s)",
+                        lambda: compile_model("small_mlp", verbose=False))
     print(f"aioti demo: small MLP (Linear(64,128)-ReLU-Linear(128,10)) compiled at {path}")
     x = torch.randn(8, 64)
     eager = eager_model("small_mlp")
@@ -166,8 +220,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     async def go() -> tuple[dict[str, Any], dict[str, Any], bool]:
         async with load(path) as model:
-            ok = bool(torch.allclose(await model(x), eager(x), atol=1e-5))
+            got = await model(x)
             ours = await measure(model, [x], 64, args.duration)
+        # The eager check runs afterwards: torch ops on this thread would start an OpenMP team
+        # that slows the model's own (docs/troubleshooting.md).
+        ok = bool(torch.allclose(got, eager(x), atol=1e-5))
 
         class Naive:
             async def run(self, inputs: list[Any]) -> Any:
@@ -178,11 +235,22 @@ def _demo(args: argparse.Namespace) -> int:
 
     ours, naive, ok = anyio.run(go)
     print(f"output matches the eager module: {ok}")
-    print(f"64 concurrent asyncio tasks, {args.duration:.0f} s each:")
-    print(f"{'':28}{'req/s':>10} {'p99 ms':>8} {'loop lag p99 ms':>16}")
-    for name, r in (("aioti", ours), ("anyio.to_thread + torch", naive)):
-        print(f"{name:28}{r['requests_per_s']:10.0f} {r['p99_ms']:8.2f} {r['loop_lag_p99_ms']:16.2f}")
+    _table(f"64 concurrent asyncio tasks, {args.duration:g} s each",
+           ["", "req/s", "p99 ms", "loop lag p99 ms"],
+           [[name, r["requests_per_s"], r["p99_ms"], r["loop_lag_p99_ms"]]
+            for name, r in (("aioti", ours), ("anyio.to_thread + torch loader", naive))])
     return 0 if ok else 1
+
+
+def _with_status(message: str, fn: Any) -> Any:
+    """Run `fn` under a spinner with elapsed time when it takes a while."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(message, file=sys.stderr, flush=True)
+        return fn()
+    with Console(stderr=True).status(message):
+        return fn()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,22 +46,6 @@ def _run_one(container: Container) -> Callable[[list[torch.Tensor], int | None],
     return lambda tensors, stream: container._run(handles_from_tensors(tensors), stream)
 
 
-def _probe_seconds(container: Container, backend: Backend) -> float:
-    """The fastest of three runs on example inputs (infinity if none can be made)."""
-    import time
-
-    try:
-        inputs = container.signature.example(backend.device)
-    except InputError:
-        return float("inf")
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        container.run(inputs)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
     """The worker-side function: run each request of a batch on the worker's stream."""
     begin_batch, run, finish = backend.begin_batch, container._run, backend.finish
@@ -450,7 +434,8 @@ def load(
             made.append(open_container(files, device=str(backend.device), num_models=num_models,
                                        check_inputs=check_inputs))
             if workers is None and num_models > n:
-                n = backend.auto_workers(_probe_seconds(made[1], backend)) or n
+                weights = sum(c.nbytes for c in made[1].constants)
+                n = backend.auto_workers(weights) or n
             if batching is not None:
                 from .runtime.batching import probe_batch_dim
 

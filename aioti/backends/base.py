@@ -31,9 +31,9 @@ class Backend:
         """Workers per model when `load(..., workers=None)`, before `auto_workers`."""
         return 1
 
-    def auto_workers(self, run_seconds: float) -> int | None:
-        """Given the time of one probe run at load, a better worker count, or None to keep
-        `default_workers()` (no probe is run then). The container is created with
+    def auto_workers(self, weight_bytes: int) -> int | None:
+        """Given the model's total constant bytes (a proxy of its run time), a better worker
+        count, or None to keep `default_workers()`. The container is created with
         `max(default_workers(), max_auto_workers)` model instances."""
         return None
 

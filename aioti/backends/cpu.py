@@ -1,11 +1,15 @@
-"""The CPU backend: one or two worker threads, chosen by timing one run at load.
+"""The CPU backend: one or two worker threads, chosen from the model's size.
 
 A compiled CPU model already spreads each run over the cores (OpenMP inside its kernels). For a
 fast model a second worker only competes with the first for the GIL and the queue (measured on
 the small benchmark MLP: 36k runs/s with one worker, 20k with two); for a slow one, a second run
 overlapping the first's serial parts wins (mid MLP: 960 runs/s with one, 1240 with two). So:
-one worker when a probe run takes under 0.5 ms, else two (or the core count, if lower).
+one worker for models with under 1 MiB of weights, else two (or the core count, if lower).
 `workers=N` overrides it.
+
+Why not time a probe run at load: the probe's thread would get an OpenMP team of its own, and
+with more OpenMP threads than cores libgomp stops spinning between parallel regions, which
+halved the small model's throughput for the rest of the process (38k -> 19k runs/s).
 """
 
 from __future__ import annotations
@@ -27,5 +31,5 @@ class CpuBackend(Backend):
     def __init__(self, device: torch.device) -> None:
         super().__init__(torch.device("cpu"))
 
-    def auto_workers(self, run_seconds: float) -> int | None:
-        return 1 if run_seconds < 0.5e-3 else self.max_auto_workers
+    def auto_workers(self, weight_bytes: int) -> int | None:
+        return 1 if weight_bytes < 1 << 20 else self.max_auto_workers
