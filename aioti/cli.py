@@ -206,9 +206,7 @@ def _demo(args: argparse.Namespace) -> int:
     import torch
 
     from . import load
-    from .testing import compile_model, eager_model
-
-    from .testing import cache_dir
+    from .testing import cache_dir, compile_model, eager_model
 
     print(f"aioti demo: model cache {cache_dir()}", flush=True)
     path = _with_status("compiling the demo model (first run only, about 10-40 s)",
