@@ -439,7 +439,9 @@ class Container:
             self._blobs.append(buf)
             self._constants_loaded = True
             return
-        shapes = {k: t.shape for k, t in self.extract_constants().items()}
+        shapes: dict[str, tuple[int, ...]] = dict(self.constant_shapes)
+        if any(c.name not in shapes for c in self.constants if not c.from_folded):
+            shapes.update({k: tuple(t.shape) for k, t in self.extract_constants().items()})
         mapping, offset = {}, 0
         for c in self.constants:
             if c.from_folded:
