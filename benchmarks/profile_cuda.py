@@ -1,7 +1,8 @@
-"""Profile the event-loop thread of aioti on CUDA (mid MLP, batch 1, 4 streams, c64)."""
+"""Profile aioti on CUDA (mid MLP, batch 1, c64): run under py-spy to see where the loop goes.
 
-import cProfile
-import pstats
+    py-spy record -r 1000 -f raw -o prof.txt -- python benchmarks/profile_cuda.py WORKERS [SECONDS]
+"""
+
 import sys
 
 import anyio
@@ -18,12 +19,7 @@ x = torch.randn(1, 1024, device="cuda")
 async def go() -> None:
     async with aioti.load(path, device="cuda", workers=int(sys.argv[1])) as model:
         await model.run([x])
-        prof = cProfile.Profile()
-        prof.enable()
-        row = await measure(model, [x], 64, 2.0)
-        prof.disable()
-        print(row)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+        print(await measure(model, [x], 64, float(sys.argv[2]) if len(sys.argv) > 2 else 5.0))
 
 
 anyio.run(go)
