@@ -31,6 +31,9 @@ def _info(args: argparse.Namespace) -> int:
             "constants": [{"name": k.name, "fqn": k.fqn, "dtype": str(k.dtype), "bytes": k.nbytes,
                            "folded": k.from_folded} for k in c.constants],
             "abi_present": sorted(c.library.available), "abi_missing": sorted(c.library.missing),
+            # The package does not record the torch version that built it; the ABI tells the era.
+            "built_by": "torch >= 2.13 (full ABI)" if not c.library.missing else
+                        "an older torch (e.g. 2.11): some functions are missing",
         }
     finally:
         c.delete()
@@ -38,7 +41,7 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"package  {info['package']}  (models: {', '.join(names)})")
-    print(f"model    {info['model']}  built for {info['device']}")
+    print(f"model    {info['model']}  built for {info['device']} by {info['built_by']}")
     for i in info["inputs"]:
         print(f"input    {i['name']}: {i['spec']}")
     print(f"outputs  {', '.join(info['outputs'])}")
