@@ -136,33 +136,8 @@ async def test_backpressure(models, on_full):
             assert not errors and len(results) == 12
 
 
-async def test_aclose_with_runs_in_flight(models):
-    model = await aioti.load(models["mid_mlp"])
-    x = torch.randn(64, 1024)
-    outcomes = []
-
-    async def call() -> None:
-        try:
-            outcomes.append((await model.run([x]))[0].shape)
-        except aioti.ClosedError:
-            outcomes.append("closed")
-
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            for _ in range(10):
-                tg.start_soon(call)
-            await anyio.sleep(0.01)
-            await model.aclose()
-    assert len(outcomes) == 10 and all(o == (64, 1024) for o in outcomes)  # finished, not dropped
-    assert model.container.closed  # deleted only after the runs
-    await model.aclose()  # twice is fine
-    with pytest.raises(aioti.ClosedError):
-        await model.run([x])
-
-
-async def test_aclose_cancel_queued(models):
-    model = await aioti.load(models["mid_mlp"], workers=1)
-    x = torch.randn(256, 1024)
+async def close_while_running(model, x, n: int, *, cancel_queued: bool) -> list[str]:
+    """Start `n` runs, close the model 10 ms later; each run's outcome: "ran" or "closed"."""
     outcomes = []
 
     async def call() -> None:
@@ -174,10 +149,27 @@ async def test_aclose_cancel_queued(models):
 
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
-            for _ in range(20):
+            for _ in range(n):
                 tg.start_soon(call)
             await anyio.sleep(0.01)
-            await model.aclose(cancel_queued=True)
+            await model.aclose(cancel_queued=cancel_queued)
+    return outcomes
+
+
+async def test_aclose_with_runs_in_flight(models):
+    model = await aioti.load(models["mid_mlp"])
+    x = torch.randn(64, 1024)
+    outcomes = await close_while_running(model, x, 10, cancel_queued=False)
+    assert len(outcomes) == 10 and all(o == "ran" for o in outcomes)  # finished, not dropped
+    assert model.container.closed  # deleted only after the runs
+    await model.aclose()  # twice is fine
+    with pytest.raises(aioti.ClosedError):
+        await model.run([x])
+
+
+async def test_aclose_cancel_queued(models):
+    model = await aioti.load(models["mid_mlp"], workers=1)
+    outcomes = await close_while_running(model, torch.randn(256, 1024), 20, cancel_queued=True)
     assert len(outcomes) == 20 and "closed" in outcomes
 
 
