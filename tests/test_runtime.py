@@ -257,3 +257,25 @@ def test_loop_ending_with_runs_in_flight(models):
     anyio.run(main)  # the loop closes while workers still run: their deliveries are dropped
     anyio.run(model.aclose)
     assert model.container.closed
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})])
+async def test_uvloop(models):
+    import asyncio
+
+    import uvloop
+
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(3, 64) for _ in range(64)]
+    async with aioti.load(models["small_mlp"]) as model:
+        outs = [None] * len(xs)
+
+        async def call(i: int) -> None:
+            outs[i] = await model(xs[i])
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(xs)):
+                    tg.start_soon(call, i)
+    assert all(torch.allclose(o, eager(x), atol=1e-5) for o, x in zip(outs, xs))
