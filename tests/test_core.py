@@ -357,3 +357,24 @@ def test_no_leak_over_100k_runs(container):
     grown = _rss_kib() - before
     # A leaked input or output handle per run would be >= 100k * 2 KiB = 200 MB.
     assert grown < 20_000, f"RSS grew by {grown} KiB over 100k runs"
+
+
+def test_native_failure_carries_the_runtime_message(container):
+    """A non-zero return becomes ModelRunError with the library's own reason (torch 2.13 has
+    AOTInductorGetLastError) or the function, model and code (older libraries)."""
+    import ctypes
+
+    from aioti.core.library import ConstantEntry
+
+    c = container("buffers")
+    empty = (ConstantEntry * 1)()
+    with pytest.raises(aioti.ModelRunError) as info:
+        # validate_full with no constants: the native container throws.
+        c.library.call("UpdateUserManagedConstantBufferPairs", c._live(), empty, 0, False, True)
+    msg = str(info.value)
+    assert "UpdateUserManagedConstantBufferPairs failed with code" in msg
+    assert c.library.path.name in msg
+    if c.library.has("AOTInductorGetLastError"):
+        assert "gives no reason" not in msg
+    assert ctypes.sizeof(ConstantEntry) == 16
+    assert same(c.run(flat("buffers")), eager_flat("buffers"))  # the model still works
