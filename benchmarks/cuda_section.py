@@ -107,7 +107,8 @@ def run_cuda(duration: float, repeats: int) -> list[dict[str, Any]]:
                          "runs_per_s": rate, "vs_raw": rate / raw,
                          "loop_lag_p99_ms": statistics.median(r["loop_lag_p99_ms"] for r in ours),
                          "p99_ms": statistics.median(r["p99_ms"] for r in ours)})
-        one = next(r for r in rows if r["batch"] == batch and r["config"].endswith(" 1 streams"))
+        one = next(r for r in rows if r["batch"] == batch
+                   and r["config"] == "aioti asyncio c64, 1 streams")
         for r in rows:
             if r["batch"] == batch and r["config"].startswith("aioti"):
                 r["vs_1_stream"] = r["runs_per_s"] / one["runs_per_s"]
