@@ -4,8 +4,8 @@ A compiled model does not check its inputs by default: a wrong size or stride is
 were right (a silent wrong result or a crash), and its own opt-in check
 (`AOTI_RUNTIME_CHECK_INPUTS`) rejects batch 1 on dims exported with `min=1`. aioti therefore
 checks in Python, from a signature read off the wrapper source that every `.pt2` ships beside
-the library: the generated `check_input_N` functions give dtype, static sizes and strides, dynamic ranges and
-device; the generated `assert_size_stride` calls (torch 2.13) give rank, which dims share a
+the library: the generated `check_input_N` functions give dtype, static sizes and strides and dynamic ranges
+(the device is the container's); the generated `assert_size_stride` calls (torch 2.13) give rank, which dims share a
 symbol, and the stride of every dim as an expression of the sizes. Libraries without those calls
 (torch 2.11) get rank from the highest dim the checks mention, symbols from the `sN = x_size[d]`
 definitions, and a dynamic dim that defines no symbol is bound to the one defined symbol with
@@ -35,11 +35,9 @@ _CHECK = re.compile(r"static void check_input_(\d+)\(")
 _DTYPE = re.compile(r"(\w+)_expected_dtype = aoti_torch_dtype_(\w+)\(\)")
 _LOW = re.compile(r"if \((\w+)_size\[(\d+)\] < (-?\d+)\)")
 _HIGH = re.compile(r"if \((\w+)_size\[(\d+)\] > (-?\d+)\)")
-_DEVICE = re.compile(r"(\w+)_expected_device_type = (-?\d+);")
 _ASSERT = re.compile(r'assert_size_stride\((\w+), \{([^}]*)\}, \{([^}]*)\}, "input"\)')
 _STATIC = re.compile(r"if \((-?\d+) != (\w+)_(size|stride)\[(\d+)\]\)")
 _SYMBOL = re.compile(r"int64_t (s\d+) = (\w+)_size\[(\d+)\];")
-_DEVICE_TYPES = {0: "cpu", 1: "cuda", 2: "mkldnn", 9: "xpu", 13: "mps"}
 
 
 @dataclass
@@ -55,7 +53,6 @@ class InputSpec:
     #: per dim: a product of ints and symbols, e.g. ("64*s0", "64", "1"), or None if not simple
     strides: tuple[tuple[int, tuple[str, ...]] | None, ...] | None = None
     ranges: dict[int, tuple[int | None, int | None]] = field(default_factory=dict)
-    device_type: str | None = None
 
     def describe(self) -> str:
         """e.g. `float32[batch 1..1024, 64]`."""
@@ -238,9 +235,6 @@ def parse_signature(
         dt = getattr(torch, m.group(2), None)
         if spec is not None and isinstance(dt, torch.dtype):
             spec.dtype = dt
-    for m in _DEVICE.finditer(source):
-        if (spec := by_var.get(m.group(1))) is not None:
-            spec.device_type = _DEVICE_TYPES.get(int(m.group(2)))
     for pattern, slot in ((_LOW, 0), (_HIGH, 1)):
         for m in pattern.finditer(source):
             spec = by_var.get(m.group(1))

@@ -61,7 +61,7 @@ class Batcher:
                 f"batching needs every input to share one dynamic dim {config.dim}; this model's "
                 f"inputs are {[s.describe() for s in signature.inputs]}"
             )
-        self.symbol, dim_max, self.carries = found
+        _, dim_max, self.carries = found
         self._single = self.carries == (True,) and config.dim == 0
         self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
         self.max_take = config.max_batch_size

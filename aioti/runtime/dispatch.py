@@ -25,12 +25,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ClosedError, QueueFullError
-from .loops import Loop, Waiter, current_loop
+from .loops import Loop, Waiter
 
 __all__ = ["Dispatcher", "Request"]
 
@@ -51,11 +51,6 @@ class Request:
         self.error: BaseException | None = None
         self.t0 = time.perf_counter()
         self.extra = extra
-
-
-def _settle_all(batch: Sequence[tuple[Request, Any, BaseException | None]]) -> None:
-    for req, result, error in batch:
-        req.waiter.settle(result, error)
 
 
 class _Latencies:
@@ -377,8 +372,3 @@ class Dispatcher:
                 finally:
                     self._stopped.set()
                     _live.discard(self)
-
-
-def make_request(payload: Any, extra: Any = None) -> Request:
-    """A request for the calling coroutine's loop."""
-    return Request(payload, current_loop(), extra)
