@@ -4,13 +4,13 @@ A compiled model does not check its inputs by default: a wrong size or stride is
 were right (a silent wrong result or a crash), and its own opt-in check
 (`AOTI_RUNTIME_CHECK_INPUTS`) rejects batch 1 on dims exported with `min=1`. aioti therefore
 checks in Python, from a signature read off the wrapper source that every `.pt2` ships beside
-the library: the generated `check_input_N` functions give dtype, static sizes and strides and dynamic ranges
-(the device is the container's); the generated `assert_size_stride` calls (torch 2.13) give rank, which dims share a
-symbol, and the stride of every dim as an expression of the sizes. Libraries without those calls
-(torch 2.11) get rank from the highest dim the checks mention, symbols from the `sN = x_size[d]`
-definitions, and a dynamic dim that defines no symbol is bound to the one defined symbol with
-the same range at the same dim (the compiled code reads only defined symbols, so such a dim must
-equal one of them).
+the library: the generated `check_input_N` functions give dtype, static sizes and strides, and
+dynamic ranges (the device is the container's); the generated `assert_size_stride` calls (torch
+2.13) give rank, which dims share a symbol, and the stride of every dim as an expression of the
+sizes. Libraries without those calls (torch 2.11) get rank from the highest dim the checks
+mention, symbols from the `sN = x_size[d]` definitions, and a dynamic dim that defines no symbol
+is bound to the one defined symbol with the same range at the same dim (the compiled code reads
+only defined symbols, so such a dim must equal one of them).
 
 Dynamic ranges: export's 0/1 specialization makes the generated lower bound 2 for a dim exported
 with `min=1`; the compiled code is generic in that dim, so a lower bound of 2 is taken as 1.
