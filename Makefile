@@ -24,6 +24,7 @@ test: venv
 
 lint: venv
 	$(PY) -m ruff check aioti tests benchmarks examples docs
+	$(PY) -m mypy aioti --ignore-missing-imports
 
 bench: venv
 	$(PY) benchmarks/throughput.py --json out/throughput.json

@@ -335,8 +335,10 @@ class AsyncModel:
         if isinstance(mapping, (str, os.PathLike)):
             from .core.weights import read_state_dict
 
-            mapping = await anyio.to_thread.run_sync(read_state_dict, Path(mapping))
-        return self._container.resolve_constants(mapping)
+            loaded: Mapping[str, Any] = await anyio.to_thread.run_sync(read_state_dict, Path(mapping))
+        else:
+            loaded = mapping
+        return self._container.resolve_constants(loaded)
 
     # --- closing -----------------------------------------------------------------------------
 

@@ -88,7 +88,9 @@ class WithBuffers(nn.Module):
         self.register_buffer("shift", torch.randn(16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.fc(x)) * self.scale + self.shift
+        scale: torch.Tensor = self.scale  # type: ignore[assignment]
+        shift: torch.Tensor = self.shift  # type: ignore[assignment]
+        return torch.tanh(self.fc(x)) * scale + shift
 
 
 class Second(nn.Module):
@@ -212,7 +214,7 @@ def compile_model(name: str, device: str = "cpu", *, verbose: bool = False) -> P
                 files[model_name] = torch._inductor.aot_compile(
                     _export(key, device).module(), args, kwargs, options=opts
                 )
-            package_aoti(tmp, files)
+            package_aoti(tmp, files)  # type: ignore[arg-type]
         else:
             torch._inductor.aoti_compile_and_package(
                 _export(name, device), package_path=tmp, inductor_configs=spec.configs

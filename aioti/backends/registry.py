@@ -148,11 +148,14 @@ async def _initialize(key: str, dev: torch.device, factory: Factory) -> Backend:
             if outcome is not _RETRY:
                 _instances[key] = outcome
             waiters = _pending.pop(key, [])
+        # A cancelled leader leaves outcome _RETRY: the waiters retry (one of them leads).
+        settle = _settler(outcome if error is None else None, error)
         for loop, waiter in waiters:
-            if error is not None:
-                loop.post(lambda w, e=error: w.settle(None, e), waiter)
-            else:  # cancelled leader: waiters retry (one of them leads), or take the result
-                loop.post(lambda w, r=outcome: w.settle(r, None), waiter)
+            loop.post(settle, waiter)
+
+
+def _settler(result: Any, error: BaseException | None) -> Callable[[Waiter], object]:
+    return lambda waiter: waiter.settle(result, error)
 
 
 def _register_builtins() -> None:

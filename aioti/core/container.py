@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from ctypes import byref, c_bool, c_char_p, c_int32, c_size_t, c_uint64, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -467,7 +468,7 @@ class Container:
         self._blobs.clear()
 
 
-def open_container(files: object, **kwargs: object) -> Container:
+def open_container(files: object, **kwargs: Any) -> Container:
     """A container over `ModelFiles` (see `package.open_model`), weights blob loaded."""
     from .package import ModelFiles
 
@@ -475,8 +476,8 @@ def open_container(files: object, **kwargs: object) -> Container:
         raise ModelLoadError(f"expected ModelFiles, got {type(files).__name__}")
     lib = ModelLibrary(files.library, torch_version=files.metadata.get("torch_version"))
     kwargs.setdefault("cubin_dir", files.cubin_dir)
-    container = Container(lib, source=files.read_source(),  # type: ignore[arg-type]
-                          constants_loaded=files.blob is None, **kwargs)
+    container = Container(lib, source=files.read_source(), constants_loaded=files.blob is None,
+                          **kwargs)
     if files.blob is not None:
         try:
             container.load_constants_from_blob(files.blob)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Sequence
 from ctypes import POINTER, byref, c_bool, c_char_p, c_int32, c_size_t, c_uint64, c_void_p
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -115,7 +116,7 @@ class ModelLibrary:
                 f"cannot open model library {str(self.path)!r}: {exc} "
                 "(built for another platform or torch, or not a model library?)"
             ) from exc
-        self.functions: dict[str, ctypes._CFuncPtr] = {}
+        self.functions: dict[str, Any] = {}
         for table, required in ((_REQUIRED, True), (_OPTIONAL, False)):
             for name, argtypes in table.items():
                 try:

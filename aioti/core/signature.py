@@ -231,31 +231,31 @@ def parse_signature(
             specs[i].label = _label(i, m.group(2), labels)
             by_var[m.group(2)] = specs[i]
     for m in _DTYPE.finditer(source):
-        spec = by_var.get(m.group(1))
+        found = by_var.get(m.group(1))
         dt = getattr(torch, m.group(2), None)
-        if spec is not None and isinstance(dt, torch.dtype):
-            spec.dtype = dt
+        if found is not None and isinstance(dt, torch.dtype):
+            found.dtype = dt
     for pattern, slot in ((_LOW, 0), (_HIGH, 1)):
         for m in pattern.finditer(source):
-            spec = by_var.get(m.group(1))
-            if spec is None:
+            found = by_var.get(m.group(1))
+            if found is None:
                 continue
             d, v = int(m.group(2)), int(m.group(3))
             if slot == 0 and v == 2:
                 v = 1  # 0/1 specialization: see the module docstring
-            lo_hi = list(spec.ranges.get(d, (None, None)))
+            lo_hi = list(found.ranges.get(d, (None, None)))
             lo_hi[slot] = v
-            spec.ranges[d] = (lo_hi[0], lo_hi[1])
+            found.ranges[d] = (lo_hi[0], lo_hi[1])
     for m in _ASSERT.finditer(source):
-        spec = by_var.get(m.group(1))
-        if spec is None or spec.sizes is not None:
+        found = by_var.get(m.group(1))
+        if found is None or found.sizes is not None:
             continue
         sizes: list[int | str] = []
         for tok in _split(m.group(2)):
             tok = tok.removesuffix("L")
             sizes.append(int(tok) if re.fullmatch(r"-?\d+", tok) else tok)
-        spec.sizes = tuple(sizes)
-        spec.strides = tuple(_product(tok) for tok in _split(m.group(3)))
+        found.sizes = tuple(sizes)
+        found.strides = tuple(_product(tok) for tok in _split(m.group(3)))
     if any(s.sizes is None for s in by_var.values()):
         _from_checks(source, by_var)
     return Signature(specs, known=bool(by_var))
