@@ -25,12 +25,11 @@ class TrioWaiter:
             await trio.lowlevel.checkpoint()
             return self._outcome.unwrap()
         self._task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(self._abort)
 
-        def abort(_: Any) -> trio.lowlevel.Abort:
-            self._state = 2
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        return await trio.lowlevel.wait_task_rescheduled(abort)
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._state = 2
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def settle(self, result: Any, error: BaseException | None) -> bool:
         """Complete the wait (on trio's thread); False when it was cancelled already."""

@@ -107,7 +107,8 @@ class Dispatcher:
         self.max_take = max_take
         self._linger = linger
         self._last_take = 0
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
         self._queue: deque[Request] = deque()
         self._space: deque[tuple[Loop, Waiter]] = deque()
         self._closing = False
@@ -136,7 +137,7 @@ class Dispatcher:
 
     def try_submit(self, req: Request) -> bool:
         """Queue `req` if there is room; raises `ClosedError` once closing has begun."""
-        with self._cond:
+        with self._lock:
             if self._closing:
                 raise ClosedError("the model is closed")
             if len(self._queue) >= self.max_queue:
@@ -172,7 +173,7 @@ class Dispatcher:
         """Worker side, right before running `req`: False if it must not run (its caller left,
         or the model is closing with `cancel_queued`). Requests a worker has taken but not
         begun count as queued for cancellation."""
-        with self._cond:
+        with self._lock:
             if req.state != QUEUED:
                 return False
             if self._drop_queued:
@@ -184,7 +185,7 @@ class Dispatcher:
     def cancel(self, req: Request) -> None:
         """The caller of `req` stopped waiting: a queued request never runs; a running one is
         left to finish and its outputs are dropped."""
-        with self._cond:
+        with self._lock:
             if req.state == QUEUED:
                 try:
                     self._queue.remove(req)
