@@ -30,7 +30,6 @@ import torch.utils._pytree as pytree
 from .backends.base import Backend
 from .backends.registry import resolve_backend
 from .core.container import Container, open_container
-from .core.library import handles_from_tensors
 from .core.package import ModelFiles, open_model
 from .errors import ClosedError, InputError
 from .runtime.dispatch import Dispatcher, Request
@@ -43,12 +42,12 @@ T = TypeVar("T")
 
 
 def _run_one(container: Container) -> Callable[[list[torch.Tensor], int | None], list[Any]]:
-    return lambda tensors, stream: container._run(handles_from_tensors(tensors), stream)
+    return container.run_tensors
 
 
 def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
     """The worker-side function: run each request of a batch on the worker's stream."""
-    begin_batch, run, finish = backend.begin_batch, container._run, backend.finish
+    begin_batch, run, finish = backend.begin_batch, container.run_tensors, backend.finish
 
     def process(ctx: Any, batch: list[Request], begin: Callable[[Request], bool]) -> None:
         stream = begin_batch(ctx, [req.payload[1] for req in batch])
@@ -56,7 +55,7 @@ def _make_process(container: Container, backend: Backend) -> Callable[..., None]
             if not begin(req):
                 continue
             try:
-                req.result = run(handles_from_tensors(req.payload[0]), stream)
+                req.result = run(req.payload[0], stream)
             except Exception as exc:
                 req.error = exc
         finish(ctx)

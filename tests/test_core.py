@@ -378,3 +378,35 @@ def test_native_failure_carries_the_runtime_message(container):
         assert "gives no reason" not in msg
     assert ctypes.sizeof(ConstantEntry) == 16
     assert same(c.run(flat("buffers")), eager_flat("buffers"))  # the model still works
+
+
+def test_no_leak_when_the_library_rejects_before_taking_inputs(models, tmp_path):
+    """With AOTI_RUNTIME_CHECK_INPUTS=1 the library checks inputs before it takes them over;
+    a rejected run (batch 1 on a min=1 dim, which its check refuses) must not leak them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch, aioti
+        from aioti.core import open_container, open_model
+        c = open_container(open_model({str(models['small_mlp'])!r}, cache_dir={str(tmp_path)!r}))
+        x = torch.randn(1, 64)
+        count = lambda: torch._C._storage_Use_Count(x.untyped_storage()._cdata)
+        before = count()
+        for _ in range(200):
+            try:
+                c.run([x])
+            except aioti.ModelRunError as exc:
+                assert "too small" in str(exc), exc
+            else:
+                raise SystemExit("the library's own check did not reject batch 1")
+        assert count() == before, (before, count())
+        assert c.run([torch.randn(2, 64)])[0].shape == (2, 10)
+        c.delete()
+        print("ok")
+    """)
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, ModelLoadError, UnsupportedOperation
+from ..errors import InputError, ModelLoadError, ModelRunError, UnsupportedOperation
 from .library import (
     ConstantEntry,
     ModelLibrary,
@@ -104,6 +104,9 @@ class Container:
         self._inactive_complete = False
         self._blobs: list[object] = []
         self._constants_loaded = constants_loaded
+        # With AOTI_RUNTIME_CHECK_INPUTS set, the library checks inputs *before* it takes them
+        # over; a rejected run then leaves the input handles to us (see run_tensors).
+        self._native_checks = os.environ.get("AOTI_RUNTIME_CHECK_INPUTS", "")[:1] not in ("", "0")
         self._run_fn = library.functions[
             "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
         ]
@@ -218,7 +221,7 @@ class Container:
     ) -> list[torch.Tensor]:
         """Run once on flat `inputs`; returns the flat outputs (owned by the caller)."""
         self.signature.check(inputs, self.device, full=self.check_inputs if check is None else check)
-        return self._run(handles_from_tensors(inputs), stream)
+        return self.run_tensors(inputs, stream)
 
     def boxed_run(
         self, inputs: list[torch.Tensor], *, stream: int | None = None, check: bool | None = None
@@ -226,12 +229,27 @@ class Container:
         """Like `run`, but takes the inputs over: `inputs` is emptied before the run starts,
         so their memory can be released as soon as the model is done with them."""
         self.signature.check(inputs, self.device, full=self.check_inputs if check is None else check)
-        handles = handles_from_tensors(inputs)
+        tensors = list(inputs)
         inputs.clear()
-        return self._run(handles, stream)
+        return self.run_tensors(tensors, stream)
+
+    def run_tensors(self, tensors: Sequence[torch.Tensor], stream: int | None = None
+                    ) -> list[torch.Tensor]:
+        """Run on already checked tensors (the runtime's worker path)."""
+        if not self._native_checks:
+            return self._run(handles_from_tensors(tensors), stream)
+        # Hand over handles to aliases, so that a handle the library did not take can be told
+        # apart afterwards: its alias is then referenced twice.
+        aliases = [t.detach() for t in tensors]
+        handles = handles_from_tensors(aliases)
+        try:
+            return self._run(handles, stream)
+        except ModelRunError:
+            free_handles([h for h, a in zip(handles, aliases) if a._use_count() > 1])
+            raise
 
     def _run(self, handles: list[int], stream: int | None) -> list[torch.Tensor]:
-        """Run on owning input handles (always stolen, also on failure)."""
+        """Run on owning input handles (taken over by the library once it starts the run)."""
         if len(handles) != self.num_inputs:  # the library would throw through its C ABI
             free_handles(handles)
             raise InputError(f"wrong number of inputs: expected {self.num_inputs}, got {len(handles)}")
@@ -241,8 +259,6 @@ class Container:
         if code:
             message = self._lib.describe_failure("Run", code)
             free_handles(list(outs))
-            from ..errors import ModelRunError
-
             raise ModelRunError(message)
         return tensors_from_handles(list(outs))
 
