@@ -245,7 +245,8 @@ class Container:
         try:
             return self._run(handles, stream)
         except ModelRunError:
-            free_handles([h for h, a in zip(handles, aliases) if a._use_count() > 1])
+            free_handles([h for h, a in zip(handles, aliases)
+                          if a._use_count() > 1])  # type: ignore[attr-defined]
             raise
 
     def _run(self, handles: list[int], stream: int | None) -> list[torch.Tensor]:
