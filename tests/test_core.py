@@ -398,7 +398,7 @@ def test_no_leak_when_the_library_rejects_before_taking_inputs(models, tmp_path)
             try:
                 c.run([x])
             except aioti.ModelRunError as exc:
-                assert "too small" in str(exc), exc
+                assert "too small" in str(exc) or "gives no reason" in str(exc), exc  # 2.11: no message
             else:
                 raise SystemExit("the library's own check did not reject batch 1")
         assert count() == before, (before, count())
