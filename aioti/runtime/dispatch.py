@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..errors import ClosedError, QueueFullError
-from .loops import Loop, Waiter
+from .loops import Loop, Waiter, wake
 
 __all__ = ["Dispatcher", "Request"]
 
@@ -241,7 +241,7 @@ class Dispatcher:
         err = ClosedError("the model was closed before this request ran")
         self._deliver([(r, None, err) for r in dropped])
         for loop, waiter in space:
-            loop.post(lambda w: w.settle(None, None), waiter)
+            wake(loop, waiter)
         if wait is not None:
             deadline = time.monotonic() + wait
             for t in self._threads:
@@ -263,7 +263,7 @@ class Dispatcher:
     def _wake_space_locked(self, n: int) -> list[tuple[Loop, Waiter]]:
         woken = [self._space.popleft() for _ in range(min(n, len(self._space)))]
         for loop, waiter in woken:
-            loop.post(lambda w: w.settle(None, None), waiter)
+            wake(loop, waiter)
         return woken
 
     def _should_linger(self) -> bool:

@@ -11,7 +11,7 @@ import threading
 from collections import deque
 from types import TracebackType
 
-from .loops import Loop, Waiter, current_loop
+from .loops import Loop, Waiter, current_loop, wake
 
 __all__ = ["CrossLoopLock"]
 
@@ -51,7 +51,7 @@ class CrossLoopLock:
                 self._locked = False
                 return
             loop, waiter = self._waiters.popleft()
-        if not loop.post(lambda w: w.settle(None, None), waiter):
+        if not wake(loop, waiter):
             self.release()  # that waiter's loop is gone
 
     async def __aenter__(self) -> None:

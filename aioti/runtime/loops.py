@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from . import _asyncio
 
-__all__ = ["Loop", "Waiter", "current_loop"]
+__all__ = ["Loop", "Waiter", "current_loop", "wake"]
 
 
 class Waiter(Protocol):
@@ -44,3 +44,12 @@ def current_loop() -> Loop:
     if loop is None:
         raise RuntimeError("aioti must be awaited from a running asyncio or trio event loop")
     return loop
+
+
+def _release(waiter: Waiter) -> None:
+    waiter.settle(None, None)
+
+
+def wake(loop: Loop, waiter: Waiter) -> bool:
+    """From any thread: let a parked waiter resume (with None); False if its loop is gone."""
+    return loop.post(_release, waiter)
