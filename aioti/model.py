@@ -282,10 +282,10 @@ class AsyncModel:
         """Update constants from a mapping (internal names or FQNs: a `state_dict()` works), a
         `.safetensors` file or a `torch.save`d state_dict. Updating the active buffer waits for
         runs in flight and holds new ones until it is done; the inactive one does not."""
-        resolved = await self._resolve(mapping)
+        loaded = await self._read(mapping)
         await self._mutate(
             lambda: self._container.update_constants(
-                resolved, inactive=inactive, validate_full=validate_full,
+                loaded, inactive=inactive, validate_full=validate_full,
                 user_managed=user_managed,
             ),
             exclusive=not inactive,
@@ -320,24 +320,24 @@ class AsyncModel:
         Runs keep flowing on the old weights until the swap, and use the new ones after it. The
         old buffer stays inactive, so `swap_constants()` rolls back. Cancelled midway, the model
         keeps serving the old weights (or, if the swap had begun, the new ones)."""
-        resolved = await self._resolve(mapping)
+        loaded = await self._read(mapping)
         c = self._container
         folds = fold and any(c.folded_constants.values())
         async with self._lock:
-            await anyio.to_thread.run_sync(lambda: c.update_constants(resolved, inactive=True))
+            await anyio.to_thread.run_sync(lambda: c.update_constants(loaded, inactive=True))
             if folds:
                 await anyio.to_thread.run_sync(lambda: c.run_constant_folding(inactive=True))
             await anyio.to_thread.run_sync(c.swap_constant_buffer)
 
-    async def _resolve(self, mapping: Mapping[str, Any] | str | os.PathLike[str]
-                       ) -> dict[str, torch.Tensor]:
+    @staticmethod
+    async def _read(mapping: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
+        """A mapping as is; a weights file read in a thread. Checking and copying happen in the
+        mutation's own thread (`Container.update_constants`), before anything changes."""
         if isinstance(mapping, (str, os.PathLike)):
             from .core.weights import read_state_dict
 
-            loaded: Mapping[str, Any] = await anyio.to_thread.run_sync(read_state_dict, Path(mapping))
-        else:
-            loaded = mapping
-        return self._container.resolve_constants(loaded)
+            return await anyio.to_thread.run_sync(read_state_dict, Path(mapping))
+        return mapping
 
     # --- closing -----------------------------------------------------------------------------
 
