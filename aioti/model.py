@@ -41,10 +41,6 @@ __all__ = ["AsyncModel", "ModelLoader", "load"]
 T = TypeVar("T")
 
 
-def _run_one(container: Container) -> Callable[[list[torch.Tensor], int | None], list[Any]]:
-    return container.run_tensors
-
-
 def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
     """The worker-side function: run each request of a batch on the worker's stream."""
     begin_batch, run, finish = backend.begin_batch, container.run_tensors, backend.finish
@@ -92,8 +88,8 @@ class AsyncModel:
         self.in_spec = pytree.treespec_loads(spec[0]) if spec and spec[0] else None
         self.out_spec = pytree.treespec_loads(spec[1]) if spec and spec[1] else None
         self.signature = container.signature
-        # Fast paths for the common specs: positional tensors in, one tensor (or a flat
-        # tuple) out; anything else goes through pytree.
+        # Fast paths for the common specs: positional tensors in, one tensor out; anything
+        # else goes through pytree.
         n = container.num_inputs
         leaf = pytree.tree_structure(0)
         self._positional = self.in_spec is not None and self.in_spec == pytree.tree_structure(
@@ -101,12 +97,13 @@ class AsyncModel:
         self._single_out = self.out_spec is not None and self.out_spec == leaf
         # Workers must not reference the model, so that dropping it can be detected.
         self._batcher = None
-        process = _make_process(container, backend)
         if batching is not None:
             from .runtime.batching import Batcher
 
-            self._batcher = Batcher(batching, container.signature, _run_one(container), backend)
+            self._batcher = Batcher(batching, container.signature, container.run_tensors, backend)
             process = self._batcher.process
+        else:
+            process = _make_process(container, backend)
         self._dispatcher = Dispatcher(
             process,
             workers=workers,
@@ -441,7 +438,7 @@ def load(
                 from .runtime.batching import probe_batch_dim
 
                 c = made[1]
-                reason = probe_batch_dim(_run_one(c), c.signature, backend.device, batching.dim)
+                reason = probe_batch_dim(c.run_tensors, c.signature, backend.device, batching.dim)
                 if reason:
                     raise InputError(f"this model cannot be batched: {reason}")
 

@@ -93,7 +93,6 @@ class Container:
         self.device = torch.device(device)
         self.num_models = num_models
         self.check_inputs = check_inputs
-        self._lib = library
         handle = c_void_p()
         cubin = str(cubin_dir).encode() if cubin_dir is not None else None
         library.call("CreateWithDevice", byref(handle), num_models, str(self.device).encode(), cubin)
@@ -129,45 +128,45 @@ class Container:
 
     def _count(self, fn: str) -> int:
         n = c_size_t()
-        self._lib.call(fn, self._live(), byref(n))
+        self.library.call(fn, self._live(), byref(n))
         return n.value
 
     def _names(self, fn: str, n: int) -> list[str]:
-        if not self._lib.has(fn):
+        if not self.library.has(fn):
             return [f"{fn[3:7].lower()}{i}" for i in range(n)]
         out = []
         for i in range(n):
             s = c_char_p()
-            self._lib.call(fn, self._live(), i, byref(s))
+            self.library.call(fn, self._live(), i, byref(s))
             out.append((s.value or b"").decode())
         return out
 
     def _call_spec(self) -> tuple[str, str] | None:
-        if not self._lib.has("GetCallSpec"):
+        if not self.library.has("GetCallSpec"):
             return None
         a, b = c_char_p(), c_char_p()
-        self._lib.call("GetCallSpec", self._live(), byref(a), byref(b))
+        self.library.call("GetCallSpec", self._live(), byref(a), byref(b))
         return (a.value or b"").decode(), (b.value or b"").decode()
 
     def _constants(self) -> list[ConstantInfo]:
-        if not self._lib.has("GetNumConstants"):
+        if not self.library.has("GetNumConstants"):
             return []
         out = []
         h = self._live()
         for i in range(self._count("GetNumConstants")):
             name, fqn = c_char_p(), c_char_p()
             folded, kind, dtype, size = c_bool(), c_int32(), c_int32(-1), c_size_t()
-            self._lib.call("GetConstantName", h, i, byref(name))
-            if self._lib.has("GetConstantOriginalFQN"):
-                self._lib.call("GetConstantOriginalFQN", h, i, byref(fqn))
-            if self._lib.has("GetConstantFromFolded"):
-                self._lib.call("GetConstantFromFolded", h, i, byref(folded))
-            if self._lib.has("GetConstantType"):
-                self._lib.call("GetConstantType", h, i, byref(kind))
-            if self._lib.has("GetConstantDtype"):
-                self._lib.call("GetConstantDtype", h, i, byref(dtype))
-            if self._lib.has("GetConstantDataSize"):
-                self._lib.call("GetConstantDataSize", h, i, byref(size))
+            self.library.call("GetConstantName", h, i, byref(name))
+            if self.library.has("GetConstantOriginalFQN"):
+                self.library.call("GetConstantOriginalFQN", h, i, byref(fqn))
+            if self.library.has("GetConstantFromFolded"):
+                self.library.call("GetConstantFromFolded", h, i, byref(folded))
+            if self.library.has("GetConstantType"):
+                self.library.call("GetConstantType", h, i, byref(kind))
+            if self.library.has("GetConstantDtype"):
+                self.library.call("GetConstantDtype", h, i, byref(dtype))
+            if self.library.has("GetConstantDataSize"):
+                self.library.call("GetConstantDataSize", h, i, byref(size))
             out.append(ConstantInfo(
                 name=(name.value or b"").decode(), fqn=(fqn.value or b"").decode(),
                 dtype=scalar_type(dtype.value), nbytes=size.value,
@@ -206,8 +205,8 @@ class Container:
         return h
 
     def _need(self, fn: str, what: str) -> None:
-        if not self._lib.has(fn):
-            built = self._lib.torch_version or "an older torch"
+        if not self.library.has(fn):
+            built = self.library.torch_version or "an older torch"
             raise UnsupportedOperation(
                 f"{what} needs AOTInductorModelContainer{fn}, which this model library lacks "
                 f"(built by {built}; this process runs torch {torch.__version__})"
@@ -258,7 +257,7 @@ class Container:
         code = self._run_fn(self._live(), self._in_array(*handles), len(handles),
                             outs, self.num_outputs, stream, None)
         if code:
-            message = self._lib.describe_failure("Run", code)
+            message = self.library.describe_failure("Run", code)
             free_handles(list(outs))
             raise ModelRunError(message)
         return tensors_from_handles(list(outs))
@@ -337,18 +336,19 @@ class Container:
         Libraries without the copying function (torch 2.11) get a private copy passed as
         user-managed, which behaves like a copying update.
         """
-        copying = not user_managed and self._lib.has("UpdateConstantBufferPairs")
+        copying = not user_managed and self.library.has("UpdateConstantBufferPairs")
         resolved = self.resolve_constants(mapping, private=not copying and not user_managed)
-        if validate_full and (missing := self.missing_constants(set(resolved))):
+        missing = self.missing_constants(set(resolved))
+        if validate_full and missing:
             raise InputError(f"validate_full: constants missing from the mapping: {missing}")
-        if inactive and not self._inactive_complete and self.missing_constants(set(resolved)):
+        if inactive and not self._inactive_complete and missing:
             # The inactive buffer holds no complete weight set yet: complete it from the active
             # one, so that a later swap never activates missing constants.
-            if not self._lib.has("ExtractConstantsMapEntries"):
+            if not self.library.has("ExtractConstantsMapEntries"):
                 raise InputError(
                     "the inactive buffer holds no complete weight set and this library cannot "
                     "extract the active one: the first inactive update must give every constant "
-                    f"(missing: {self.missing_constants(set(resolved))})"
+                    f"(missing: {missing})"
                 )
             resolved = {**self.extract_constants(), **resolved}
         if not resolved:
@@ -363,23 +363,19 @@ class Container:
             *(ConstantEntry(n.encode(), h) for n, h in zip(names, handles))
         )
         try:
-            self._lib.call(fn, self._live(), pairs, len(names), inactive, validate_full)
+            self.library.call(fn, self._live(), pairs, len(names), inactive, validate_full)
         except BaseException:
             free_handles(handles)
             raise
         if copying:
             free_handles(handles)
-            self._mark_updated(inactive)
-            return
-        kept = self._kept[self._active ^ int(inactive)]
-        replaced = [kept[n][1] for n in names if n in kept]
-        kept.update({n: (t, h) for n, t, h in zip(names, tensors, handles)})
-        free_handles(replaced)
-        self._mark_updated(inactive)
-
-    def _mark_updated(self, inactive: bool) -> None:
+        else:
+            kept = self._kept[self._active ^ int(inactive)]
+            replaced = [kept[n][1] for n in names if n in kept]
+            kept.update({n: (t, h) for n, t, h in zip(names, tensors, handles)})
+            free_handles(replaced)
         if inactive:
-            self._inactive_complete = True
+            self._inactive_complete = True  # complete by now: checked or completed above
 
     def update_inactive_constants(self, mapping: Mapping[str, object]) -> None:
         """Update the inactive buffer (a shorthand for `update_constants(..., inactive=True)`).
@@ -396,7 +392,7 @@ class Container:
         self._need("ExtractConstantsMapEntries", "extracting constants")
         entries = ctypes.POINTER(ConstantEntry)()
         n = c_size_t()
-        self._lib.call("ExtractConstantsMapEntries", self._live(), byref(entries), byref(n), inactive)
+        self.library.call("ExtractConstantsMapEntries", self._live(), byref(entries), byref(n), inactive)
         fqns = [(entries[i].name or b"").decode() for i in range(n.value)]
         handles = [new_handle(entries[i].handle) for i in range(n.value)]
         tensors = tensors_from_handles(handles)
@@ -411,7 +407,7 @@ class Container:
         """Fold constants of the active (or inactive) buffer; folding the active one waits for
         runs in flight (the native container takes its exclusive lock)."""
         self._need("RunConstantFolding", "constant folding")
-        self._lib.call("RunConstantFolding", self._live(), inactive, stream, None)
+        self.library.call("RunConstantFolding", self._live(), inactive, stream, None)
 
     def swap_constant_buffer(self) -> None:
         """Make the inactive buffer active (waits for runs in flight, natively)."""
@@ -421,19 +417,19 @@ class Container:
                 "swap refused: the inactive buffer holds no complete weight set "
                 "(update it first; it is empty after loading and after free_inactive)"
             )
-        self._lib.call("SwapConstantBuffer", self._live())
+        self.library.call("SwapConstantBuffer", self._live())
         self._active ^= 1
 
     def free_inactive_constant_buffer(self) -> None:
         self._need("FreeInactiveConstantBuffer", "freeing the inactive buffer")
-        self._lib.call("FreeInactiveConstantBuffer", self._live())
+        self.library.call("FreeInactiveConstantBuffer", self._live())
         self._inactive_complete = False
 
     @property
     def constants_blob_size(self) -> int:
         self._need("GetConstantsBlobSize", "reading the weights blob size")
         n = c_uint64()
-        self._lib.call("GetConstantsBlobSize", self._live(), byref(n))
+        self.library.call("GetConstantsBlobSize", self._live(), byref(n))
         return n.value
 
     def load_constants_from_blob(self, blob: str | os.PathLike[str] | bytes) -> None:
@@ -453,7 +449,7 @@ class Container:
         if not self._constants_loaded:
             self._need("AOTInductorModelUpdateConstantsFromBlob", "loading a weights blob")
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            self._lib.call("AOTInductorModelUpdateConstantsFromBlob", self._live(), buf)
+            self.library.call("AOTInductorModelUpdateConstantsFromBlob", self._live(), buf)
             self._blobs.append(buf)
             self._constants_loaded = True
             return
@@ -478,7 +474,7 @@ class Container:
             handle, self._handle = self._handle, None
         if handle is None:
             return
-        self._lib.call("Delete", handle)
+        self.library.call("Delete", handle)
         for kept in self._kept:
             free_handles([h for _, h in kept.values()])
             kept.clear()

@@ -16,6 +16,7 @@ Policy (stated in docs/batching.md):
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -96,8 +97,6 @@ class Batcher:
 
     def process(self, ctx: Any, batch: list[Request], begin: Callable[[Request], bool]) -> None:
         """Worker side: group, merge, run, split."""
-        import time
-
         now = time.perf_counter()
         live = [r for r in batch if begin(r)]
         stream = self._backend.begin_batch(ctx, [r.payload[1] for r in live])
