@@ -112,16 +112,30 @@ async def measure(model: Any, inputs: list[Any], concurrency: int, duration: flo
                 bar.update(duration - max(0.0, stop - time.perf_counter()), len(lat))
 
     t0 = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(lag)
-        for _ in range(concurrency):
-            tg.start_soon(client)
+    await _gather([lag] + [client] * concurrency)
     elapsed = time.perf_counter() - t0
     if bar is not None:
         bar.close()
     return {"requests_per_s": len(lat) / elapsed, "p50_ms": _pct(lat, 50) * 1e3,
             "p90_ms": _pct(lat, 90) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
             "loop_lag_p99_ms": _pct(lags, 99) * 1e3, "errors": errors, "requests": len(lat)}
+
+
+async def _gather(fns: list[Any]) -> None:
+    """Run the coroutine functions as concurrent tasks of the running loop's own kind (an asyncio
+    task or a trio task each, as a service's request handlers are; anyio's task groups would
+    add a wrapper frame to every step)."""
+    if "trio" in sys.modules:
+        import trio
+
+        if trio.lowlevel.in_trio_run():
+            async with trio.open_nursery() as nursery:
+                for fn in fns:
+                    nursery.start_soon(fn)
+            return
+    import asyncio
+
+    await asyncio.gather(*(fn() for fn in fns))
 
 
 class _Progress:

@@ -32,7 +32,7 @@ from .backends.registry import resolve_backend
 from .core.container import Container, open_container
 from .core.package import ModelFiles, open_model
 from .errors import ClosedError, InputError
-from .runtime.dispatch import Dispatcher, Request
+from .runtime.dispatch import Begin, Dispatcher, Request
 from .runtime.locks import CrossLoopLock
 from .runtime.loops import current_loop
 
@@ -45,10 +45,10 @@ def _make_process(container: Container, backend: Backend) -> Callable[..., None]
     """The worker-side function: run each request of a batch on the worker's stream."""
     begin_batch, run, finish = backend.begin_batch, container.run_tensors, backend.finish
 
-    def process(ctx: Any, batch: list[Request], begin: Callable[[Request], bool]) -> None:
+    def process(ctx: Any, batch: list[Request], begin: Begin) -> None:
         stream = begin_batch(ctx, [req.payload[1] for req in batch])
         for req in batch:
-            if not begin(req):
+            if not begin((req,)):
                 continue
             try:
                 req.result = run(req.payload[0], stream)
@@ -112,6 +112,7 @@ class AsyncModel:
             stop_worker=backend.stop_worker,
             on_stopped=container.delete,
             max_take=self._batcher.max_take if self._batcher else 64,
+            fill=self._batcher.max_rows if self._batcher else None,
             linger=self._batcher.linger_s if self._batcher else 0.0,
             name=f"aioti-{files.name}",
         )
@@ -227,17 +228,17 @@ class AsyncModel:
             tensors, ready = (list(flat) if boxed else flat), None
         else:
             tensors, ready = self.backend.prepare(flat, move_inputs=self._move_inputs)
-        self.signature.check(tensors, self.device, full=self.check_inputs)
+        layout = self.signature.check(tensors, self.device, full=self.check_inputs)
         req = Request((tensors, ready), current_loop())
         if self._batcher is not None:
-            self._batcher.admit(req)
+            self._batcher.admit(req, layout)
         if not dispatcher.try_submit(req):
             await dispatcher.submit(req, wait=self._on_full_wait)
         if boxed:
             flat.clear()
         del tensors, flat
         try:
-            return await req.waiter.wait()  # type: ignore[no-any-return]
+            return await req.waiter  # type: ignore[no-any-return]
         except BaseException:
             dispatcher.cancel(req)
             raise

@@ -112,10 +112,59 @@ def hot_swap_rows(path: Path, duration: float) -> list[dict[str, Any]]:
     return anyio.run(go)
 
 
+def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
+    """One measurement of dynamic batching (64 tasks sending small requests), or with
+    "baseline" in `config`, of the synchronous torch loop on the same requests. Also the time
+    of one full batched run, for the latency bound p99 <= max_delay + 2 x batched run."""
+    rows = 8 if "batch 8" in config else 1
+    x = torch.randn(rows, 64)
+    cfg = aioti.Batching(max_batch_size=64 * rows, max_delay_ms=2.0)
+    if "baseline" in config:
+        # In a process of its own: once another thread has run an OpenMP region (an aioti
+        # worker, or the thread that loaded the model), libgomp stops spinning and this loop
+        # measurably slows down (seen: 25k -> 12k runs/s).
+        loader = torch._inductor.aoti_load_package(str(path))
+        sync_loop(loader, x, duration / 4)
+        return sync_loop(loader, x, duration)
+    core = aioti.core.open_container(aioti.core.open_model(path))
+    full = torch.randn(cfg.max_batch_size, 64)
+    runs = []
+    for _ in range(1000):
+        t = time.perf_counter()
+        core.run_tensors([full], None)
+        runs.append(time.perf_counter() - t)
+    core.delete()
+    run_ms = statistics.median(runs) * 1e3
+
+    async def go() -> dict[str, Any]:
+        async with aioti.load(path, batching=cfg) as model:
+            await measure(model, [x], 64, duration / 4)  # warm-up
+            row = await measure(model, [x], 64, duration)
+            row["batch_rows"] = model.stats()["batching"]["batch_rows"]
+            return row
+
+    loop_kind = config.split()[1]
+    if loop_kind == "trio":
+        import trio
+
+        row = trio.run(go)
+    elif loop_kind == "uvloop":
+        import uvloop
+
+        row = uvloop.run(go())
+    else:
+        row = asyncio.run(go())
+    row["batched_run_ms"] = run_ms
+    row["p99_bound_ms"] = cfg.max_delay_ms + 2 * run_ms
+    return row
+
+
 def run_row(model: str, config: str, conc: int | None, duration: float, repeats: int
             ) -> list[dict[str, Any]]:
     """One row, measured in this (child) process."""
     path = compile_model(model)
+    if "batching" in config:
+        return [batching_row(path, config, duration)]
     x = torch.randn(8, 64 if model == "small_mlp" else 1024)
     d = duration
     if config == "hot swaps":
@@ -135,8 +184,6 @@ def run_row(model: str, config: str, conc: int | None, duration: float, repeats:
         kw: dict[str, Any] = {}
         if "workers=2" in config:
             kw["workers"] = 2
-        if "batching" in config:
-            kw["batching"] = aioti.Batching(max_batch_size=64, max_delay_ms=1.0)
         fn = lambda: run_aioti(path, x, conc or 1, backend, d, **kw)
     fn()  # warm-up
     return [median_row([fn() for _ in range(repeats)])]
@@ -149,12 +196,51 @@ def plan(models: list[str]) -> list[tuple[str, str, int | None]]:
         for backend in ("asyncio", "trio"):
             rows += [(model, f"aioti {backend}", c) for c in (1, 16, 64)]
             rows.append((model, f"aioti {backend} workers=2", 64))
-            if model == "small_mlp":
-                rows.append((model, f"aioti {backend} batching", 64))
         rows += [(model, f"naive {k}.to_thread", c) for k in ("anyio", "asyncio") for c in (16, 64)]
+        if model == "small_mlp":
+            rows += [(model, f"batching {k} batch 1", 64) for k in ("asyncio", "uvloop", "trio")]
+            rows.append((model, "batching asyncio batch 8", 64))
         if model == "mid_mlp":
             rows.append((model, "hot swaps", 16))
     return rows
+
+
+def child_row(spec: list[Any], args: argparse.Namespace, repeats: int | None = None
+              ) -> list[dict[str, Any]] | None:
+    """Measure one row in a child process of its own."""
+    cmd = [sys.executable, __file__, "--row", json.dumps(spec), "--duration",
+           str(args.duration), "--repeats", str(repeats or args.repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+    if line is None:
+        print(f"{spec[0]:10} {spec[1]:30} failed: {proc.stderr.strip()[-300:]}", flush=True)
+        return None
+    return json.loads(line[4:])  # type: ignore[no-any-return]
+
+
+def paired_rows(model: str, config: str, args: argparse.Namespace
+                ) -> list[dict[str, Any]] | None:
+    """Batching rows: `--repeats` (at least 5) pairs of child processes, the synchronous torch
+    loop on the same requests, then batching; the ratio is the median of the pairs' ratios
+    (this machine's speed drifts by 2x over minutes, so each pair is measured back to back)."""
+    pairs = []
+    for _ in range(max(args.repeats, 5)):
+        base = child_row([model, f"{config} baseline", None], args, 1)
+        row = child_row([model, config, 64], args, 1)
+        if base is None or row is None:
+            return None
+        pairs.append((base[0], row[0]))
+    med = statistics.median
+    out = {k: med(p[1][k] for p in pairs)
+           for k in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "loop_lag_p99_ms",
+                     "batched_run_ms", "p99_bound_ms")}
+    out["errors"] = sum(p[1]["errors"] for p in pairs)
+    out["batch_rows"] = pairs[len(pairs) // 2][1]["batch_rows"]
+    out["sync_torch_per_s"] = med(p[0]["requests_per_s"] for p in pairs)
+    ratios = [p[1]["requests_per_s"] / p[0]["requests_per_s"] for p in pairs]
+    out["paired_ratio"] = med(ratios)
+    out["pair_ratios"] = [round(r, 2) for r in ratios]
+    return [out]
 
 
 def main() -> int:
@@ -186,23 +272,28 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     base: dict[str, float] = {}
     for model, config, conc in plan(args.models.split(",")):
-        cmd = [sys.executable, __file__, "--row", json.dumps([model, config, conc]),
-               "--duration", str(args.duration), "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
-        if line is None:
-            print(f"{model:10} {config:30} failed: {proc.stderr.strip()[-300:]}", flush=True)
+        if config.startswith("batching"):
+            found = paired_rows(model, config, args)
+        else:
+            found = child_row([model, config, conc], args)
+        if found is None:
             continue
-        for row in json.loads(line[4:]):
+        for row in found:
             name = row.pop("row", config)
             row.update(model=model, config=name, concurrency=conc)
             if name == "sync torch loop":
                 base[model] = row["requests_per_s"]
-            row["ratio"] = row["requests_per_s"] / base[model] if model in base else None
+            if "paired_ratio" in row:
+                row["ratio"] = row["paired_ratio"]  # against its own paired sync loop
+            else:
+                row["ratio"] = row["requests_per_s"] / base[model] if model in base else None
             rows.append(row)
             lag = row.get("loop_lag_p99_ms")
             extra = (f"  ({row['hot_swaps']} swaps, {row['hot_swap_ms']:.1f} ms each)"
                      if row.get("hot_swaps") else "")
+            if "paired_ratio" in row:
+                extra = (f"  (sync torch {row['sync_torch_per_s']:.0f}/s, pairs "
+                         f"{row['pair_ratios']}, p99 bound {row['p99_bound_ms']:.2f} ms)")
             print(f"{model:10} {name:30} {conc or '-':>4} {row['requests_per_s']:9.0f}/s "
                   f"x{row['ratio'] or 0:5.2f}  p50 {row['p50_ms']:7.3f} ms  "
                   f"p99 {row['p99_ms']:7.3f} ms  lag p99 "

@@ -74,6 +74,29 @@ async def test_batch_dim_maximum_respected(models):
     assert max(rows) <= 64
 
 
+async def test_full_batch_counts_rows_not_requests(models):
+    # max_batch_size counts rows: two 4-row requests fill a batch of 8 and are dispatched at
+    # once. Were fullness counted in requests (8), every batch of these 4 tasks would wait out
+    # the 60 s delay, and the bound below would fail the test.
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(4, 64) for _ in range(4)]
+    async with aioti.load(models["small_mlp"], workers=1,
+                          batching=aioti.Batching(max_batch_size=8, max_delay_ms=60_000)) as model:
+        got: list[torch.Tensor] = []
+
+        async def client(x: torch.Tensor) -> None:
+            for _ in range(20):
+                got.append(await model(x))
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for x in xs:
+                    tg.start_soon(client, x)
+        rows = model.stats()["batching"]["batch_rows"]
+    assert len(got) == 80 and max(rows) == 8
+    assert all(any(torch.allclose(g, eager(x), atol=1e-5) for x in xs) for g in got)
+
+
 async def test_cancel_inside_batch(models):
     eager = eager_model("mid_mlp")
     async with aioti.load(models["mid_mlp"], workers=1, batching=aioti.Batching(64, 20)) as model:

@@ -22,7 +22,7 @@ from typing import Any, Union
 import torch
 
 from ..errors import BackendError
-from ..runtime.loops import Loop, Waiter, current_loop
+from ..runtime.loops import Loop, Waiter, current_loop, deliver
 from .base import Backend
 
 __all__ = ["backends", "register_backend", "resolve_backend"]
@@ -114,7 +114,7 @@ async def resolve_backend(device: str | torch.device) -> Backend:
         if leader:
             return await _initialize(key, dev, factory)
         try:
-            result = await entry[1].wait()
+            result = await entry[1]
         except BaseException:
             with _lock:
                 if entry in _pending.get(key, ()):
@@ -149,13 +149,8 @@ async def _initialize(key: str, dev: torch.device, factory: Factory) -> Backend:
                 _instances[key] = outcome
             waiters = _pending.pop(key, [])
         # A cancelled leader leaves outcome _RETRY: the waiters retry (one of them leads).
-        settle = _settler(outcome if error is None else None, error)
         for loop, waiter in waiters:
-            loop.post(settle, waiter)
-
-
-def _settler(result: Any, error: BaseException | None) -> Callable[[Waiter], object]:
-    return lambda waiter: waiter.settle(result, error)
+            deliver(loop, waiter, outcome if error is None else None, error)
 
 
 def _register_builtins() -> None:

@@ -130,8 +130,11 @@ class Signature:
             out.append(t.to(dtype=s.dtype, device=device))
         return out
 
-    def check(self, tensors: Sequence[object], device: torch.device, *, full: bool = True) -> None:
-        """Raise `InputError` for the first input that does not fit; `full=False` checks counts."""
+    def check(self, tensors: Sequence[object], device: torch.device, *, full: bool = True
+              ) -> tuple[Any, ...] | None:
+        """Raise `InputError` for the first input that does not fit; `full=False` checks counts.
+        Returns the inputs' layout (dtypes, shapes, strides, devices) as a hashable key, once
+        checked; None when unchecked."""
         if len(tensors) != len(self.inputs):
             names = ", ".join(s.label for s in self.inputs)
             raise InputError(
@@ -139,7 +142,7 @@ class Signature:
                 f"got {len(tensors)}"
             )
         if not full:
-            return
+            return None
         try:
             if len(tensors) == 1:
                 t = tensors[0]
@@ -149,7 +152,7 @@ class Signature:
         except (AttributeError, TypeError):
             key = None
         if key is not None and key in self._accepted:
-            return
+            return key
         bound: dict[str, tuple[int, str]] = {}
         for spec, t in zip(self.inputs, tensors):
             _check_one(spec, t, device, bound)
@@ -157,6 +160,7 @@ class Signature:
             if len(self._accepted) >= 1024:
                 self._accepted.clear()
             self._accepted[key] = True
+        return key
 
 
 def _check_one(

@@ -7,20 +7,20 @@ from collections.abc import Callable
 from typing import Any
 
 
-class AsyncioWaiter:
-    """A one-shot result slot awaited by one asyncio task."""
+class AsyncioLoop:
+    """A running asyncio loop as a delivery target for worker threads; its waiters are plain
+    futures of the loop (a cancelled task cancels its future, so settling finds it done)."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_loop",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._future = loop.create_future()
+        self._loop = loop
 
-    async def wait(self) -> Any:
-        return await self._future
+    def waiter(self) -> asyncio.Future[Any]:
+        return self._loop.create_future()
 
-    def settle(self, result: Any, error: BaseException | None) -> bool:
-        """Complete the wait (on the loop's thread); False when it was cancelled already."""
-        fut = self._future
+    @staticmethod
+    def settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> bool:
         if fut.done():
             return False
         if error is not None:
@@ -29,20 +29,7 @@ class AsyncioWaiter:
             fut.set_result(result)
         return True
 
-
-class AsyncioLoop:
-    """A running asyncio loop as a delivery target for worker threads."""
-
-    __slots__ = ("_loop",)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def waiter(self) -> AsyncioWaiter:
-        return AsyncioWaiter(self._loop)
-
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
-        """Schedule `fn(arg)` on the loop from any thread; False if the loop has closed."""
         try:
             self._loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:

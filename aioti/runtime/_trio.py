@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 import outcome
@@ -20,7 +20,10 @@ class TrioWaiter:
         self._outcome: outcome.Outcome | None = None
         self._state = 0  # 0 pending, 1 settled, 2 cancelled
 
-    async def wait(self) -> Any:
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
         if self._outcome is not None:  # settled before anyone waited
             await trio.lowlevel.checkpoint()
             return self._outcome.unwrap()
@@ -55,8 +58,11 @@ class TrioLoop:
     def waiter(self) -> TrioWaiter:
         return TrioWaiter()
 
+    @staticmethod
+    def settle(waiter: TrioWaiter, result: Any, error: BaseException | None) -> bool:
+        return waiter.settle(result, error)
+
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
-        """Schedule `fn(arg)` in the run from any thread; False once the run has finished."""
         try:
             self._token.run_sync_soon(fn, arg)
         except trio.RunFinishedError:

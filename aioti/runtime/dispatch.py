@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,11 +36,13 @@ __all__ = ["Dispatcher", "Request"]
 
 QUEUED, RUNNING, DONE, CANCELLED = range(4)
 
+Begin = Callable[[Sequence["Request"]], list["Request"]]
+
 
 class Request:
     """One unit of work: inputs in, `result` or `error` out, delivered to `waiter` on `loop`."""
 
-    __slots__ = ("payload", "loop", "waiter", "state", "result", "error", "t0", "extra")
+    __slots__ = ("payload", "loop", "waiter", "state", "result", "error", "t0", "extra", "size")
 
     def __init__(self, payload: Any, loop: Loop, extra: Any = None) -> None:
         self.payload = payload
@@ -51,6 +53,7 @@ class Request:
         self.error: BaseException | None = None
         self.t0 = time.perf_counter()
         self.extra = extra
+        self.size = 1  # what the request counts toward a full batch (its rows, when batching)
 
 
 class _Latencies:
@@ -61,6 +64,9 @@ class _Latencies:
 
     def add(self, value: float) -> None:
         self._samples.append(value)
+
+    def extend(self, values: list[float]) -> None:
+        self._samples.extend(values)
 
     def percentiles(self, *qs: float) -> dict[str, float | None]:
         data = sorted(self._samples)
@@ -84,7 +90,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        process: Callable[[Any, list[Request], Callable[[Request], bool]], None],
+        process: Callable[[Any, list[Request], Begin], None],
         *,
         workers: int,
         max_queue: int,
@@ -92,6 +98,7 @@ class Dispatcher:
         stop_worker: Callable[[Any], None] = lambda ctx: None,
         on_stopped: Callable[[], None] = lambda: None,
         max_take: int = 64,
+        fill: int | None = None,
         linger: float = 0.0,
         name: str = "aioti",
     ) -> None:
@@ -105,6 +112,8 @@ class Dispatcher:
         self._on_stopped = on_stopped
         self.max_queue = max_queue
         self.max_take = max_take
+        self.fill = fill or max_take  # queued size at which a batch is full
+        self._queued_size = 0
         self._linger = linger
         self._last_take = 0
         self._lock = threading.Lock()
@@ -116,6 +125,7 @@ class Dispatcher:
         self._paused = 0
         self._running = 0
         self._idle = 0  # workers blocked in wait(): only then is a notify needed
+        self._lingering = 0  # workers waiting for a fuller batch: notified only once it is full
         self._alive = workers
         self.completed = self.failed = self.cancelled = 0
         self.latency = _Latencies()
@@ -143,7 +153,8 @@ class Dispatcher:
             if len(self._queue) >= self.max_queue:
                 return False
             self._queue.append(req)
-            if self._idle:
+            self._queued_size += req.size
+            if self._idle or (self._lingering and self._queued_size >= self.fill):
                 self._cond.notify()
         return True
 
@@ -160,7 +171,7 @@ class Dispatcher:
                     continue
                 self._space.append(entry)
             try:
-                await entry[1].wait()
+                await entry[1]
             except BaseException:
                 with self._cond:
                     if entry in self._space:
@@ -169,18 +180,20 @@ class Dispatcher:
                         self._wake_space_locked(1)
                 raise
 
-    def begin(self, req: Request) -> bool:
-        """Worker side, right before running `req`: False if it must not run (its caller left,
-        or the model is closing with `cancel_queued`). Requests a worker has taken but not
-        begun count as queued for cancellation."""
+    def begin(self, reqs: Sequence[Request]) -> list[Request]:
+        """Worker side, right before running `reqs` (together): those that may run, leaving
+        out any whose caller left (or all, when the model is closing with `cancel_queued`).
+        Requests a worker has taken but not begun count as queued for cancellation."""
         with self._lock:
-            if req.state != QUEUED:
-                return False
             if self._drop_queued:
-                req.error = ClosedError("the model was closed before this request ran")
-                return False
-            req.state = RUNNING
-            return True
+                for req in reqs:
+                    if req.state == QUEUED:
+                        req.error = ClosedError("the model was closed before this request ran")
+                return []
+            live = [req for req in reqs if req.state == QUEUED]
+            for req in live:
+                req.state = RUNNING
+        return live
 
     def cancel(self, req: Request) -> None:
         """The caller of `req` stopped waiting: a queued request never runs; a running one is
@@ -189,6 +202,7 @@ class Dispatcher:
             if req.state == QUEUED:
                 try:
                     self._queue.remove(req)
+                    self._queued_size -= req.size
                 except ValueError:
                     pass  # taken by a worker, not begun: begin() will refuse it
                 else:
@@ -232,14 +246,14 @@ class Dispatcher:
             dropped = list(self._queue) if cancel_queued else []
             if cancel_queued:
                 self._queue.clear()
+                self._queued_size = 0
                 self._drop_queued = True
             for req in dropped:
                 req.state = CANCELLED
             space = list(self._space)
             self._space.clear()
             self._cond.notify_all()
-        err = ClosedError("the model was closed before this request ran")
-        self._deliver([(r, None, err) for r in dropped])
+        self._fail(dropped, ClosedError("the model was closed before this request ran"))
         for loop, waiter in space:
             wake(loop, waiter)
         if wait is not None:
@@ -271,7 +285,7 @@ class Dispatcher:
         with room left, and until the oldest request has waited `linger` seconds."""
         q = self._queue
         return bool(
-            self._linger and self._last_take > 1 and len(q) < self.max_take
+            self._linger and self._last_take > 1 and self._queued_size < self.fill
             and not self._closing
             and time.perf_counter() - q[0].t0 < self._linger
         )
@@ -279,28 +293,45 @@ class Dispatcher:
     def _take_locked(self) -> list[Request]:
         q = self._queue
         n = min(self.max_take, max(1, -(-len(q) // self._num_workers)), len(q))
-        batch = [q.popleft() for _ in range(n)]
-        self._last_take = n
+        batch = []
+        size = 0
+        while len(batch) < n and size < self.fill:
+            req = q.popleft()
+            batch.append(req)
+            size += req.size
+        self._queued_size -= size
+        self._last_take = len(batch)
         if self._space:
-            self._wake_space_locked(n)
+            self._wake_space_locked(len(batch))
         return batch
 
-    def _deliver(self, results: list[tuple[Request, Any, BaseException | None]]) -> None:
-        if not results:
-            return
-        by_loop: dict[int, tuple[Loop, list[tuple[Request, Any, BaseException | None]]]] = {}
-        for item in results:
-            loop = item[0].loop
-            by_loop.setdefault(id(loop), (loop, []))[1].append(item)
-        for loop, items in by_loop.values():
-            loop.post(self._settle_batch, items)  # a closed loop: outputs are dropped
+    def _fail(self, reqs: list[Request], error: BaseException) -> None:
+        for req in reqs:
+            req.error, req.payload = error, None
+        self._deliver(reqs)
 
-    def _settle_batch(self, items: list[tuple[Request, Any, BaseException | None]]) -> None:
+    def _deliver(self, reqs: list[Request]) -> None:
+        """Hand finished requests (`result` or `error` set) to their loops, one post per loop."""
+        if not reqs:
+            return
+        loop = reqs[0].loop
+        if all(r.loop is loop for r in reqs):
+            loop.post(self._settle_batch, reqs)  # a closed loop: outputs are dropped
+            return
+        by_loop: dict[int, list[Request]] = {}
+        for req in reqs:
+            by_loop.setdefault(id(req.loop), []).append(req)
+        for group in by_loop.values():
+            group[0].loop.post(self._settle_batch, group)
+
+    def _settle_batch(self, reqs: list[Request]) -> None:
         now = time.perf_counter()
         add = self.latency.add
-        for req, result, error in items:
-            if req.waiter.settle(result, error):
+        settle = reqs[0].loop.settle  # one loop per call (see _deliver)
+        for req in reqs:
+            if settle(req.waiter, req.result, req.error):
                 add(now - req.t0)
+            req.result = req.error = None
 
     def _worker(self, index: int) -> None:
         cond, queue = self._cond, self._queue
@@ -313,19 +344,27 @@ class Dispatcher:
                         if self._paused or not queue:
                             if not queue and self._closing:
                                 return
+                            if not self._paused and self._linger and self._last_take > 1:
+                                # Under demand, a batch is coming: sleep until it is full (or
+                                # `linger` passes) rather than waking at its first request.
+                                self._lingering += 1
+                                cond.wait(self._linger)
+                                self._lingering -= 1
+                                if not queue:
+                                    self._last_take = 0  # demand is gone
+                                continue
                             self._idle += 1
                             cond.wait()
                             self._idle -= 1
                             continue
                         if self._should_linger():
-                            self._idle += 1
+                            self._lingering += 1
                             cond.wait(self._linger - (time.perf_counter() - queue[0].t0))
-                            self._idle -= 1
+                            self._lingering -= 1
                             continue
                         break
                     batch = self._take_locked()
                     self._running += 1
-                ok = bad = 0
                 try:
                     self._process(ctx, batch, self.begin)
                 except BaseException as exc:  # process sets errors per request; this is a bug net
@@ -335,20 +374,18 @@ class Dispatcher:
                     if not isinstance(exc, Exception):
                         raise
                 finally:
-                    results = []
+                    done = []
                     for req in batch:
+                        req.payload = None
                         if req.state == CANCELLED:
-                            req.result = req.payload = None  # outputs released here
+                            req.result = None  # outputs released here
                             continue
                         req.state = DONE
-                        if req.error is None:
-                            ok += 1
-                        else:
-                            bad += 1
-                        results.append((req, req.result, req.error))
-                        req.result = req.payload = None
-                    self._deliver(results)
-                    del results
+                        done.append(req)
+                    bad = sum(1 for req in done if req.error is not None)
+                    ok = len(done) - bad
+                    self._deliver(done)
+                    del done
                     with cond:
                         self._running -= 1
                         self.completed += ok
@@ -365,9 +402,10 @@ class Dispatcher:
                     self._closing = True
                     leftover = list(queue)
                     queue.clear()
+                    self._queued_size = 0
             if last:
-                err = ClosedError("the model's workers stopped before this request ran")
-                self._deliver([(r, None, err) for r in leftover])
+                self._fail(leftover,
+                           ClosedError("the model's workers stopped before this request ran"))
                 try:
                     self._on_stopped()
                 finally:

@@ -34,7 +34,7 @@ class CrossLoopLock:
             entry = (loop, loop.waiter())
             self._waiters.append(entry)
         try:
-            await entry[1].wait()  # settled only when ownership is handed to us
+            await entry[1]  # settled only when ownership is handed to us
         except BaseException:
             with self._mutex:
                 if entry in self._waiters:

@@ -8,20 +8,18 @@ module (`_asyncio`, `_trio`); this one only picks.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
 from . import _asyncio
 
-__all__ = ["Loop", "Waiter", "current_loop", "wake"]
+__all__ = ["Loop", "Waiter", "current_loop", "deliver", "wake"]
 
 
 class Waiter(Protocol):
-    """A one-shot result slot: awaited by one task, settled on that task's loop thread."""
+    """A one-shot result slot, awaited (once) by one task of its loop."""
 
-    async def wait(self) -> Any: ...
-
-    def settle(self, result: Any, error: BaseException | None) -> bool: ...
+    def __await__(self) -> Generator[Any, None, Any]: ...
 
 
 class Loop(Protocol):
@@ -29,7 +27,13 @@ class Loop(Protocol):
 
     def waiter(self) -> Waiter: ...
 
-    def post(self, fn: Callable[[Any], object], arg: Any) -> bool: ...
+    def settle(self, waiter: Any, result: Any, error: BaseException | None) -> bool:
+        """On the loop's thread: complete `waiter`; False if its task stopped waiting."""
+        ...
+
+    def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
+        """From any thread: run `fn(arg)` on the loop soon; False if the loop has closed."""
+        ...
 
 
 def current_loop() -> Loop:
@@ -46,10 +50,16 @@ def current_loop() -> Loop:
     return loop
 
 
-def _release(waiter: Waiter) -> None:
-    waiter.settle(None, None)
+def _settle(item: tuple[Loop, Waiter, Any, BaseException | None]) -> None:
+    loop, waiter, result, error = item
+    loop.settle(waiter, result, error)
+
+
+def deliver(loop: Loop, waiter: Waiter, result: Any, error: BaseException | None = None) -> bool:
+    """From any thread: complete a waiter on its own loop; False if that loop is gone."""
+    return loop.post(_settle, (loop, waiter, result, error))
 
 
 def wake(loop: Loop, waiter: Waiter) -> bool:
     """From any thread: let a parked waiter resume (with None); False if its loop is gone."""
-    return loop.post(_release, waiter)
+    return deliver(loop, waiter, None)
