@@ -293,7 +293,7 @@ class Dispatcher:
     def _take_locked(self) -> list[Request]:
         q = self._queue
         n = min(self.max_take, max(1, -(-len(q) // self._num_workers)), len(q))
-        batch = []
+        batch: list[Request] = []
         size = 0
         while len(batch) < n and size < self.fill:
             req = q.popleft()
