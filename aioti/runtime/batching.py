@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent requests that agree on everything but the batch dim run as one.
 
 Policy (stated in docs/batching.md):
-- A worker takes up to `max_batch_size` queued requests at a wake-up. It lingers for more only
-  while demand is high (its previous batch merged more than one request) and only until the
-  oldest queued request has waited `max_delay_ms`; a lone caller never waits.
+- A worker takes queued requests up to `max_batch_size` rows at a wake-up. It lingers for more
+  only while demand is high (its previous batch merged more than one request) and only until
+  the queue holds a full batch of rows or the oldest request has waited `max_delay_ms`; a lone
+  caller never waits.
 - Taken requests are grouped by signature (every input's dtype and non-batch sizes) in queue
   order; each group is cut into runs of at most `max_batch_size` rows and at most the batch dim's
   exported maximum. A request larger than that runs alone.
