@@ -8,7 +8,8 @@ of the model's kernels, `to_thread` pools) measurably slow later rows in the sam
 aioti 38k/s before a synchronous torch loop, 17-21k/s after it). Rows (per model: small MLP and
 mid MLP, batch 8): sync loops over torch's loader and over aioti's core; aioti on asyncio and
 trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching on (small MLP,
-64); naive `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream
+64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, each paired with a sync torch loop
+on the same requests); naive `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream
 of hot swaps against steady state (mid MLP). Each row is the median of `--repeats` runs.
 """
 
