@@ -77,13 +77,13 @@ class Batcher:
         self.queue_wait = _Latencies()
 
     def admit(self, req: Request, layout: Any = None) -> None:
-        """On the caller's thread: set `req.extra` to the request's grouping key and number of
-        rows. `layout` is the checked inputs' layout key (`Signature.check`), if any."""
+        """On the caller's thread: set `req.extra` to the request's grouping key and `req.size`
+        to its number of rows. `layout` is the checked inputs' layout key (`Signature.check`),
+        if any."""
         if layout is not None:
             known = self._layouts.get(layout)
             if known is not None:
-                req.extra = known
-                req.size = known[1]
+                req.extra, req.size = known
                 return
         tensors = req.payload[0]
         d = self.dim
@@ -92,12 +92,11 @@ class Batcher:
         key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
                     for t, c in zip(tensors, self.carries))
         first = self.carries.index(True)
-        req.extra = (key, int(tensors[first].shape[d]))
-        req.size = req.extra[1]
+        req.extra, req.size = key, int(tensors[first].shape[d])
         if layout is not None and self._all_carry:
             if len(self._layouts) >= 1024:
                 self._layouts.clear()
-            self._layouts[layout] = req.extra
+            self._layouts[layout] = (key, req.size)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -113,19 +112,19 @@ class Batcher:
         stream = self._backend.begin_batch(ctx, [r.payload[1] for r in live])
         now = time.perf_counter()
         self.queue_wait.extend([now - r.t0 for r in live])
-        key = live[0].extra[0]
-        if all(r.extra[0] == key for r in live):
+        key = live[0].extra
+        if all(r.extra == key for r in live):
             groups: Any = (live,)
         else:
             by_key: dict[Any, list[Request]] = {}
             for r in live:
-                by_key.setdefault(r.extra[0], []).append(r)
+                by_key.setdefault(r.extra, []).append(r)
             groups = by_key.values()
         max_rows = self.max_rows
         for reqs in groups:
             start = rows = 0
             for i, r in enumerate(reqs):
-                n = r.extra[1]
+                n = r.size
                 if rows and rows + n > max_rows:
                     self._run_chunk(stream, reqs[start:i])
                     start, rows = i, 0
@@ -140,7 +139,7 @@ class Batcher:
             r.error = exc
 
     def _run_chunk(self, stream: int | None, chunk: list[Request]) -> None:
-        rows = [r.extra[1] for r in chunk]
+        rows = [r.size for r in chunk]
         total = sum(rows)
         with self._lock:
             self._sizes[total] += 1

@@ -44,7 +44,7 @@ class Request:
 
     __slots__ = ("payload", "loop", "waiter", "state", "result", "error", "t0", "extra", "size")
 
-    def __init__(self, payload: Any, loop: Loop, extra: Any = None) -> None:
+    def __init__(self, payload: Any, loop: Loop) -> None:
         self.payload = payload
         self.loop = loop
         self.waiter: Waiter = loop.waiter()
@@ -52,7 +52,7 @@ class Request:
         self.result: Any = None
         self.error: BaseException | None = None
         self.t0 = time.perf_counter()
-        self.extra = extra
+        self.extra: Any = None  # the batcher's grouping key
         self.size = 1  # what the request counts toward a full batch (its rows, when batching)
 
 
@@ -280,14 +280,16 @@ class Dispatcher:
             wake(loop, waiter)
         return woken
 
+    def _under_demand(self) -> bool:
+        """Batching, and the last take merged several requests: more are likely coming."""
+        return bool(self._linger) and self._last_take > 1
+
     def _should_linger(self) -> bool:
-        """Wait for a fuller batch? Only under demand (the last take merged several requests),
-        with room left, and until the oldest request has waited `linger` seconds."""
-        q = self._queue
-        return bool(
-            self._linger and self._last_take > 1 and self._queued_size < self.fill
-            and not self._closing
-            and time.perf_counter() - q[0].t0 < self._linger
+        """Wait for a fuller batch? Only under demand, short of a full batch, and until the
+        oldest request has waited `linger` seconds."""
+        return (
+            self._under_demand() and self._queued_size < self.fill and not self._closing
+            and time.perf_counter() - self._queue[0].t0 < self._linger
         )
 
     def _take_locked(self) -> list[Request]:
@@ -344,7 +346,7 @@ class Dispatcher:
                         if self._paused or not queue:
                             if not queue and self._closing:
                                 return
-                            if not self._paused and self._linger and self._last_take > 1:
+                            if not self._paused and self._under_demand():
                                 # Under demand, a batch is coming: sleep until it is full (or
                                 # `linger` passes) rather than waking at its first request.
                                 self._lingering += 1
