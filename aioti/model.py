@@ -31,6 +31,7 @@ from .backends.base import Backend
 from .backends.registry import resolve_backend
 from .core.container import Container, open_container
 from .core.package import ModelFiles, open_model
+from .core.threads import set_thread_team_size
 from .errors import ClosedError, InputError
 from .runtime.dispatch import Begin, Dispatcher, Request
 from .runtime.locks import CrossLoopLock
@@ -59,6 +60,18 @@ def _make_process(container: Container, backend: Backend) -> Callable[..., None]
     return process
 
 
+def _worker_starter(backend: Backend, threads: int | None) -> Callable[[int], Any]:
+    """What each worker thread runs first: its native team size, then the backend's start."""
+    if threads is None:
+        return backend.start_worker
+
+    def start(index: int) -> Any:
+        set_thread_team_size(threads)
+        return backend.start_worker(index)
+
+    return start
+
+
 class AsyncModel:
     """A loaded model served by worker threads; await its calls from asyncio or trio."""
 
@@ -73,6 +86,7 @@ class AsyncModel:
         on_full: Literal["wait", "raise"],
         move_inputs: bool,
         batching: Any = None,
+        threads: int | None = None,
     ) -> None:
         self.files = files
         self.backend = backend
@@ -108,7 +122,7 @@ class AsyncModel:
             process,
             workers=workers,
             max_queue=max_queue,
-            start_worker=backend.start_worker,
+            start_worker=_worker_starter(backend, threads),
             stop_worker=backend.stop_worker,
             on_stopped=container.delete,
             max_take=self._batcher.max_take if self._batcher else 64,
@@ -117,6 +131,8 @@ class AsyncModel:
             name=f"aioti-{files.name}",
         )
         self.workers = workers
+        #: native threads per worker run (None: the thread's default)
+        self.threads = threads
         self._closed = False
 
     # --- what the model is -------------------------------------------------------------------
@@ -405,6 +421,7 @@ def load(
     move_inputs: bool = False,
     batching: Any = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
 ) -> ModelLoader:
     """Load a `.pt2` package (or a bare model `.so`) for async use.
 
@@ -413,10 +430,14 @@ def load(
     queued requests, and `on_full` says whether callers then wait or get `QueueFullError`;
     `check_inputs=False` skips the per-input checks (counts are always checked);
     `move_inputs=True` copies inputs to the model's device; `batching` takes an
-    `aioti.Batching` to merge concurrent requests. All blocking work runs off the event loop.
+    `aioti.Batching` to merge concurrent requests; `threads` sets how many native (OpenMP)
+    threads each worker's runs use (default from the backend: on CPU, the cores shared among
+    the workers, one for small models). All blocking work runs off the event loop.
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
 
     async def opener() -> AsyncModel:
         backend = await resolve_backend(device)
@@ -425,16 +446,19 @@ def load(
         n = workers or backend.default_workers()
         num_models = n if workers is not None else max(n, backend.max_auto_workers)
         made: list[Any] = []
+        team = threads
 
         def blocking() -> None:
-            nonlocal n
+            nonlocal n, team
             files = open_model(path, model_name, cache_dir=cache_dir)
             made.append(files)
             made.append(open_container(files, device=str(backend.device), num_models=num_models,
                                        check_inputs=check_inputs))
+            weights = sum(c.nbytes for c in made[1].constants)
             if workers is None and num_models > n:
-                weights = sum(c.nbytes for c in made[1].constants)
                 n = backend.auto_workers(weights) or n
+            if team is None:
+                team = backend.worker_threads(weights, n)
             if batching is not None:
                 from .runtime.batching import probe_batch_dim
 
@@ -446,7 +470,8 @@ def load(
         try:
             await anyio.to_thread.run_sync(blocking)
             return AsyncModel(made[0], made[1], backend, workers=n, max_queue=max_queue,
-                              on_full=on_full, move_inputs=move_inputs, batching=batching)
+                              on_full=on_full, move_inputs=move_inputs, batching=batching,
+                              threads=team)
         except BaseException:
             if len(made) == 2:
                 made[1].delete()

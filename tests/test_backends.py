@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import textwrap
 
@@ -11,6 +12,7 @@ import torch
 
 import aioti
 from aioti.backends import registry
+from aioti.backends.cpu import CpuBackend
 from aioti.testing import eager_model
 
 pytestmark = pytest.mark.anyio
@@ -128,3 +130,37 @@ async def test_cuda_inputs_from_caller_stream_and_constants(models):
         await model.hot_swap(sd)  # CPU tensors copied to the device
         eager.load_state_dict(sd)
         assert torch.allclose(await model(x), eager(x), atol=1e-4)
+
+
+async def test_cpu_workers_run_with_their_own_team_size(models):
+    omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads
+    here = omp_get_max_threads()
+    seen = []
+
+    class Recording(CpuBackend):
+        def start_worker(self, index):
+            seen.append(omp_get_max_threads())  # in the worker thread, after aioti set it
+            return super().start_worker(index)
+
+    aioti.register_backend("cpu", Recording, replace=True)
+    try:
+        x = torch.randn(3, 64)
+        async with aioti.load(models["small_mlp"]) as model:
+            assert model.threads == 1  # a small model: no team
+            assert torch.equal(await model(x), eager_model("small_mlp")(x))
+        async with aioti.load(models["small_mlp"], workers=2, threads=2) as model:
+            assert model.threads == 2
+            await model(x)
+        with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+            await aioti.load(models["small_mlp"], threads=0)
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)
+    assert seen == [1, 2, 2]
+    assert omp_get_max_threads() == here  # the caller's threads are left alone
+
+
+def test_cpu_team_size_policy():
+    cpu = CpuBackend(torch.device("cpu"))
+    assert cpu.worker_threads(1000, 1) == 1
+    assert cpu.worker_threads(1 << 30, 2) == max(1, torch.get_num_threads() // 2)
+    assert cpu.worker_threads(1 << 30, 64) == 1

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+from asyncio.events import _get_running_loop  # C-accelerated, returns None off-loop
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .loops import Outcome
 
 
 class AsyncioLoop:
@@ -18,6 +22,17 @@ class AsyncioLoop:
 
     def waiter(self) -> asyncio.Future[Any]:
         return self._loop.create_future()
+
+    @staticmethod
+    def settle_all(items: Iterable[Outcome]) -> None:
+        for item in items:
+            fut = item.waiter
+            if fut.done():  # its task was cancelled
+                continue
+            if item.error is None:
+                fut.set_result(item.result)
+            else:
+                fut.set_exception(item.error)
 
     @staticmethod
     def settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> bool:
@@ -41,10 +56,10 @@ _last: AsyncioLoop | None = None
 
 
 def current() -> AsyncioLoop | None:
+    """The running asyncio loop of this thread, wrapped (None, without raising, if none)."""
     global _last
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+    loop = _get_running_loop()
+    if loop is None:
         return None
     cached = _last
     if cached is not None and cached._loop is loop:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator
-from typing import Any
+from collections.abc import Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any
 
 import outcome
 import trio
+
+if TYPE_CHECKING:
+    from .loops import Outcome
 
 
 class TrioWaiter:
@@ -61,6 +64,11 @@ class TrioLoop:
     @staticmethod
     def settle(waiter: TrioWaiter, result: Any, error: BaseException | None) -> bool:
         return waiter.settle(result, error)
+
+    @staticmethod
+    def settle_all(items: Iterable[Outcome]) -> None:
+        for item in items:
+            item.waiter.settle(item.result, item.error)
 
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
         try:

@@ -8,18 +8,26 @@ module (`_asyncio`, `_trio`); this one only picks.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any, Protocol
 
 from . import _asyncio
 
-__all__ = ["Loop", "Waiter", "current_loop", "deliver", "wake"]
+__all__ = ["Loop", "Outcome", "Waiter", "current_loop", "deliver", "wake"]
 
 
 class Waiter(Protocol):
     """A one-shot result slot, awaited (once) by one task of its loop."""
 
     def __await__(self) -> Generator[Any, None, Any]: ...
+
+
+class Outcome(Protocol):
+    """A finished piece of work as the worker hands it back: whom to wake, and with what."""
+
+    waiter: Any
+    result: Any
+    error: BaseException | None
 
 
 class Loop(Protocol):
@@ -31,6 +39,10 @@ class Loop(Protocol):
         """On the loop's thread: complete `waiter`; False if its task stopped waiting."""
         ...
 
+    def settle_all(self, items: Iterable[Outcome]) -> None:
+        """On the loop's thread: `settle` each item's waiter with its result or error."""
+        ...
+
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
         """From any thread: run `fn(arg)` on the loop soon; False if the loop has closed."""
         ...
@@ -38,13 +50,11 @@ class Loop(Protocol):
 
 def current_loop() -> Loop:
     """The loop of the calling coroutine (asyncio, uvloop or trio)."""
-    loop: Loop | None = None
-    if "trio" in sys.modules:  # checked first: under trio, asyncio's lookup costs an exception
+    loop: Loop | None = _asyncio.current()
+    if loop is None and "trio" in sys.modules:
         from . import _trio
 
         loop = _trio.current()
-    if loop is None:
-        loop = _asyncio.current()
     if loop is None:
         raise RuntimeError("aioti must be awaited from a running asyncio or trio event loop")
     return loop
