@@ -28,7 +28,7 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["InputSpec", "Signature", "constant_shapes", "input_labels", "parse_signature"]
+__all__ = ["InputSpec", "Layout", "Signature", "constant_shapes", "input_labels", "parse_signature"]
 
 _NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
 _CHECK = re.compile(r"static void check_input_(\d+)\(")
@@ -88,6 +88,17 @@ def _split(body: str) -> list[str]:
     return [t.strip() for t in body.split(",") if t.strip()]
 
 
+class Layout:
+    """An input layout (dtype, shape, strides, device per input) that passed the full check;
+    `note` keeps one per-layout fact for the caller (the batcher's grouping key and rows)."""
+
+    __slots__ = ("key", "note")
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.note: Any = None
+
+
 @dataclass
 class Signature:
     """The input specs of one model, in flat input order, and the check over them."""
@@ -97,7 +108,7 @@ class Signature:
     known: bool
     #: input layouts (dtype, shape, strides, device per input) that passed the full check:
     #: services send the same few shapes again and again, and a dict hit is cheaper than checks
-    _accepted: dict[tuple[Any, ...], bool] = field(default_factory=dict, repr=False)
+    _accepted: dict[tuple[Any, ...], Layout] = field(default_factory=dict, repr=False)
 
     def batch_range(self, dim: int = 0) -> tuple[str, int | None, tuple[bool, ...]] | None:
         """The symbol and upper bound of dynamic dim `dim`, and which inputs carry it: every
@@ -131,10 +142,10 @@ class Signature:
         return out
 
     def check(self, tensors: Sequence[object], device: torch.device, *, full: bool = True
-              ) -> tuple[Any, ...] | None:
+              ) -> Layout | None:
         """Raise `InputError` for the first input that does not fit; `full=False` checks counts.
-        Returns the inputs' layout (dtypes, shapes, strides, devices) as a hashable key, once
-        checked; None when unchecked."""
+        Returns the inputs' `Layout` once fully checked (the same object for the same layout);
+        None when unchecked."""
         if len(tensors) != len(self.inputs):
             names = ", ".join(s.label for s in self.inputs)
             raise InputError(
@@ -151,16 +162,17 @@ class Signature:
                 key = tuple([(t.dtype, t.shape, t.stride(), t.device) for t in tensors])  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
             key = None
-        if key is not None and key in self._accepted:
-            return key
+        if key is not None and (layout := self._accepted.get(key)) is not None:
+            return layout
         bound: dict[str, tuple[int, str]] = {}
         for spec, t in zip(self.inputs, tensors):
             _check_one(spec, t, device, bound)
-        if key is not None:
-            if len(self._accepted) >= 1024:
-                self._accepted.clear()
-            self._accepted[key] = True
-        return key
+        if key is None:
+            return None
+        if len(self._accepted) >= 1024:
+            self._accepted.clear()
+        layout = self._accepted[key] = Layout(key)
+        return layout
 
 
 def _check_one(

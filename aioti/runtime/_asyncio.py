@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from asyncio.events import _get_running_loop  # C-accelerated, returns None off-loop
 from collections.abc import Callable, Iterable
+from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -15,13 +16,13 @@ class AsyncioLoop:
     """A running asyncio loop as a delivery target for worker threads; its waiters are plain
     futures of the loop (a cancelled task cancels its future, so settling finds it done)."""
 
-    __slots__ = ("_loop",)
+    __slots__ = ("loop", "waiter", "exact")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-
-    def waiter(self) -> asyncio.Future[Any]:
-        return self._loop.create_future()
+        self.loop = loop
+        #: a stdlib loop, whose `_thread_id` says which thread runs it
+        self.exact = isinstance(loop, asyncio.BaseEventLoop)
+        self.waiter: Callable[[], asyncio.Future[Any]] = loop.create_future  # no frame per call
 
     @staticmethod
     def settle_all(items: Iterable[Outcome]) -> None:
@@ -46,23 +47,31 @@ class AsyncioLoop:
 
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
         try:
-            self._loop.call_soon_threadsafe(fn, arg)
+            self.loop.call_soon_threadsafe(fn, arg)
         except RuntimeError:
             return False
         return True
 
 
-_last: AsyncioLoop | None = None
+_by_thread: dict[int, AsyncioLoop] = {}
 
 
 def current() -> AsyncioLoop | None:
-    """The running asyncio loop of this thread, wrapped (None, without raising, if none)."""
-    global _last
+    """The running asyncio loop of this thread, wrapped; None if there is none.
+
+    Called per request: asyncio's own lookup makes a `getpid()` system call each time, so a
+    stdlib loop is found by thread id instead, checked against the thread it is running in."""
+    ident = get_ident()
+    cached = _by_thread.get(ident)
+    if cached is not None and cached.exact and cached.loop._thread_id == ident:  # type: ignore[attr-defined]
+        return cached
     loop = _get_running_loop()
     if loop is None:
         return None
-    cached = _last
-    if cached is not None and cached._loop is loop:
+    if cached is not None and cached.loop is loop:  # a loop that does not record its thread
         return cached
-    _last = AsyncioLoop(loop)
-    return _last
+    wrapped = AsyncioLoop(loop)
+    if len(_by_thread) >= 256:
+        _by_thread.clear()
+    _by_thread[ident] = wrapped
+    return wrapped

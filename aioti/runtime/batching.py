@@ -19,13 +19,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..core.signature import Signature
+from ..core.signature import Layout, Signature
 from ..errors import InputError
 from .dispatch import Begin, Request, _Latencies
 
@@ -71,32 +71,27 @@ class Batcher:
         self._run_one = run_one
         self._backend = backend
         self._lock = threading.Lock()
-        self._layouts: dict[Any, tuple[Any, int]] = {}
         self._sizes: Counter[int] = Counter()
         self._runs = 0
         self.queue_wait = _Latencies()
 
-    def admit(self, req: Request, layout: Any = None) -> None:
+    def admit(self, req: Request, layout: Layout | None = None) -> None:
         """On the caller's thread: set `req.extra` to the request's grouping key and `req.size`
-        to its number of rows. `layout` is the checked inputs' layout key (`Signature.check`),
-        if any."""
-        if layout is not None:
-            known = self._layouts.get(layout)
-            if known is not None:
-                req.extra, req.size = known
-                return
+        to its number of rows. `layout` is the checked inputs' layout (`Signature.check`), if
+        any: the result is kept on it."""
+        if layout is not None and layout.note is not None:
+            req.extra, req.size = layout.note
+            return
         tensors = req.payload[0]
         d = self.dim
         # Inputs without the batch dim are shared by a merged run: only requests passing the
-        # very same tensor (unmodified) merge, so such keys are never cached by layout.
+        # very same tensor (unmodified) merge, so such keys are never kept on the layout.
         key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
                     for t, c in zip(tensors, self.carries))
         first = self.carries.index(True)
         req.extra, req.size = key, int(tensors[first].shape[d])
         if layout is not None and self._all_carry:
-            if len(self._layouts) >= 1024:
-                self._layouts.clear()
-            self._layouts[layout] = (key, req.size)
+            layout.note = (key, req.size)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -112,24 +107,19 @@ class Batcher:
         stream = self._backend.begin_batch(ctx, [r.payload[1] for r in live])
         now = time.perf_counter()
         self.queue_wait.extend([now - r.t0 for r in live])
-        key = live[0].extra
-        if all(r.extra == key for r in live):
-            groups: Any = (live,)
-        else:
-            by_key: dict[Any, list[Request]] = {}
-            for r in live:
-                by_key.setdefault(r.extra, []).append(r)
-            groups = by_key.values()
         max_rows = self.max_rows
-        for reqs in groups:
-            start = rows = 0
-            for i, r in enumerate(reqs):
-                n = r.size
-                if rows and rows + n > max_rows:
-                    self._run_chunk(stream, reqs[start:i])
-                    start, rows = i, 0
-                rows += n
-            self._run_chunk(stream, reqs[start:])
+        for reqs in _groups(live):
+            rows = [r.size for r in reqs]
+            if sum(rows) <= max_rows:
+                self._run_chunk(stream, reqs, rows)
+                continue
+            start = total = 0
+            for i, n in enumerate(rows):
+                if total and total + n > max_rows:
+                    self._run_chunk(stream, reqs[start:i], rows[start:i])
+                    start, total = i, 0
+                total += n
+            self._run_chunk(stream, reqs[start:], rows[start:])
         self._backend.finish(ctx)
 
     def _run_single(self, stream: int | None, r: Request) -> None:
@@ -138,8 +128,7 @@ class Batcher:
         except Exception as exc:
             r.error = exc
 
-    def _run_chunk(self, stream: int | None, chunk: list[Request]) -> None:
-        rows = [r.size for r in chunk]
+    def _run_chunk(self, stream: int | None, chunk: list[Request], rows: list[int]) -> None:
         total = sum(rows)
         with self._lock:
             self._sizes[total] += 1
@@ -149,8 +138,11 @@ class Batcher:
             return
         d = self.dim
         try:
-            merged = [torch.cat(parts, d) if c else parts[0]
-                      for parts, c in zip(zip(*[r.payload[0] for r in chunk]), self.carries)]
+            if len(self.carries) == 1:  # the common case, without the transpose
+                merged = [torch.cat([r.payload[0][0] for r in chunk], d)]
+            else:
+                merged = [torch.cat(parts, d) if c else parts[0]
+                          for parts, c in zip(zip(*[r.payload[0] for r in chunk]), self.carries)]
             outputs = self._run_one(merged, stream)
             if any(o.dim() <= d or o.shape[d] != total for o in outputs):
                 raise RuntimeError("an output does not carry the batch dim")
@@ -165,6 +157,18 @@ class Batcher:
         else:
             for r, *ps in zip(chunk, *pieces):
                 r.result = ps
+
+
+def _groups(reqs: list[Request]) -> Iterable[list[Request]]:
+    """`reqs` split by grouping key, in queue order (one group, without a dict, when all agree)."""
+    key = reqs[0].extra
+    for r in reqs:
+        if r.extra is not key and r.extra != key:
+            by_key: dict[Any, list[Request]] = {}
+            for q in reqs:
+                by_key.setdefault(q.extra, []).append(q)
+            return by_key.values()
+    return (reqs,)
 
 
 def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device, dim: int

@@ -184,15 +184,17 @@ class Dispatcher:
         """Worker side, right before running `reqs` (together): those that may run, leaving
         out any whose caller left (or all, when the model is closing with `cancel_queued`).
         Requests a worker has taken but not begun count as queued for cancellation."""
+        live: list[Request] = []
         with self._lock:
             if self._drop_queued:
                 for req in reqs:
                     if req.state == QUEUED:
                         req.error = ClosedError("the model was closed before this request ran")
-                return []
-            live = [req for req in reqs if req.state == QUEUED]
-            for req in live:
-                req.state = RUNNING
+                return live
+            for req in reqs:
+                if req.state == QUEUED:
+                    req.state = RUNNING
+                    live.append(req)
         return live
 
     def cancel(self, req: Request) -> None:
@@ -295,12 +297,17 @@ class Dispatcher:
     def _take_locked(self) -> list[Request]:
         q = self._queue
         n = min(self.max_take, max(1, -(-len(q) // self._num_workers)), len(q))
-        batch: list[Request] = []
-        size = 0
-        while len(batch) < n and size < self.fill:
-            req = q.popleft()
-            batch.append(req)
-            size += req.size
+        if n == len(q) and self._queued_size <= self.fill:  # the whole queue fits: take it
+            batch = list(q)
+            q.clear()
+            size = self._queued_size
+        else:
+            batch = []
+            size = 0
+            while len(batch) < n and size < self.fill:
+                req = q.popleft()
+                batch.append(req)
+                size += req.size
         self._queued_size -= size
         self._last_take = len(batch)
         if self._space:
@@ -373,6 +380,7 @@ class Dispatcher:
                         raise
                 finally:
                     done = []
+                    bad = 0
                     for req in batch:
                         req.payload = None
                         if req.state == CANCELLED:
@@ -380,16 +388,16 @@ class Dispatcher:
                             continue
                         req.state = DONE
                         done.append(req)
-                    bad = sum(1 for req in done if req.error is not None)
-                    ok = len(done) - bad
+                        if req.error is not None:
+                            bad += 1
                     self._deliver(done)
-                    del done
                     with cond:
                         self._running -= 1
-                        self.completed += ok
+                        self.completed += len(done) - bad
                         self.failed += bad
                         if self._paused and not self._running:
                             cond.notify_all()
+                    del done
         finally:
             if ctx is not None:
                 self._stop_worker(ctx)

@@ -50,14 +50,16 @@ class Loop(Protocol):
 
 def current_loop() -> Loop:
     """The loop of the calling coroutine (asyncio, uvloop or trio)."""
-    loop: Loop | None = _asyncio.current()
-    if loop is None and "trio" in sys.modules:
+    if "trio" in sys.modules:  # first: a trio guest run's tasks also see asyncio's host loop
         from . import _trio
 
         loop = _trio.current()
-    if loop is None:
+        if loop is not None:
+            return loop
+    found = _asyncio.current()
+    if found is None:
         raise RuntimeError("aioti must be awaited from a running asyncio or trio event loop")
-    return loop
+    return found
 
 
 def _settle(item: tuple[Loop, Waiter, Any, BaseException | None]) -> None:
