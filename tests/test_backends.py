@@ -133,7 +133,10 @@ async def test_cuda_inputs_from_caller_stream_and_constants(models):
 
 
 async def test_cpu_workers_run_with_their_own_team_size(models):
-    omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads
+    try:
+        omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads
+    except AttributeError:
+        pytest.skip("no OpenMP runtime in this process")
     here = omp_get_max_threads()
     seen = []
 

@@ -57,17 +57,21 @@ class CudaBackend(Backend):
                        and t.device != self.device else t for t in tensors]
         return list(tensors), _current_raw_stream(self._index)
 
-    def start_worker(self, index: int) -> torch.cuda.Stream:
+    def start_worker(self, index: int) -> _Worker:
         torch.cuda.set_device(self.device)
         stream = torch.cuda.Stream(device=self.device)
         torch.cuda.set_stream(stream)
-        return stream
+        return _Worker(stream)
 
-    def begin_batch(self, ctx: torch.cuda.Stream, readies: list[Any]) -> int:
+    def begin_batch(self, ctx: _Worker, readies: list[Any]) -> int:
+        own = ctx.raw
         for raw in set(readies):
-            if raw is not None and raw != ctx.cuda_stream:
-                ctx.wait_stream(self._stream_of(raw))
-        return ctx.cuda_stream
+            if raw is not None and raw != own:
+                # One event per worker, re-recorded: creating one per batch cost two more
+                # driver calls (create, destroy) on every batch.
+                ctx.event.record(self._stream_of(raw))
+                ctx.stream.wait_event(ctx.event)
+        return own
 
     def _stream_of(self, raw: int) -> torch.cuda.Stream:
         stream = self._streams.get(raw)
@@ -75,5 +79,16 @@ class CudaBackend(Backend):
             stream = self._streams[raw] = torch.cuda.ExternalStream(raw, device=self.device)
         return stream
 
-    def finish(self, ctx: torch.cuda.Stream) -> None:
-        ctx.synchronize()
+    def finish(self, ctx: _Worker) -> None:
+        ctx.stream.synchronize()
+
+
+class _Worker:
+    """A CUDA worker's context: its stream, and the event its stream waits on callers with."""
+
+    __slots__ = ("stream", "raw", "event")
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self.stream = stream
+        self.raw: int = stream.cuda_stream
+        self.event = torch.cuda.Event()
