@@ -211,6 +211,31 @@ def test_two_event_loops_in_two_threads(models):
     anyio.run(shared.aclose)
 
 
+def test_successive_loops_in_one_thread(models):
+    """Each run of a loop in a thread gets its results on that run's loop, never on an earlier,
+    finished one (aioti finds a thread's asyncio loop by thread id, checked each call)."""
+    import asyncio
+
+    import trio
+    import uvloop
+
+    x = torch.randn(2, 64)
+    ref = eager_model("small_mlp")(x)
+    model = anyio.run(lambda: aioti.load(models["small_mlp"]))
+
+    async def call_asyncio() -> torch.Tensor:
+        return await asyncio.wait_for(model(x), 30)
+
+    async def call_trio() -> torch.Tensor:
+        with trio.fail_after(30):
+            return await model(x)
+
+    outs = [asyncio.run(call_asyncio()), asyncio.run(call_asyncio()), trio.run(call_trio),
+            uvloop.run(call_asyncio()), uvloop.run(call_asyncio()), asyncio.run(call_asyncio())]
+    asyncio.run(model.aclose())
+    assert all(torch.allclose(o, ref, atol=1e-5) for o in outs)
+
+
 def test_unclosed_model_warns(models):
     async def main() -> None:
         model = await aioti.load(models["small_mlp"])
