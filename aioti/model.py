@@ -31,7 +31,7 @@ from .backends.base import Backend
 from .backends.registry import resolve_backend
 from .core.container import Container, open_container
 from .core.package import ModelFiles, open_model
-from .core.threads import set_thread_team_size
+from .core.threads import ThreadTeams
 from .errors import ClosedError, InputError
 from .runtime.dispatch import Begin, Dispatcher, Request
 from .runtime.locks import CrossLoopLock
@@ -60,18 +60,6 @@ def _make_process(container: Container, backend: Backend) -> Callable[..., None]
     return process
 
 
-def _worker_starter(backend: Backend, threads: int | None) -> Callable[[int], Any]:
-    """What each worker thread runs first: its native team size, then the backend's start."""
-    if threads is None:
-        return backend.start_worker
-
-    def start(index: int) -> Any:
-        set_thread_team_size(threads)
-        return backend.start_worker(index)
-
-    return start
-
-
 class AsyncModel:
     """A loaded model served by worker threads; await its calls from asyncio or trio."""
 
@@ -86,7 +74,7 @@ class AsyncModel:
         on_full: Literal["wait", "raise"],
         move_inputs: bool,
         batching: Any = None,
-        threads: int | None = None,
+        threads: ThreadTeams | None = None,
     ) -> None:
         self.files = files
         self.backend = backend
@@ -122,7 +110,8 @@ class AsyncModel:
             process,
             workers=workers,
             max_queue=max_queue,
-            start_worker=_worker_starter(backend, threads),
+            start_worker=backend.start_worker,
+            before_batch=threads.before_batch if threads is not None else None,
             stop_worker=backend.stop_worker,
             on_stopped=container.delete,
             max_take=self._batcher.max_take if self._batcher else 64,
@@ -131,7 +120,7 @@ class AsyncModel:
             name=f"aioti-{files.name}",
         )
         self.workers = workers
-        #: native threads per worker run (None: the thread's default)
+        #: native (OpenMP) threads per run, alone and shared (None: the threads' defaults)
         self.threads = threads
         self._closed = False
 
@@ -430,9 +419,9 @@ def load(
     queued requests, and `on_full` says whether callers then wait or get `QueueFullError`;
     `check_inputs=False` skips the per-input checks (counts are always checked);
     `move_inputs=True` copies inputs to the model's device; `batching` takes an
-    `aioti.Batching` to merge concurrent requests; `threads` sets how many native (OpenMP)
-    threads each worker's runs use (default from the backend: on CPU, the cores shared among
-    the workers, one for small models). All blocking work runs off the event loop.
+    `aioti.Batching` to merge concurrent requests; `threads` fixes how many native (OpenMP)
+    threads a run uses (default from the backend: on CPU, every core for a run alone, the cores
+    shared among busy workers, one for small models). All blocking work runs off the event loop.
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
@@ -446,7 +435,7 @@ def load(
         n = workers or backend.default_workers()
         num_models = n if workers is not None else max(n, backend.max_auto_workers)
         made: list[Any] = []
-        team = threads
+        team = ThreadTeams(threads, threads) if threads is not None else None
 
         def blocking() -> None:
             nonlocal n, team
@@ -457,8 +446,8 @@ def load(
             weights = sum(c.nbytes for c in made[1].constants)
             if workers is None and num_models > n:
                 n = backend.auto_workers(weights) or n
-            if team is None:
-                team = backend.worker_threads(weights, n)
+            if team is None and (sizes := backend.worker_threads(weights, n)) is not None:
+                team = ThreadTeams(*sizes)
             if batching is not None:
                 from .runtime.batching import probe_batch_dim
 

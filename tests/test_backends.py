@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import textwrap
+import threading
 
 import anyio
 import pytest
@@ -13,6 +14,7 @@ import torch
 import aioti
 from aioti.backends import registry
 from aioti.backends.cpu import CpuBackend
+from aioti.core.threads import ThreadTeams
 from aioti.testing import eager_model
 
 pytestmark = pytest.mark.anyio
@@ -141,29 +143,57 @@ async def test_cpu_workers_run_with_their_own_team_size(models):
     seen = []
 
     class Recording(CpuBackend):
-        def start_worker(self, index):
-            seen.append(omp_get_max_threads())  # in the worker thread, after aioti set it
-            return super().start_worker(index)
+        def begin_batch(self, ctx, readies):
+            seen.append(omp_get_max_threads())  # in the worker, after aioti set the team size
+            return super().begin_batch(ctx, readies)
 
     aioti.register_backend("cpu", Recording, replace=True)
     try:
         x = torch.randn(3, 64)
         async with aioti.load(models["small_mlp"]) as model:
-            assert model.threads == 1  # a small model: no team
+            assert (model.threads.alone, model.threads.shared) == (1, 1)  # small: no team
             assert torch.equal(await model(x), eager_model("small_mlp")(x))
         async with aioti.load(models["small_mlp"], workers=2, threads=2) as model:
-            assert model.threads == 2
+            assert (model.threads.alone, model.threads.shared) == (2, 2)
             await model(x)
+        async with aioti.load(models["mid_mlp"], workers=2) as model:
+            cores = torch.get_num_threads()
+            assert (model.threads.alone, model.threads.shared) == (cores, max(1, cores // 2))
+            await model(torch.randn(2, 1024))  # alone: the whole machine
         with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
             await aioti.load(models["small_mlp"], threads=0)
     finally:
         aioti.register_backend("cpu", CpuBackend, replace=True)
-    assert seen == [1, 2, 2]
+    assert seen == [1, 2, torch.get_num_threads()]
     assert omp_get_max_threads() == here  # the caller's threads are left alone
+
+
+def test_team_size_per_batch():
+    """A worker's team is the whole machine while its batch runs alone, the shared size while
+    others run, and is only set when it changes."""
+    try:
+        omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads
+    except AttributeError:
+        pytest.skip("no OpenMP runtime in this process")
+    teams = ThreadTeams(alone=3, shared=1)
+    seen = []
+
+    def worker():
+        for running in (1, 2, 2, 1, 3):
+            teams.before_batch(running)
+            seen.append(omp_get_max_threads())
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(30)
+    assert seen == [3, 1, 1, 3, 1]
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        ThreadTeams(0, 1)
 
 
 def test_cpu_team_size_policy():
     cpu = CpuBackend(torch.device("cpu"))
-    assert cpu.worker_threads(1000, 1) == 1
-    assert cpu.worker_threads(1 << 30, 2) == max(1, torch.get_num_threads() // 2)
-    assert cpu.worker_threads(1 << 30, 64) == 1
+    cores = torch.get_num_threads()
+    assert cpu.worker_threads(1000, 1) == (1, 1)
+    assert cpu.worker_threads(1 << 30, 2) == (cores, max(1, cores // 2))
+    assert cpu.worker_threads(1 << 30, 64) == (cores, 1)

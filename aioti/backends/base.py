@@ -1,12 +1,12 @@
 """What a device backend decides: workers and their streams, input hand-over, readiness, closing.
 
 A backend serves one device (`torch.device`, index resolved). The runtime calls, in order:
-`prepare` on the caller's loop thread for each request; `start_worker` once in each worker thread
-(after setting the thread's native team size to `worker_threads(...)`, if not None); `begin_batch`
-before each batch of runs in that thread (waits for the batch's inputs to be ready and returns
-the stream handle to pass to the native `Run`); `finish` once after each batch, before results
-are delivered (outputs must be ready to use on any stream when it returns); `stop_worker` when
-the worker exits; `aclose` when the backend is dropped from the registry.
+`prepare` on the caller's loop thread for each request; `start_worker` once in each worker
+thread; `begin_batch` before each batch of runs in that thread, after setting the thread's native
+team size from `worker_threads(...)` (waits for the batch's inputs to be ready and returns the
+stream handle to pass to the native `Run`); `finish` once after each batch, before results are
+delivered (outputs must be ready to use on any stream when it returns); `stop_worker` when the
+worker exits; `aclose` when the backend is dropped from the registry.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ class Backend:
 
     max_auto_workers = 1
 
-    def worker_threads(self, weight_bytes: int, workers: int) -> int | None:
-        """Native threads each worker's runs may use (its OpenMP team size), given the model's
-        constant bytes and worker count; None leaves the thread's default."""
+    def worker_threads(self, weight_bytes: int, workers: int) -> tuple[int, int] | None:
+        """Native threads (OpenMP team size) a worker's runs may use, given the model's constant
+        bytes and worker count: (while its batch runs alone, while other batches run too); None
+        leaves the threads' defaults."""
         return None
 
     def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:

@@ -8,12 +8,14 @@ overlapping the first's serial parts wins (mid MLP: 960 runs/s with one, 1240 wi
 one worker for models with under 1 MiB of weights, else two (or the core count, if lower).
 `workers=N` overrides it.
 
-Team size: workers share the cores (`torch.get_num_threads()` of the loading thread), so each
-runs with `cores // workers` threads; a small model (under 1 MiB) runs with one, as waking a
-team costs more than its kernels. Measured on 2 cores, back to back: mid MLP with two workers
-1.0k -> 1.5k runs/s (two teams of two oversubscribed the cores); small MLP batching 64 rows
-150k -> 178k requests/s (a run of 64 rows took 67 us with a team, 26 us without).
-`threads=N` at load overrides it.
+Team size (OpenMP threads per run, set per worker thread before each batch): a batch that runs
+while no other batch of the model does uses every core (`torch.get_num_threads()` where the
+model was loaded); while several run, each uses `cores // workers`; a small model (under 1 MiB)
+always uses one, as waking a team costs more than its kernels. Measured on 2 cores, back to
+back: mid MLP, two workers, 64 concurrent requests 1.05k -> 1.58k runs/s with shared teams (two
+teams of two oversubscribed the cores), one request at a time 0.69k -> 0.96k runs/s with the
+whole machine; small MLP batching 64 rows 150k -> 178k requests/s (a run of 64 rows took 67 us
+with a team of two, 26 us alone). `threads=N` at load fixes it at N.
 
 Why not time a probe run at load: the probe's thread would get an OpenMP team of its own, and
 with more OpenMP threads than cores libgomp stops spinning between parallel regions, which
@@ -45,7 +47,8 @@ class CpuBackend(Backend):
     def auto_workers(self, weight_bytes: int) -> int | None:
         return 1 if weight_bytes < SMALL_MODEL_BYTES else self.max_auto_workers
 
-    def worker_threads(self, weight_bytes: int, workers: int) -> int | None:
+    def worker_threads(self, weight_bytes: int, workers: int) -> tuple[int, int] | None:
         if weight_bytes < SMALL_MODEL_BYTES:
-            return 1
-        return max(1, torch.get_num_threads() // workers)
+            return 1, 1
+        cores = torch.get_num_threads()
+        return cores, max(1, cores // workers)

@@ -1,4 +1,5 @@
-"""The size of the OpenMP team a thread's native runs fork, set for that thread only.
+"""The size of the OpenMP team a thread's native runs fork, set for that thread only, and the
+per-batch choice of that size for a model's workers.
 
 A CPU model library parallelizes its kernels with OpenMP (`#pragma omp parallel`, team size from
 the calling thread's `nthreads` setting). `torch.set_num_threads` would also change process-wide
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from typing import Any
 
-__all__ = ["set_thread_team_size"]
+__all__ = ["ThreadTeams", "set_thread_team_size"]
 
 
 @functools.cache
@@ -33,3 +35,28 @@ def set_thread_team_size(n: int) -> bool:
         return False
     setter(n)
     return True
+
+
+class ThreadTeams:
+    """A model's worker team sizes: `alone` threads for a batch that runs while no other batch
+    of the model does (a lone request gets every core), `shared` while others run too (busy
+    workers do not oversubscribe the cores). Set before each batch, in the worker's thread, and
+    only when it changes."""
+
+    def __init__(self, alone: int, shared: int) -> None:
+        if alone < 1 or shared < 1:
+            raise ValueError(f"threads must be >= 1, got {alone} and {shared}")
+        self.alone = alone
+        self.shared = shared
+        self._current = threading.local()
+
+    def before_batch(self, busy: int) -> None:
+        """In a worker, before a batch; `busy` counts the model's batches running, this one
+        included (plus one when requests wait for another worker)."""
+        n = self.alone if busy <= 1 else self.shared
+        if getattr(self._current, "size", None) != n:
+            set_thread_team_size(n)
+            self._current.size = n
+
+    def __repr__(self) -> str:
+        return f"ThreadTeams(alone={self.alone}, shared={self.shared})"

@@ -97,6 +97,7 @@ class Dispatcher:
         start_worker: Callable[[int], Any] = lambda i: None,
         stop_worker: Callable[[Any], None] = lambda ctx: None,
         on_stopped: Callable[[], None] = lambda: None,
+        before_batch: Callable[[int], None] | None = None,
         max_take: int = 64,
         fill: int | None = None,
         linger: float = 0.0,
@@ -110,6 +111,9 @@ class Dispatcher:
         self._start_worker = start_worker
         self._stop_worker = stop_worker
         self._on_stopped = on_stopped
+        # In the worker before each batch, with the number of batches running (this one
+        # included), plus one if requests are left queued for another worker.
+        self._before_batch = before_batch
         self.max_queue = max_queue
         self.max_take = max_take
         self.fill = fill or max_take  # queued size at which a batch is full
@@ -370,7 +374,10 @@ class Dispatcher:
                         break
                     batch = self._take_locked()
                     self._running += 1
+                    busy = self._running + (1 if queue else 0)  # others run, or will soon
                 try:
+                    if self._before_batch is not None:
+                        self._before_batch(busy)
                     self._process(ctx, batch, self.begin)
                 except BaseException as exc:  # process sets errors per request; this is a bug net
                     for req in batch:
