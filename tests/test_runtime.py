@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import aioti
+from aioti.backends.cpu import CpuBackend
 from aioti.testing import eager_model, example_inputs
 
 pytestmark = pytest.mark.anyio
@@ -304,3 +305,26 @@ async def test_uvloop(models):
                 for i in range(len(xs)):
                     tg.start_soon(call, i)
     assert all(torch.allclose(o, eager(x), atol=1e-5) for o, x in zip(outs, xs))
+
+
+async def test_the_most_recently_idle_worker_takes_the_next_request(models):
+    """Requests one at a time stay on one worker (its thread team stays warm) instead of
+    alternating between workers."""
+    ran_on = []
+
+    class Recording(CpuBackend):
+        def begin_batch(self, ctx, readies):
+            ran_on.append(threading.current_thread().name)
+            return super().begin_batch(ctx, readies)
+
+    aioti.register_backend("cpu", Recording, replace=True)
+    try:
+        async with aioti.load(models["small_mlp"], workers=3) as model:
+            for _ in range(6):
+                with anyio.fail_after(10):
+                    while len(model._dispatcher._sleeping) < 3:  # every worker back asleep
+                        await anyio.sleep(0.001)
+                await model(torch.randn(1, 64))
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)
+    assert len(ran_on) == 6 and len(set(ran_on)) == 1, ran_on

@@ -128,7 +128,11 @@ class Dispatcher:
         self._drop_queued = False
         self._paused = 0
         self._running = 0
-        self._idle = 0  # workers blocked in wait(): only then is a notify needed
+        # Idle workers' own conditions, the most recently idle last: a request wakes that one,
+        # whose native thread team (and caches) are still warm; alternating between workers
+        # made one request at a time slower (mid MLP, two workers: ~720 -> ~840 runs/s).
+        self._sleeping: list[threading.Condition] = []
+        self._own = [threading.Condition(self._lock) for _ in range(workers)]
         self._lingering = 0  # workers waiting for a fuller batch: notified only once it is full
         self._alive = workers
         self.completed = self.failed = self.cancelled = 0
@@ -158,7 +162,9 @@ class Dispatcher:
                 return False
             self._queue.append(req)
             self._queued_size += req.size
-            if self._idle or (self._lingering and self._queued_size >= self.fill):
+            if self._sleeping:
+                self._sleeping.pop().notify()
+            elif self._lingering and self._queued_size >= self.fill:
                 self._cond.notify()
         return True
 
@@ -241,7 +247,7 @@ class Dispatcher:
         finally:
             with self._cond:
                 self._paused -= 1
-                self._cond.notify_all()
+                self._wake_all_locked()
 
     # --- closing ------------------------------------------------------------------------------
 
@@ -258,7 +264,7 @@ class Dispatcher:
                 req.state = CANCELLED
             space = list(self._space)
             self._space.clear()
-            self._cond.notify_all()
+            self._wake_all_locked()
         self._fail(dropped, ClosedError("the model was closed before this request ran"))
         for loop, waiter in space:
             wake(loop, waiter)
@@ -279,6 +285,12 @@ class Dispatcher:
         return self._stopped.is_set()
 
     # --- workers ------------------------------------------------------------------------------
+
+    def _wake_all_locked(self) -> None:
+        self._cond.notify_all()
+        for own in self._sleeping:
+            own.notify()
+        self._sleeping.clear()
 
     def _wake_space_locked(self, n: int) -> list[tuple[Loop, Waiter]]:
         woken = [self._space.popleft() for _ in range(min(n, len(self._space)))]
@@ -362,9 +374,11 @@ class Dispatcher:
                                 if not queue:
                                     self._last_take = 0  # demand is gone
                                 continue
-                            self._idle += 1
-                            cond.wait()
-                            self._idle -= 1
+                            mine = self._own[index]
+                            self._sleeping.append(mine)
+                            mine.wait()
+                            if mine in self._sleeping:  # woken by `_wake_all_locked`
+                                self._sleeping.remove(mine)
                             continue
                         if self._should_linger():
                             self._lingering += 1
