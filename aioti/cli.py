@@ -125,14 +125,15 @@ async def _gather(fns: list[Any]) -> None:
     """Run the coroutine functions as concurrent tasks of the running loop's own kind (an asyncio
     task or a trio task each, as a service's request handlers are; anyio's task groups would
     add a wrapper frame to every step)."""
-    if "trio" in sys.modules:
+    from .runtime.loops import current_loop
+
+    if current_loop().kind == "trio":
         import trio
 
-        if trio.lowlevel.in_trio_run():
-            async with trio.open_nursery() as nursery:
-                for fn in fns:
-                    nursery.start_soon(fn)
-            return
+        async with trio.open_nursery() as nursery:
+            for fn in fns:
+                nursery.start_soon(fn)
+        return
     import asyncio
 
     await asyncio.gather(*(fn() for fn in fns))

@@ -17,6 +17,7 @@ class AsyncioLoop:
     futures of the loop (a cancelled task cancels its future, so settling finds it done)."""
 
     __slots__ = ("loop", "waiter", "exact")
+    kind = "asyncio"
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -34,16 +35,6 @@ class AsyncioLoop:
                 fut.set_result(item.result)
             else:
                 fut.set_exception(item.error)
-
-    @staticmethod
-    def settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> bool:
-        if fut.done():
-            return False
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
-        return True
 
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
         try:

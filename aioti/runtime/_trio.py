@@ -54,16 +54,13 @@ class TrioLoop:
     """A running trio run as a delivery target for worker threads."""
 
     __slots__ = ("_token",)
+    kind = "trio"
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
 
     def waiter(self) -> TrioWaiter:
         return TrioWaiter()
-
-    @staticmethod
-    def settle(waiter: TrioWaiter, result: Any, error: BaseException | None) -> bool:
-        return waiter.settle(result, error)
 
     @staticmethod
     def settle_all(items: Iterable[Outcome]) -> None:

@@ -35,12 +35,12 @@ class Loop(Protocol):
 
     def waiter(self) -> Waiter: ...
 
-    def settle(self, waiter: Any, result: Any, error: BaseException | None) -> bool:
-        """On the loop's thread: complete `waiter`; False if its task stopped waiting."""
-        ...
+    #: "asyncio" (uvloop included) or "trio"
+    kind: str
 
     def settle_all(self, items: Iterable[Outcome]) -> None:
-        """On the loop's thread: `settle` each item's waiter with its result or error."""
+        """On the loop's thread: complete each item's waiter with its result or error (a waiter
+        whose task stopped waiting is skipped)."""
         ...
 
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
@@ -72,14 +72,22 @@ def _load_trio() -> Callable[[], Loop | None]:
     return _trio_current
 
 
-def _settle(item: tuple[Loop, Waiter, Any, BaseException | None]) -> None:
-    loop, waiter, result, error = item
-    loop.settle(waiter, result, error)
+class _Delivery:
+    """One `Outcome`, for a waiter completed on its own (off the runtime's hot path)."""
+
+    __slots__ = ("loop", "waiter", "result", "error")
+
+    def __init__(self, loop: Loop, waiter: Waiter, result: Any, error: BaseException | None
+                 ) -> None:
+        self.loop, self.waiter, self.result, self.error = loop, waiter, result, error
+
+    def settle(self) -> None:
+        self.loop.settle_all((self,))
 
 
 def deliver(loop: Loop, waiter: Waiter, result: Any, error: BaseException | None = None) -> bool:
     """From any thread: complete a waiter on its own loop; False if that loop is gone."""
-    return loop.post(_settle, (loop, waiter, result, error))
+    return loop.post(_Delivery.settle, _Delivery(loop, waiter, result, error))
 
 
 def wake(loop: Loop, waiter: Waiter) -> bool:
