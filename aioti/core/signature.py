@@ -92,10 +92,9 @@ class Layout:
     """An input layout (dtype, shape, strides, device per input) that passed the full check;
     `note` keeps one per-layout fact for the caller (the batcher's grouping key and rows)."""
 
-    __slots__ = ("key", "note")
+    __slots__ = ("note",)
 
-    def __init__(self, key: tuple[Any, ...]) -> None:
-        self.key = key
+    def __init__(self) -> None:
         self.note: Any = None
 
 
@@ -171,7 +170,7 @@ class Signature:
             return None
         if len(self._accepted) >= 1024:
             self._accepted.clear()
-        layout = self._accepted[key] = Layout(key)
+        layout = self._accepted[key] = Layout()
         return layout
 
 

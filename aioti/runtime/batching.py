@@ -138,11 +138,8 @@ class Batcher:
             return
         d = self.dim
         try:
-            if len(self.carries) == 1:  # the common case, without the transpose
-                merged = [torch.cat([r.payload[0][0] for r in chunk], d)]
-            else:
-                merged = [torch.cat(parts, d) if c else parts[0]
-                          for parts, c in zip(zip(*[r.payload[0] for r in chunk]), self.carries)]
+            merged = [torch.cat(parts, d) if c else parts[0]
+                      for parts, c in zip(zip(*[r.payload[0] for r in chunk]), self.carries)]
             outputs = self._run_one(merged, stream)
             if any(o.dim() <= d or o.shape[d] != total for o in outputs):
                 raise RuntimeError("an output does not carry the batch dim")
@@ -151,12 +148,8 @@ class Batcher:
             for r in chunk:  # isolate the failure to the request(s) that cause it
                 self._run_single(stream, r)
             return
-        if len(pieces) == 1:
-            for r, p in zip(chunk, pieces[0]):
-                r.result = [p]
-        else:
-            for r, *ps in zip(chunk, *pieces):
-                r.result = ps
+        for r, *ps in zip(chunk, *pieces):
+            r.result = ps
 
 
 def _groups(reqs: list[Request]) -> Iterable[list[Request]]:
