@@ -410,3 +410,68 @@ def test_no_leak_when_the_library_rejects_before_taking_inputs(models, tmp_path)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "per-run"])
+def test_run_many_matches_single_runs(container, monkeypatch, native):
+    """A worker's chunk of runs in one call gives each run's own outputs (mixed batch sizes, a
+    wrong input count failing alone), through the native helper and without it."""
+    from aioti.core import runmany
+
+    assert runmany.status() == "native"  # gcc is on every machine this suite runs on
+    if not native:
+        monkeypatch.setattr(runmany, "runner", lambda: None)
+    c = container("multi_io")
+    batch = [flat("multi_io", b, seed=b) for b in (1, 3, 8, 2)]
+    batch.insert(2, flat("multi_io", 4)[:-1])
+    out = c.run_many(batch)
+    assert isinstance(out[2], aioti.InputError) and "expected 3, got 2" in str(out[2])
+    for got, b in zip(out[:2] + out[3:], (1, 3, 8, 2)):
+        assert same(got, eager_flat("multi_io", b, seed=b))
+    assert c.run_many([]) == []
+
+
+@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "per-run"])
+def test_run_many_isolates_a_native_failure(models, tmp_path, native):
+    """A run the library rejects (its own input check: batch 1 on a min=1 dim) fails alone;
+    the runs after it still run, and no input or output handle leaks."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch, aioti
+        from aioti.core import open_container, open_model, runmany
+        assert runmany.status() == ("native" if {native!r} == "1" else
+                                    "disabled by AIOTI_NATIVE=0"), runmany.status()
+        c = open_container(open_model({str(models['small_mlp'])!r}, cache_dir={str(tmp_path)!r}))
+        x, y = torch.randn(1, 64), torch.randn(3, 64)
+        count = lambda t: torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+        before = count(x), count(y)
+        for _ in range(200):
+            out = c.run_many([[y], [x], [y], [x]])
+            assert [type(o).__name__ for o in out] == ["list", "ModelRunError"] * 2, out
+            assert out[0][0].shape == (3, 10) and torch.equal(out[0][0], out[2][0])
+            del out
+        assert (count(x), count(y)) == before, (before, count(x), count(y))
+        c.delete()
+        print("ok")
+    """)
+    env = {**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1", "AIOTI_NATIVE": native}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_native_helper_without_a_compiler(tmp_path):
+    """No C compiler: runs fall back to one ctypes call each, and `status()` says why."""
+    import subprocess
+    import sys
+
+    code = ("from aioti.core import runmany; assert runmany.runner() is None; "
+            "print(runmany.status())")
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "AIOTI_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no C compiler" in proc.stdout and "no-such-cc" in proc.stdout

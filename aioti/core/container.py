@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError, ModelRunError, UnsupportedOperation
+from . import runmany
 from .library import (
     ConstantEntry,
     ModelLibrary,
@@ -109,6 +110,7 @@ class Container:
         self._run_fn = library.functions[
             "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
         ]
+        self._run_address: int = ctypes.cast(self._run_fn, c_void_p).value  # type: ignore[assignment]
         self.num_inputs = self._count("GetNumInputs")
         self.num_outputs = self._count("GetNumOutputs")
         self._in_array = c_void_p * self.num_inputs
@@ -237,16 +239,78 @@ class Container:
         """Run on already checked tensors (the runtime's worker path)."""
         if not self._native_checks:
             return self._run(handles_from_tensors(tensors), stream)
-        # Hand over handles to aliases, so that a handle the library did not take can be told
-        # apart afterwards: its alias is then referenced twice.
-        aliases = [t.detach() for t in tensors]
-        handles = handles_from_tensors(aliases)
-        try:
-            return self._run(handles, stream)
-        except ModelRunError:
-            free_handles([h for h, a in zip(handles, aliases)
-                          if a._use_count() > 1])  # type: ignore[attr-defined]
-            raise
+        (out,) = self.run_many([tensors], stream)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def run_many(self, batch: Sequence[Sequence[torch.Tensor]], stream: int | None = None
+                 ) -> list[list[torch.Tensor] | Exception]:
+        """Run once per entry of `batch` (already checked inputs), in order, on one stream: each
+        run's outputs, or the exception it raised (a failed run does not stop the others).
+
+        Handles are made and taken back for the whole batch at once, and with the native helper
+        (`runmany`) every run goes in one GIL-free call."""
+        n_in, n_out = self.num_inputs, self.num_outputs
+        results: list[Any] = [None] * len(batch)
+        runs = []
+        for i, ts in enumerate(batch):
+            if len(ts) == n_in:  # the library would throw through its C ABI
+                runs.append(i)
+            else:
+                results[i] = InputError(f"wrong number of inputs: expected {n_in}, got {len(ts)}")
+        tensors = [t for i in runs for t in batch[i]]
+        if self._native_checks:
+            # The library checks inputs before it takes them over: hand it aliases, so that a
+            # handle it did not take can be told apart afterwards (its alias is referenced twice).
+            tensors = [t.detach() for t in tensors]
+        count = len(runs)
+        ins = (c_void_p * (count * n_in))(*handles_from_tensors(tensors))
+        outs = (c_void_p * (count * n_out))()
+        failed: dict[int, Exception] = {}
+        start = 0
+        while start < count:
+            code, done = self._run_span(ins, outs, start, count, stream)
+            if not code:
+                break
+            bad = start + done  # its outputs may be partly written
+            failed[bad] = ModelRunError(self.library.describe_failure("Run", code))
+            free_handles(outs[bad * n_out:(bad + 1) * n_out])
+            if self._native_checks:
+                free_handles([ins[j] for j in range(bad * n_in, (bad + 1) * n_in)
+                              if tensors[j]._use_count() > 1])  # type: ignore[attr-defined]
+            start = bad + 1
+        ok = [k for k in range(count) if k not in failed]
+        handles: list[Any] = list(outs) if not failed else [
+            outs[k * n_out + j] for k in ok for j in range(n_out)]
+        made = tensors_from_handles(handles)
+        for k, i in enumerate(runs):
+            results[i] = failed.get(k)
+        for m, k in enumerate(ok):
+            results[runs[k]] = made[m * n_out:(m + 1) * n_out]
+        return results
+
+    def _run_span(self, ins: ctypes.Array[c_void_p], outs: ctypes.Array[c_void_p], start: int,
+                  count: int, stream: int | None) -> tuple[int, int]:
+        """Runs `start`..`count-1` of the handle arrays, stopping at the first failure: its code
+        (0: none failed) and how many ran before it."""
+        n_in, n_out = self.num_inputs, self.num_outputs
+        width = ctypes.sizeof(c_void_p)
+        native = runmany.runner()
+        if native is not None:
+            done = c_size_t()
+            code = native(self._run_address, self._live(),
+                          ctypes.addressof(ins) + start * n_in * width, n_in,
+                          ctypes.addressof(outs) + start * n_out * width, n_out,
+                          count - start, stream, byref(done))
+            return code, done.value
+        for k in range(start, count):
+            code = self._run_fn(
+                self._live(), self._in_array.from_buffer(ins, k * n_in * width), n_in,
+                self._out_array.from_buffer(outs, k * n_out * width), n_out, stream, None)
+            if code:
+                return code, k - start
+        return 0, count - start
 
     def _run(self, handles: list[int], stream: int | None) -> list[torch.Tensor]:
         """Run on owning input handles (taken over by the library once it starts the run)."""

@@ -1,0 +1,31 @@
+/* aioti's one native helper: run a model `count` times in one call, so that a worker thread
+ * releases and re-takes the GIL once per batch of runs instead of once per run.
+ *
+ * Plain C (only the compiler's own <stddef.h>): the model library's Run function is passed in
+ * as a pointer, and every handle is opaque. Built on first use by aioti.core.runmany and loaded
+ * with ctypes, which releases the GIL for the duration of the call. */
+
+#include <stddef.h>
+
+typedef int (*aioti_run_fn)(void *container, void **inputs, size_t num_inputs, void **outputs,
+                            size_t num_outputs, void *stream, void *proxy_executor);
+
+/* Runs i = 0 .. count-1 on inputs[i*num_inputs ...] and outputs[i*num_outputs ...], in order,
+ * stopping at the first that fails: returns its code (0 if none failed) and sets *done to the
+ * number of runs that completed before it. Run takes over each run's input handles, the
+ * failed one's included; the runs after a failed one are not started. */
+int aioti_run_many(aioti_run_fn run, void *container, void **inputs, size_t num_inputs,
+                   void **outputs, size_t num_outputs, size_t count, void *stream,
+                   size_t *done)
+{
+    for (size_t i = 0; i < count; i++) {
+        int code = run(container, inputs + i * num_inputs, num_inputs,
+                       outputs + i * num_outputs, num_outputs, stream, (void *)0);
+        if (code != 0) {
+            *done = i;
+            return code;
+        }
+    }
+    *done = count;
+    return 0;
+}
