@@ -42,20 +42,16 @@ __all__ = ["AsyncModel", "ModelLoader", "load"]
 T = TypeVar("T")
 
 
-#: requests begun and run together (one native call): larger chunks take the GIL back less
-#: often; smaller ones let a cancellation reach more of a worker's taken requests
-RUN_CHUNK = 16
-
-
-def _make_process(container: Container, backend: Backend) -> Callable[..., None]:
+def _make_process(container: Container, backend: Backend) -> Callable[..., Any]:
     """The worker-side function: run a batch's requests on the worker's stream, a chunk of them
-    per native call."""
+    (`backend.run_chunk`) per native call; returns the backend's readiness token."""
     begin_batch, run_many, finish = backend.begin_batch, container.run_many, backend.finish
+    chunk = backend.run_chunk
 
-    def process(ctx: Any, batch: list[Request], begin: Begin) -> None:
+    def process(ctx: Any, batch: list[Request], begin: Begin) -> Any:
         stream = begin_batch(ctx, [req.payload[1] for req in batch])
-        for i in range(0, len(batch), RUN_CHUNK):
-            live = begin(batch[i:i + RUN_CHUNK])
+        for i in range(0, len(batch), chunk):
+            live = begin(batch[i:i + chunk])
             if not live:
                 continue
             for req, out in zip(live, run_many([req.payload[0] for req in live], stream)):
@@ -63,7 +59,7 @@ def _make_process(container: Container, backend: Backend) -> Callable[..., None]
                     req.error = out
                 else:
                     req.result = out
-        finish(ctx)
+        return finish(ctx)
 
     return process
 
@@ -120,6 +116,9 @@ class AsyncModel:
             max_queue=max_queue,
             start_worker=backend.start_worker,
             before_batch=threads.before_batch if threads is not None else None,
+            ready=backend.ready,
+            wait_ready=backend.wait_ready,
+            max_in_flight=backend.max_in_flight,
             stop_worker=backend.stop_worker,
             on_stopped=container.delete,
             max_take=self._batcher.max_take if self._batcher else 64,

@@ -197,3 +197,97 @@ def test_cpu_team_size_policy():
     assert cpu.worker_threads(1000, 1) == (1, 1)
     assert cpu.worker_threads(1 << 30, 2) == (cores, max(1, cores // 2))
     assert cpu.worker_threads(1 << 30, 64) == (cores, 1)
+
+
+class DeferredBackend(CpuBackend):
+    """A CPU backend whose batches report ready only after a few polls, as a GPU's do: it
+    drives the worker's in-flight path (launch on, deliver once ready) without a GPU."""
+
+    max_in_flight = 2
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.tokens: list[list[int]] = []
+        self.waited = 0
+
+    def finish(self, ctx):
+        token = [3]  # polls left before it reports ready
+        self.tokens.append(token)
+        return token
+
+    def ready(self, token) -> bool:
+        token[0] -= 1
+        return token[0] <= 0
+
+    def wait_ready(self, token) -> None:
+        self.waited += 1
+        token[0] = 0
+
+
+async def test_batches_in_flight_are_delivered_once_ready(models):
+    """Results of batches whose readiness comes later reach the right callers; mutations wait
+    for in-flight batches; closing lands them."""
+    aioti.register_backend("cpu", DeferredBackend, replace=True)
+    try:
+        eager = eager_model("small_mlp")
+        xs = [torch.randn(1 + i % 5, 64) for i in range(200)]
+        async with aioti.load(models["small_mlp"], workers=2) as model:
+            backend = model.backend
+            assert isinstance(backend, DeferredBackend)
+            results: dict[int, torch.Tensor] = {}
+
+            async def call(i: int) -> None:
+                results[i] = await model(xs[i])
+
+            async with anyio.create_task_group() as tg:
+                for i in range(len(xs)):
+                    tg.start_soon(call, i)
+                tg.start_soon(model.hot_swap, eager.state_dict())  # waits for in-flight ones
+            with torch.no_grad():
+                assert all(torch.allclose(results[i], eager(x), atol=1e-5)
+                           for i, x in enumerate(xs))
+            assert all(t[0] <= 0 for t in backend.tokens)  # none delivered before ready
+            assert backend.waited >= 1 and len(backend.tokens) >= 2
+            served = []
+
+            async def late(x: torch.Tensor) -> None:
+                try:
+                    served.append(await model(x))
+                except aioti.ClosedError:  # not queued before the close began
+                    pass
+
+            async with anyio.create_task_group() as tg:
+                for x in xs[:20]:
+                    tg.start_soon(late, x)
+                with anyio.fail_after(10):
+                    while not served:
+                        await anyio.sleep(0)
+                await model.aclose()  # lands what is in flight, then closes
+        assert all(t[0] <= 0 for t in backend.tokens)
+        assert model.stats()["completed"] == 200 + len(served)
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)
+
+
+@cuda
+async def test_cuda_one_stream_many_callers(models):
+    """One worker stream, 128 callers with distinct inputs: each gets its own outputs (batches
+    stay in flight on the stream while the worker launches the next)."""
+    from aioti.testing import compile_model
+
+    path = compile_model("small_mlp", "cuda")
+    eager = eager_model("small_mlp", "cuda")
+    xs = [torch.randn(1 + i % 3, 64, device="cuda") for i in range(128)]
+    async with aioti.load(path, device="cuda", workers=1) as model:
+        results: dict[int, torch.Tensor] = {}
+
+        async def call(i: int) -> None:
+            results[i] = await model(xs[i])
+
+        for _ in range(3):
+            async with anyio.create_task_group() as tg:
+                for i in range(len(xs)):
+                    tg.start_soon(call, i)
+            with torch.no_grad():
+                assert all(torch.allclose(results[i], eager(x), atol=1e-4)
+                           for i, x in enumerate(xs))

@@ -4,9 +4,10 @@ A backend serves one device (`torch.device`, index resolved). The runtime calls,
 `prepare` on the caller's loop thread for each request; `start_worker` once in each worker
 thread; `begin_batch` before each batch of runs in that thread, after setting the thread's native
 team size from `worker_threads(...)` (waits for the batch's inputs to be ready and returns the
-stream handle to pass to the native `Run`); `finish` once after each batch, before results are
-delivered (outputs must be ready to use on any stream when it returns); `stop_worker` when the
-worker exits; `aclose` when the backend is dropped from the registry.
+stream handle to pass to the native `Run`); `finish` once after each batch (None when the outputs
+are ready to use on any stream, else a token: the worker polls it with `ready`, blocks on it with
+`wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits;
+`aclose` when the backend is dropped from the registry.
 """
 
 from __future__ import annotations
@@ -62,8 +63,25 @@ class Backend:
         returns the stream handle for `Run` (None: the default stream / CPU)."""
         return None
 
-    def finish(self, ctx: Any) -> None:
-        """In the worker, after a batch of runs: make their outputs ready for any stream."""
+    #: requests a worker begins and runs in one native call: larger chunks take the GIL back
+    #: less often; smaller ones leave more of a worker's taken requests open to cancellation
+    run_chunk = 16
+
+    #: batches a worker may have launched whose outputs are not ready yet (see `finish`)
+    max_in_flight = 0
+
+    def finish(self, ctx: Any) -> Any:
+        """In the worker, after a batch of runs: None once their outputs are ready for any
+        stream, or a token for `ready` and `wait_ready` (the worker then goes on launching
+        batches, up to `max_in_flight` unfinished, and delivers this one once it is ready)."""
+        return None
+
+    def ready(self, token: Any) -> bool:
+        """In the worker: whether the batch behind a `finish` token is ready (no blocking)."""
+        return True
+
+    def wait_ready(self, token: Any) -> None:
+        """In the worker: block until the batch behind a `finish` token is ready."""
 
     def stop_worker(self, ctx: Any) -> None:
         """In the worker thread as it exits."""

@@ -20,5 +20,5 @@ class SyncDeviceBackend(Backend):
         self.name = device.type
         self._module = module
 
-    def finish(self, ctx: object) -> None:
+    def finish(self, ctx: object) -> None:  # ready at once: no token
         self._module.synchronize()

@@ -99,11 +99,11 @@ class Batcher:
             runs = self._runs
         return {"runs": runs, "batch_rows": hist, "queue_wait_s": self.queue_wait.percentiles(50, 99)}
 
-    def process(self, ctx: Any, batch: list[Request], begin: Begin) -> None:
-        """Worker side: group, merge, run, split."""
+    def process(self, ctx: Any, batch: list[Request], begin: Begin) -> Any:
+        """Worker side: group, merge, run, split; returns the backend's readiness token."""
         live = begin(batch)
         if not live:
-            return
+            return None
         stream = self._backend.begin_batch(ctx, [r.payload[1] for r in live])
         now = time.perf_counter()
         self.queue_wait.extend([now - r.t0 for r in live])
@@ -120,7 +120,7 @@ class Batcher:
                     start, total = i, 0
                 total += n
             self._run_chunk(stream, reqs[start:], rows[start:])
-        self._backend.finish(ctx)
+        return self._backend.finish(ctx)
 
     def _run_single(self, stream: int | None, r: Request) -> None:
         try:

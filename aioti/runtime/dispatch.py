@@ -90,7 +90,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        process: Callable[[Any, list[Request], Begin], None],
+        process: Callable[[Any, list[Request], Begin], Any],
         *,
         workers: int,
         max_queue: int,
@@ -98,6 +98,9 @@ class Dispatcher:
         stop_worker: Callable[[Any], None] = lambda ctx: None,
         on_stopped: Callable[[], None] = lambda: None,
         before_batch: Callable[[int], None] | None = None,
+        ready: Callable[[Any], bool] = lambda token: True,
+        wait_ready: Callable[[Any], None] = lambda token: None,
+        max_in_flight: int = 0,
         max_take: int = 64,
         fill: int | None = None,
         linger: float = 0.0,
@@ -114,6 +117,12 @@ class Dispatcher:
         # In the worker before each batch, with the number of batches running (this one
         # included), plus one if requests are left queued for another worker.
         self._before_batch = before_batch
+        # `process` returns None when a batch's outputs are ready, else a token that `ready`
+        # polls and `wait_ready` blocks on: a worker goes on launching batches meanwhile, with
+        # up to `max_in_flight` of them unfinished, and delivers each once it is ready.
+        self._ready = ready
+        self._wait_ready = wait_ready
+        self._max_in_flight = max_in_flight
         self.max_queue = max_queue
         self.max_take = max_take
         self.fill = fill or max_take  # queued size at which a batch is full
@@ -354,15 +363,51 @@ class Dispatcher:
         now = time.perf_counter()
         self.latency.extend([now - req.t0 for req in reqs])
 
+    def _complete(self, batch: list[Request]) -> None:
+        """A batch's outputs are ready (or it failed): deliver it and count it as done."""
+        done = []
+        bad = 0
+        for req in batch:
+            req.payload = None
+            if req.state == CANCELLED:
+                req.result = None  # outputs released here
+                continue
+            req.state = DONE
+            done.append(req)
+            if req.error is not None:
+                bad += 1
+        self._deliver(done)
+        with self._cond:
+            self._running -= 1
+            self.completed += len(done) - bad
+            self.failed += bad
+            if self._paused and not self._running:
+                self._cond.notify_all()
+
+    def _land(self, token: Any, batch: list[Request]) -> None:
+        """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it."""
+        try:
+            self._wait_ready(token)
+        except Exception as exc:
+            for req in batch:
+                req.error, req.result = exc, None
+        self._complete(batch)
+
     def _worker(self, index: int) -> None:
         cond, queue = self._cond, self._queue
+        ready, max_flight = self._ready, self._max_in_flight
+        flight: deque[tuple[Any, list[Request]]] = deque()  # launched, not yet ready
         ctx = None
         try:
             ctx = self._start_worker(index)
             while True:
+                while flight and ready(flight[0][0]):
+                    self._complete(flight.popleft()[1])
                 with cond:
                     while True:
                         if self._paused or not queue:
+                            if flight:
+                                break  # wait for an in-flight batch rather than for work
                             if not queue and self._closing:
                                 return
                             if not self._paused and self._under_demand():
@@ -380,46 +425,41 @@ class Dispatcher:
                             if mine in self._sleeping:  # woken by `_wake_all_locked`
                                 self._sleeping.remove(mine)
                             continue
-                        if self._should_linger():
+                        if self._should_linger() and not flight:
                             self._lingering += 1
                             cond.wait(self._linger - (time.perf_counter() - queue[0].t0))
                             self._lingering -= 1
                             continue
                         break
-                    batch = self._take_locked()
-                    self._running += 1
-                    busy = self._running + (1 if queue else 0)  # others run, or will soon
+                    batch = self._take_locked() if queue and not self._paused else None
+                    if batch is not None:
+                        self._running += 1
+                        busy = self._running + (1 if queue else 0)  # others run, or will soon
+                if batch is None:
+                    self._land(*flight.popleft())
+                    continue
+                token = None
                 try:
                     if self._before_batch is not None:
                         self._before_batch(busy)
-                    self._process(ctx, batch, self.begin)
+                    token = self._process(ctx, batch, self.begin)
                 except BaseException as exc:  # process sets errors per request; this is a bug net
                     for req in batch:
                         if req.error is None and req.result is None:
                             req.error = exc
                     if not isinstance(exc, Exception):
+                        self._complete(batch)
                         raise
-                finally:
-                    done = []
-                    bad = 0
-                    for req in batch:
-                        req.payload = None
-                        if req.state == CANCELLED:
-                            req.result = None  # outputs released here
-                            continue
-                        req.state = DONE
-                        done.append(req)
-                        if req.error is not None:
-                            bad += 1
-                    self._deliver(done)
-                    with cond:
-                        self._running -= 1
-                        self.completed += len(done) - bad
-                        self.failed += bad
-                        if self._paused and not self._running:
-                            cond.notify_all()
-                    del done
+                if token is None:
+                    self._complete(batch)
+                else:
+                    flight.append((token, batch))
+                    if len(flight) > max_flight:
+                        self._land(*flight.popleft())
+                del batch
         finally:
+            while flight:
+                self._land(*flight.popleft())
             if ctx is not None:
                 self._stop_worker(ctx)
             with cond:
