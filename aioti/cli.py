@@ -16,7 +16,7 @@ __all__ = ["main"]
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .core import list_models, open_container, open_model
+    from .core import list_models, open_container, open_model, runmany
 
     names = list_models(args.path) if args.path.suffix != ".so" else [args.path.stem]
     files = open_model(args.path, args.model_name)
@@ -34,6 +34,7 @@ def _info(args: argparse.Namespace) -> int:
             # The package does not record the torch version that built it; the ABI tells the era.
             "built_by": "torch >= 2.13 (full ABI)" if not c.library.missing else
                         "an older torch (e.g. 2.11): some functions are missing",
+            "run_loop": runmany.status(),
         }
     finally:
         c.delete()
@@ -50,6 +51,7 @@ def _info(args: argparse.Namespace) -> int:
               + (", folded" if k["folded"] else ""))
     print(f"ABI      {len(info['abi_present'])} functions; missing: "
           f"{', '.join(info['abi_missing']) or 'none'}")
+    print(f"runs     {'a chunk per native call' if info['run_loop'] == 'native' else info['run_loop']}")
     return 0
 
 

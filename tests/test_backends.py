@@ -291,3 +291,39 @@ async def test_cuda_one_stream_many_callers(models):
             with torch.no_grad():
                 assert all(torch.allclose(results[i], eager(x), atol=1e-4)
                            for i, x in enumerate(xs))
+
+
+class LostBatchBackend(CpuBackend):
+    """A backend whose first batch's readiness check fails, as a device error would."""
+
+    max_in_flight = 1
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.batches = 0
+
+    def finish(self, ctx):
+        self.batches += 1
+        return self.batches
+
+    def ready(self, token) -> bool:
+        if token == 1:
+            raise RuntimeError("device lost during batch 1")
+        return True
+
+    def wait_ready(self, token) -> None:
+        self.ready(token)
+
+
+async def test_a_failed_readiness_check_fails_that_batch_only(models):
+    aioti.register_backend("cpu", LostBatchBackend, replace=True)
+    try:
+        x = torch.randn(2, 64)
+        async with aioti.load(models["small_mlp"]) as model:
+            with pytest.raises(RuntimeError, match="device lost during batch 1"):
+                await model(x)
+            with torch.no_grad():
+                assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
+            assert model.stats()["failed"] == 1 and model.stats()["completed"] == 1
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)

@@ -131,6 +131,7 @@ def test_cli(models, tmp_path):
     info = cli("info", str(models["multi_io"]), "--json")
     assert info.returncode == 0
     data = json.loads(info.stdout)
+    assert data["run_loop"] == "native"
     assert data["models"] == ["model"] and len(data["inputs"]) == 3
     assert "kwargs['scale']" in data["inputs"][2]["name"]
     torch.save((torch.randn(4, 16), torch.randn(4, 8)), tmp_path / "in.pt")

@@ -401,7 +401,13 @@ class Dispatcher:
         try:
             ctx = self._start_worker(index)
             while True:
-                while flight and ready(flight[0][0]):
+                while flight:
+                    try:
+                        if not ready(flight[0][0]):
+                            break
+                    except Exception:  # `_land` meets it again and hands it to the callers
+                        self._land(*flight.popleft())
+                        continue
                     self._complete(flight.popleft()[1])
                 with cond:
                     while True:
