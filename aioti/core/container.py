@@ -111,6 +111,7 @@ class Container:
             "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
         ]
         self._run_address: int = ctypes.cast(self._run_fn, c_void_p).value  # type: ignore[assignment]
+        runmany.runner()  # built (once per machine) or found here, not in the first run
         self.num_inputs = self._count("GetNumInputs")
         self.num_outputs = self._count("GetNumOutputs")
         self._in_array = c_void_p * self.num_inputs
