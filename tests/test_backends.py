@@ -327,3 +327,31 @@ async def test_a_failed_readiness_check_fails_that_batch_only(models):
             assert model.stats()["failed"] == 1 and model.stats()["completed"] == 1
     finally:
         aioti.register_backend("cpu", CpuBackend, replace=True)
+
+
+async def test_batching_with_batches_in_flight(models):
+    """Dynamic batching over a backend whose batches finish later: merged runs stay in flight
+    while the next batch fills, and every caller gets its own rows."""
+    aioti.register_backend("cpu", DeferredBackend, replace=True)
+    try:
+        eager = eager_model("small_mlp")
+        xs = [torch.randn(1 + i % 4, 64) for i in range(150)]
+        cfg = aioti.Batching(max_batch_size=16, max_delay_ms=1.0)
+        async with aioti.load(models["small_mlp"], batching=cfg) as model:
+            results: dict[int, torch.Tensor] = {}
+
+            async def call(i: int) -> None:
+                results[i] = await model(xs[i])
+
+            for _ in range(2):
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(xs)):
+                        tg.start_soon(call, i)
+            with torch.no_grad():
+                assert all(results[i].shape == (x.shape[0], 10)
+                           and torch.allclose(results[i], eager(x), atol=1e-5)
+                           for i, x in enumerate(xs))
+            assert max(model.stats()["batching"]["batch_rows"]) <= 16
+            assert all(t[0] <= 0 for t in model.backend.tokens) and len(model.backend.tokens) > 2
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)

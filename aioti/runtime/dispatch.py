@@ -410,6 +410,7 @@ class Dispatcher:
                         continue
                     self._complete(flight.popleft()[1])
                 with cond:
+                    take = False
                     while True:
                         if self._paused or not queue:
                             if flight:
@@ -431,17 +432,20 @@ class Dispatcher:
                             if mine in self._sleeping:  # woken by `_wake_all_locked`
                                 self._sleeping.remove(mine)
                             continue
-                        if self._should_linger() and not flight:
+                        if self._should_linger():
+                            if flight:
+                                break  # land an in-flight batch while this one fills
                             self._lingering += 1
                             cond.wait(self._linger - (time.perf_counter() - queue[0].t0))
                             self._lingering -= 1
                             continue
+                        take = True
                         break
-                    batch = self._take_locked() if queue and not self._paused else None
-                    if batch is not None:
+                    if take:
+                        batch = self._take_locked()
                         self._running += 1
                         busy = self._running + (1 if queue else 0)  # others run, or will soon
-                if batch is None:
+                if not take:
                     self._land(*flight.popleft())
                     continue
                 token = None
