@@ -364,7 +364,8 @@ class Dispatcher:
         self.latency.extend([now - req.t0 for req in reqs])
 
     def _complete(self, batch: list[Request]) -> None:
-        """A batch's outputs are ready (or it failed): deliver it and count it as done."""
+        """A batch's outputs are ready (or it failed): count it as done, then deliver it (a
+        caller that reads `stats()` once resumed finds its request counted)."""
         done = []
         bad = 0
         for req in batch:
@@ -376,13 +377,13 @@ class Dispatcher:
             done.append(req)
             if req.error is not None:
                 bad += 1
-        self._deliver(done)
         with self._cond:
             self._running -= 1
             self.completed += len(done) - bad
             self.failed += bad
             if self._paused and not self._running:
                 self._cond.notify_all()
+        self._deliver(done)
 
     def _land(self, token: Any, batch: list[Request]) -> None:
         """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it."""
