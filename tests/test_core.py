@@ -429,6 +429,10 @@ def test_run_many_matches_single_runs(container, monkeypatch, native):
     for got, b in zip(out[:2] + out[3:], (1, 3, 8, 2)):
         assert same(got, eager_flat("multi_io", b, seed=b))
     assert c.run_many([]) == []
+    other = container("small_mlp")
+    other.delete()
+    with pytest.raises(aioti.ClosedError):
+        other.run_many([[torch.randn(2, 64)]])
 
 
 @pytest.mark.parametrize("native", ["1", "0"], ids=["native", "per-run"])

@@ -252,6 +252,7 @@ class Container:
 
         Handles are made and taken back for the whole batch at once, and with the native helper
         (`runmany`) every run goes in one GIL-free call."""
+        self._live()  # a closed container raises before any handle is made
         n_in, n_out = self.num_inputs, self.num_outputs
         results: list[Any] = [None] * len(batch)
         runs = []
