@@ -59,6 +59,20 @@ async def _append(out, coro):
     out.append(await coro)
 
 
+async def _call_all(model, xs: list[torch.Tensor], rounds: int = 1) -> dict[int, torch.Tensor]:
+    """Every input as its own concurrent caller, `rounds` times; the last round's outputs."""
+    results: dict[int, torch.Tensor] = {}
+
+    async def call(i: int) -> None:
+        results[i] = await model(xs[i])
+
+    for _ in range(rounds):
+        async with anyio.create_task_group() as tg:
+            for i in range(len(xs)):
+                tg.start_soon(call, i)
+    return results
+
+
 def test_entry_point_plugins(tmp_path, monkeypatch):
     dist = tmp_path / "fakeplug-1.0.dist-info"
     dist.mkdir()
@@ -279,15 +293,8 @@ async def test_cuda_one_stream_many_callers(models):
     eager = eager_model("small_mlp", "cuda")
     xs = [torch.randn(1 + i % 3, 64, device="cuda") for i in range(128)]
     async with aioti.load(path, device="cuda", workers=1) as model:
-        results: dict[int, torch.Tensor] = {}
-
-        async def call(i: int) -> None:
-            results[i] = await model(xs[i])
-
         for _ in range(3):
-            async with anyio.create_task_group() as tg:
-                for i in range(len(xs)):
-                    tg.start_soon(call, i)
+            results = await _call_all(model, xs)
             with torch.no_grad():
                 assert all(torch.allclose(results[i], eager(x), atol=1e-4)
                            for i, x in enumerate(xs))
@@ -338,15 +345,7 @@ async def test_batching_with_batches_in_flight(models):
         xs = [torch.randn(1 + i % 4, 64) for i in range(150)]
         cfg = aioti.Batching(max_batch_size=16, max_delay_ms=1.0)
         async with aioti.load(models["small_mlp"], batching=cfg) as model:
-            results: dict[int, torch.Tensor] = {}
-
-            async def call(i: int) -> None:
-                results[i] = await model(xs[i])
-
-            for _ in range(2):
-                async with anyio.create_task_group() as tg:
-                    for i in range(len(xs)):
-                        tg.start_soon(call, i)
+            results = await _call_all(model, xs, rounds=2)
             with torch.no_grad():
                 assert all(results[i].shape == (x.shape[0], 10)
                            and torch.allclose(results[i], eager(x), atol=1e-5)
