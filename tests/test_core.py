@@ -422,6 +422,7 @@ def test_run_many_matches_single_runs(container, monkeypatch, native):
     if not native:
         monkeypatch.setattr(runmany, "runner", lambda: None)
     c = container("multi_io")
+    assert (c._run_many_fn is not None) == native
     batch = [flat("multi_io", b, seed=b) for b in (1, 3, 8, 2)]
     batch.insert(2, flat("multi_io", 4)[:-1])
     out = c.run_many(batch)

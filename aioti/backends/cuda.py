@@ -38,6 +38,12 @@ _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 class CudaBackend(Backend):
     name = "cuda"
 
+    max_in_flight = 3
+    # Runs only launch work on the stream (~0.1 ms each here): a whole batch in one call. With
+    # chunks of 16, a lone worker waited for the GIL between chunks while the loop settled
+    # results, and the stream ran dry.
+    run_chunk = 64
+
     def __init__(self, device: torch.device) -> None:
         if not torch.cuda.is_available():
             raise BackendError("CUDA is not available (no GPU, or a CPU-only torch build)")
@@ -82,12 +88,6 @@ class CudaBackend(Backend):
         if stream is None:
             stream = self._streams[raw] = torch.cuda.ExternalStream(raw, device=self.device)
         return stream
-
-    max_in_flight = 3
-    # Runs only launch work on the stream (~0.1 ms each here): a whole batch in one call. With
-    # chunks of 16, a lone worker waited for the GIL between chunks while the loop settled
-    # results, and the stream ran dry.
-    run_chunk = 64
 
     def finish(self, ctx: _Worker) -> torch.cuda.Event:
         # The dispatcher lands batches in order and keeps at most `max_in_flight` unfinished,

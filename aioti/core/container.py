@@ -111,7 +111,8 @@ class Container:
             "RunSingleThreaded" if single_threaded and library.has("RunSingleThreaded") else "Run"
         ]
         self._run_address: int = ctypes.cast(self._run_fn, c_void_p).value  # type: ignore[assignment]
-        runmany.runner()  # built (once per machine) or found here, not in the first run
+        # The native run loop, built (once per machine) or found here, not in the first run.
+        self._run_many_fn = runmany.runner()
         self.num_inputs = self._count("GetNumInputs")
         self.num_outputs = self._count("GetNumOutputs")
         self._in_array = c_void_p * self.num_inputs
@@ -286,10 +287,10 @@ class Container:
         handles: list[Any] = list(outs) if not failed else [
             outs[k * n_out + j] for k in ok for j in range(n_out)]
         made = tensors_from_handles(handles)
-        for k, i in enumerate(runs):
-            results[i] = failed.get(k)
         for m, k in enumerate(ok):
             results[runs[k]] = made[m * n_out:(m + 1) * n_out]
+        for k, exc in failed.items():
+            results[runs[k]] = exc
         return results
 
     def _run_span(self, ins: ctypes.Array[c_void_p], outs: ctypes.Array[c_void_p], start: int,
@@ -298,7 +299,7 @@ class Container:
         (0: none failed) and how many ran before it."""
         n_in, n_out = self.num_inputs, self.num_outputs
         width = ctypes.sizeof(c_void_p)
-        native = runmany.runner()
+        native = self._run_many_fn
         if native is not None:
             done = c_size_t()
             code = native(self._run_address, self._live(),
