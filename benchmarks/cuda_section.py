@@ -2,7 +2,9 @@
 
 Rows: a synchronous loop over aioti's core (and over torch's loader, run in a subprocess since it
 may crash); raw threads over the core, one CUDA stream each, each synchronizing its stream every
-64 runs; aioti on asyncio at concurrency 64 with 1, 2 and 4 worker streams. Batch 1 and 64.
+64 runs; aioti on asyncio at concurrency 64 with 1, 2 and 4 worker streams, each measured right
+after raw threads with as many streams. Batch 1 and 64, and at batch 1 dynamic batching on one
+stream (its ratio is still against raw threads' unbatched runs: requests/s against runs/s).
 """
 
 from __future__ import annotations
@@ -81,32 +83,53 @@ def torch_loader(path: Any, batch: int, duration: float) -> float | str:
     return float(p.stdout.strip().splitlines()[-1])
 
 
+def aioti_c64(path: Any, x: torch.Tensor, streams: int, duration: float,
+              batching: aioti.Batching | None = None) -> dict[str, Any]:
+    """aioti on asyncio, 64 tasks, `streams` worker streams (optionally with batching)."""
+
+    async def go() -> dict[str, Any]:
+        async with aioti.load(path, device="cuda", workers=streams, batching=batching) as model:
+            await model.run([x])
+            row = await measure(model, [x], 64, duration)
+            if batching is not None:
+                row["batch_rows"] = model.stats()["batching"]["batch_rows"]
+            return row
+
+    return anyio.run(go)
+
+
 def run_cuda(duration: float, repeats: int) -> list[dict[str, Any]]:
+    """Each aioti row is `repeats` back-to-back pairs (raw threads, then aioti) and its ratio the
+    median of the pairs' ratios: this host's raw rate drifts by up to 1.7x between runs."""
     path = compile_model("mid_mlp", "cuda", verbose=True)
     rows: list[dict[str, Any]] = []
+    med = statistics.median
     for batch in (1, 64):
         x = torch.randn(batch, 1024, device="cuda")
-        med = lambda f: statistics.median(f() for _ in range(repeats))  # noqa: E731
-        base = med(lambda: sync_core(path, x, duration))
+        base = med(sync_core(path, x, duration) for _ in range(repeats))
         rows.append({"batch": batch, "config": "sync aioti core loop", "runs_per_s": base})
         rows.append({"batch": batch, "config": "sync torch loader loop",
                      "runs_per_s": torch_loader(path, batch, duration)})
-        for streams in (1, 2, 4):
-            raw = med(lambda: raw_threads(path, x, streams, duration))
-
-            async def go(s: int = streams) -> dict[str, Any]:
-                async with aioti.load(path, device="cuda", workers=s) as model:
-                    await model.run([x])
-                    return await measure(model, [x], 64, duration)
-
-            ours = [anyio.run(go) for _ in range(repeats)]
-            rate = statistics.median(r["requests_per_s"] for r in ours)
-            rows.append({"batch": batch, "config": f"raw threads, {streams} streams",
-                         "runs_per_s": raw})
-            rows.append({"batch": batch, "config": f"aioti asyncio c64, {streams} streams",
-                         "runs_per_s": rate, "vs_raw": rate / raw,
-                         "loop_lag_p99_ms": statistics.median(r["loop_lag_p99_ms"] for r in ours),
-                         "p99_ms": statistics.median(r["p99_ms"] for r in ours)})
+        plans: list[tuple[int, aioti.Batching | None]] = [(1, None), (2, None), (4, None)]
+        if batch == 1:
+            plans.append((1, aioti.Batching(max_batch_size=64, max_delay_ms=2.0)))
+        for streams, batching in plans:
+            pairs = [(raw_threads(path, x, streams, duration),
+                      aioti_c64(path, x, streams, duration, batching)) for _ in range(repeats)]
+            raw = med(p[0] for p in pairs)
+            name = f"aioti asyncio c64, {streams} streams" + (", batching" if batching else "")
+            ratios = [p[1]["requests_per_s"] / p[0] for p in pairs]
+            if batching is None:
+                rows.append({"batch": batch, "config": f"raw threads, {streams} streams",
+                             "runs_per_s": raw})
+            row = {"batch": batch, "config": name,
+                   "runs_per_s": med(p[1]["requests_per_s"] for p in pairs),
+                   "vs_raw": med(ratios), "pair_ratios": [round(r, 2) for r in ratios],
+                   "loop_lag_p99_ms": med(p[1]["loop_lag_p99_ms"] for p in pairs),
+                   "p99_ms": med(p[1]["p99_ms"] for p in pairs)}
+            if batching is not None:
+                row["batch_rows"] = pairs[-1][1]["batch_rows"]
+            rows.append(row)
         one = next(r for r in rows if r["batch"] == batch
                    and r["config"] == "aioti asyncio c64, 1 streams")
         for r in rows:
