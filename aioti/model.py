@@ -329,7 +329,11 @@ class AsyncModel:
 
         Runs keep flowing on the old weights until the swap, and use the new ones after it. The
         old buffer stays inactive, so `swap_constants()` rolls back. Cancelled midway, the model
-        keeps serving the old weights (or, if the swap had begun, the new ones)."""
+        keeps serving the old weights (or, if the swap had begun, the new ones). Closed midway,
+        the step in progress returns before the native container goes, and the next raises
+        `ClosedError`."""
+        if self._closed:
+            raise ClosedError("the model is closed")
         loaded = await self._read(mapping)
         c = self._container
         folds = fold and any(c.folded_constants.values())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import anyio
 import pytest
 import torch
@@ -158,3 +161,47 @@ async def test_mutations_are_serialized(models):
         out = await model(x)
         assert sum(torch.allclose(out, eager_with("small_mlp", sd)(x), atol=1e-5)
                    for sd in sets) == 1
+
+
+
+CLOSE_DURING_SWAPS = """
+import json, sys, anyio
+import aioti
+from aioti.testing import eager_model
+path, backend = sys.argv[1], sys.argv[2]
+new = {k: v + 0.1 for k, v in eager_model("mid_mlp").state_dict().items()}
+outcomes = {"ok": 0, "closed": 0}
+
+async def main():
+    for i in range(30):
+        model = await aioti.load(path)
+
+        async def swap():
+            try:
+                await model.hot_swap(new)
+                outcomes["ok"] += 1
+            except aioti.ClosedError:
+                outcomes["closed"] += 1
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(swap)
+            await anyio.sleep(0.0005 * (i % 8))
+            await model.aclose()
+
+anyio.run(main, backend=backend)
+print(json.dumps(outcomes))
+"""
+
+
+async def test_close_during_hot_swaps(models, anyio_backend):
+    """A model closed while a hot swap runs: the swap finishes or raises ClosedError, and the
+    native container is deleted only once the constant operation in progress has returned
+    (deleting it under a running update crashed the process). In a child process, so that a
+    crash fails this test only."""
+    with anyio.fail_after(240):
+        proc = await anyio.run_process(
+            [sys.executable, "-c", CLOSE_DURING_SWAPS, str(models["mid_mlp"]), anyio_backend],
+            check=False)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    outcomes = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert sum(outcomes.values()) == 30

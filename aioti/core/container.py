@@ -3,7 +3,9 @@
 A `Container` may be used from many threads at once, as the native container is: runs on up to
 `num_models` threads proceed in parallel. Constant *mutations* are not synchronized against runs
 by the native code (an update of the active buffer races with runs): callers serialize them, as
-the async facade does with its mutation lock and run gate.
+the async facade does with its mutation lock and run gate. Constant operations are serialized
+with each other and with `delete` here: a deletion waits for the one in progress, and one that
+comes after it raises `ClosedError` (deleting the native container under it would crash).
 
 Ownership across the boundary:
 - `run` makes a new owning handle per input; the native `Run` steals (frees) them.
@@ -16,13 +18,14 @@ Ownership across the boundary:
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from ctypes import byref, c_bool, c_char_p, c_int32, c_size_t, c_uint64, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -68,6 +71,20 @@ class ConstantInfo:
     kind: int  # torch::aot_inductor::ConstantType: 1 Parameter, 2 Buffer, 3 TensorConstant
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _holding(method: F) -> F:
+    """A constant operation, run holding the container against deletion (see the module doc)."""
+
+    @functools.wraps(method)
+    def held(self: Container, *args: Any, **kwargs: Any) -> Any:
+        with self._ops:
+            return method(self, *args, **kwargs)
+
+    return cast(F, held)
+
+
 class Container:
     """A native model container. Create it, `run` it, and `delete` it when done.
 
@@ -98,7 +115,7 @@ class Container:
         cubin = str(cubin_dir).encode() if cubin_dir is not None else None
         library.call("CreateWithDevice", byref(handle), num_models, str(self.device).encode(), cubin)
         self._handle: int | None = handle.value
-        self._delete_lock = threading.Lock()
+        self._ops = threading.RLock()  # held by constant operations and by `delete`
         self._kept: list[dict[str, tuple[torch.Tensor, int]]] = [{}, {}]  # per buffer
         self._active = 0
         self._inactive_complete = False
@@ -388,6 +405,7 @@ class Container:
         return [c.fqn or c.name for c in self.constants
                 if not c.from_folded and c.name not in names]
 
+    @_holding
     def update_constants(
         self,
         mapping: Mapping[str, object],
@@ -452,6 +470,7 @@ class Container:
         active buffer, so the buffer a later swap activates is always complete."""
         self.update_constants(mapping, inactive=True)
 
+    @_holding
     def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
                           ) -> dict[str, torch.Tensor]:
         """Copies of the constants of the active (or inactive) buffer, keyed by internal name
@@ -470,12 +489,14 @@ class Container:
             out[key] = t.clone()
         return out
 
+    @_holding
     def run_constant_folding(self, *, inactive: bool = False, stream: int | None = None) -> None:
         """Fold constants of the active (or inactive) buffer; folding the active one waits for
         runs in flight (the native container takes its exclusive lock)."""
         self._need("RunConstantFolding", "constant folding")
         self.library.call("RunConstantFolding", self._live(), inactive, stream, None)
 
+    @_holding
     def swap_constant_buffer(self) -> None:
         """Make the inactive buffer active (waits for runs in flight, natively)."""
         self._need("SwapConstantBuffer", "swapping constant buffers")
@@ -487,18 +508,21 @@ class Container:
         self.library.call("SwapConstantBuffer", self._live())
         self._active ^= 1
 
+    @_holding
     def free_inactive_constant_buffer(self) -> None:
         self._need("FreeInactiveConstantBuffer", "freeing the inactive buffer")
         self.library.call("FreeInactiveConstantBuffer", self._live())
         self._inactive_complete = False
 
     @property
+    @_holding
     def constants_blob_size(self) -> int:
         self._need("GetConstantsBlobSize", "reading the weights blob size")
         n = c_uint64()
         self.library.call("GetConstantsBlobSize", self._live(), byref(n))
         return n.value
 
+    @_holding
     def load_constants_from_blob(self, blob: str | os.PathLike[str] | bytes) -> None:
         """Load the active buffer from a weights blob: the constants' bytes, concatenated in
         constant order (the `*_weights.blob` of packages compiled with
@@ -536,16 +560,17 @@ class Container:
     # --- lifetime ----------------------------------------------------------------------------
 
     def delete(self) -> None:
-        """Delete the native container (idempotent). No run may be in flight."""
-        with self._delete_lock:
+        """Delete the native container (idempotent), once a constant operation in progress has
+        returned. No run may be in flight."""
+        with self._ops:
             handle, self._handle = self._handle, None
-        if handle is None:
-            return
-        self.library.call("Delete", handle)
-        for kept in self._kept:
-            free_handles([h for _, h in kept.values()])
-            kept.clear()
-        self._blobs.clear()
+            if handle is None:
+                return
+            self.library.call("Delete", handle)
+            for kept in self._kept:
+                free_handles([h for _, h in kept.values()])
+                kept.clear()
+            self._blobs.clear()
 
 
 def open_container(files: object, **kwargs: Any) -> Container:
