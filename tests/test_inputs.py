@@ -28,6 +28,7 @@ CASES = [
     ("non-contiguous", [torch.randn(16, 8).t(), Y, S], ["args[0]", "strides", "contiguous"]),
     ("non-tensor", [X, 3.0, S], ["args[1]", "torch.Tensor", "float"]),
     ("wrong device", [X.to("meta"), Y, S], ["args[0]", "cpu", "meta"]),
+    ("sparse", [X, Y.to_sparse(), S], ["args[1]", "dense", "sparse_coo"]),
 ]
 
 

@@ -184,6 +184,8 @@ def _check_one(
         raise InputError(f"{where}: expected dtype {spec.dtype}, got {t.dtype}")
     if t.device != device and not (device.index is None and t.device.type == device.type):
         raise InputError(f"{where}: expected a tensor on {device}, got one on {t.device}")
+    if t.layout != torch.strided:
+        raise InputError(f"{where}: expected a dense tensor (torch.strided), got {t.layout}")
     if spec.sizes is None:
         return
     shape = t.shape
