@@ -175,7 +175,16 @@ class AsyncModel:
         return self._container
 
     def stats(self) -> dict[str, Any]:
-        """Counts (queued, running, completed, failed, cancelled) and latency percentiles (s)."""
+        """Counts and latency percentiles (s) of requests that entered the queue.
+
+        `queued`: waiting for a worker; `running`: batches taken and not yet finished;
+        `completed` / `failed`: requests whose run ended with outputs / an error while their
+        caller was still waiting (counted then, so a caller that leaves between that moment and
+        the delivery is counted here, not as cancelled); `cancelled`: requests whose caller left
+        before that (a queued one never runs; a running one's outputs are dropped). A caller
+        that leaves while waiting for room in a full queue never entered it and is not counted;
+        nor are requests that closing with `cancel_queued` fails.
+        `latency_s`: from the request's creation to its delivery on its loop."""
         out = self._dispatcher.stats()
         if self._batcher is not None:
             out["batching"] = self._batcher.stats()
