@@ -31,7 +31,8 @@ class InputError(AiotiError, ValueError):
 
 
 class UnsupportedOperation(AiotiError):
-    """The model library lacks the native function an operation needs (older torch builds)."""
+    """The model library cannot do the operation: it lacks the native function the operation
+    needs (older torch builds), or doing it would crash the library (a known torch bug)."""
 
 
 class ClosedError(AiotiError):

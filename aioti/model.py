@@ -316,7 +316,8 @@ class AsyncModel:
         await self.update_constants(mapping, inactive=True)
 
     async def fold_constants(self, *, inactive: bool = False) -> None:
-        """Run constant folding on the active (or inactive) buffer."""
+        """Run constant folding on the active (or inactive) buffer; `InputError` for an inactive
+        buffer that holds no complete weight set (empty after loading and after a free)."""
         await self._mutate(lambda: self._container.run_constant_folding(inactive=inactive))
 
     async def swap_constants(self) -> None:
@@ -324,7 +325,9 @@ class AsyncModel:
         await self._mutate(self._container.swap_constant_buffer)
 
     async def free_inactive_constants(self) -> None:
-        """Release the inactive buffer's memory (a later swap needs a new update first)."""
+        """Release the inactive buffer's memory (a later swap needs a new update first).
+        `UnsupportedOperation` on a model with runtime constant folding whose inactive buffer
+        holds folded constants: torch's container would crash on its next update."""
         await self._mutate(self._container.free_inactive_constant_buffer)
 
     async def load_constants_from_blob(self, path: str | os.PathLike[str]) -> None:

@@ -70,12 +70,24 @@ async def test_inactive_fold_swap_rollback_free(models):
         assert torch.allclose(await model(x), eager_with("folding", sd)(x), atol=1e-4)
         await model.swap_constants()
         assert torch.allclose(await model(x), old)
-        await model.free_inactive_constants()
-        with pytest.raises(aioti.InputError, match="swap refused"):
-            await model.swap_constants()
+        # The inactive buffer holds folded constants: freeing it would crash its next update.
+        with pytest.raises(aioti.UnsupportedOperation, match="runtime-folded"):
+            await model.free_inactive_constants()
+        sd2 = weights("folding", 5)
+        await model.hot_swap(sd2)
+        assert torch.allclose(await model(x), eager_with("folding", sd2)(x), atol=1e-4)
         await model.update_constants(sd)
         await model.fold_constants()
         assert torch.allclose(await model(x), eager_with("folding", sd)(x), atol=1e-4)
+    async with aioti.load(models["buffers"]) as model:  # no folded constants: freed
+        y = torch.randn(8, 16)
+        await model.update_inactive_constants(weights("buffers", 1))
+        await model.free_inactive_constants()
+        with pytest.raises(aioti.InputError, match="swap refused"):
+            await model.swap_constants()
+        await model.hot_swap(weights("buffers", 2))
+        assert torch.allclose(await model(y), eager_with("buffers", weights("buffers", 2))(y),
+                              atol=1e-5)
 
 
 async def test_load_constants_from_blob(models, tmp_path):

@@ -144,6 +144,10 @@ class Container:
         self.signature: Signature = parse_signature(source, self.num_inputs, labels)
         #: constant name -> shape where the wrapper source says (else sizes are checked in bytes)
         self.constant_shapes = constant_shapes(source)
+        # Per buffer: may it hold runtime-folded constants? The active one does once a run has
+        # folded it (the first run does). See `free_inactive_constant_buffer`.
+        self._folds = any(c.from_folded for c in self.constants)
+        self._holds_folded = [self._folds, False]
 
     # --- metadata ------------------------------------------------------------------------
 
@@ -492,9 +496,17 @@ class Container:
     @_holding
     def run_constant_folding(self, *, inactive: bool = False, stream: int | None = None) -> None:
         """Fold constants of the active (or inactive) buffer; folding the active one waits for
-        runs in flight (the native container takes its exclusive lock)."""
+        runs in flight (the native container takes its exclusive lock). Folding an inactive
+        buffer that holds no complete weight set is refused: natively it reads constants that
+        are missing (a segfault) or freed."""
         self._need("RunConstantFolding", "constant folding")
+        if inactive and not self._inactive_complete:
+            raise InputError(
+                "fold refused: the inactive buffer holds no complete weight set "
+                "(update it first; it is empty after loading and after free_inactive)"
+            )
         self.library.call("RunConstantFolding", self._live(), inactive, stream, None)
+        self._holds_folded[self._active ^ int(inactive)] = self._folds
 
     @_holding
     def swap_constant_buffer(self) -> None:
@@ -507,10 +519,23 @@ class Container:
             )
         self.library.call("SwapConstantBuffer", self._live())
         self._active ^= 1
+        self._holds_folded[self._active] = self._folds  # the next run folds it, if not yet
 
     @_holding
     def free_inactive_constant_buffer(self) -> None:
+        """Release the inactive buffer's memory (a later swap needs a complete update first).
+
+        Refused (`UnsupportedOperation`, nothing freed) when the inactive buffer may hold
+        runtime-folded constants: torch's container resets their entries to null handles on a
+        free, and its next update of that buffer reads one (a segfault, seen with torch 2.13)."""
         self._need("FreeInactiveConstantBuffer", "freeing the inactive buffer")
+        if self._holds_folded[self._active ^ 1]:
+            raise UnsupportedOperation(
+                "freeing the inactive buffer is refused: it holds runtime-folded constants, and "
+                "torch's model container crashes on the next update of such a buffer once freed "
+                "(it keeps their entries with null handles); the buffer is kept, and updating "
+                "it replaces its weights"
+            )
         self.library.call("FreeInactiveConstantBuffer", self._live())
         self._inactive_complete = False
 
