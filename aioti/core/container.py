@@ -529,6 +529,9 @@ class Container:
         runtime-folded constants: torch's container resets their entries to null handles on a
         free, and its next update of that buffer reads one (a segfault, seen with torch 2.13)."""
         self._need("FreeInactiveConstantBuffer", "freeing the inactive buffer")
+        if not self._inactive_complete:
+            return  # empty already (never filled since loading or the last free); natively,
+            # torch 2.11's container crashes freeing an empty buffer of a folding model
         if self._holds_folded[self._active ^ 1]:
             raise UnsupportedOperation(
                 "freeing the inactive buffer is refused: it holds runtime-folded constants, and "
