@@ -201,6 +201,14 @@ def test_fold_after_update(container):
     assert same(c.run(flat("folding")), eager_flat("folding", module=m2))
 
 
+def test_fold_without_folded_constants_is_a_no_op(container, capfd):
+    c = container("buffers")
+    c.run_constant_folding()
+    c.run_constant_folding(inactive=True)
+    assert same(c.run(flat("buffers")), eager_flat("buffers"))
+    assert "WARNING" not in capfd.readouterr().err  # the library's own complaint, skipped
+
+
 def test_free_of_a_folded_inactive_buffer_is_refused(container):
     """torch's container resets a freed buffer's folded constants to null handles and reads one
     on that buffer's next update (a segfault): such a free is refused, a safe one is not."""

@@ -146,7 +146,9 @@ class Container:
         self.constant_shapes = constant_shapes(source)
         # Per buffer: may it hold runtime-folded constants? The active one does once a run has
         # folded it (the first run does). See `free_inactive_constant_buffer`.
-        self._folds = any(c.from_folded for c in self.constants)
+        # (A library that cannot say which constants are folded is taken to fold.)
+        self._folds = any(c.from_folded for c in self.constants) or not library.has(
+            "GetConstantFromFolded")
         self._holds_folded = [self._folds, False]
 
     # --- metadata ------------------------------------------------------------------------
@@ -496,10 +498,13 @@ class Container:
     @_holding
     def run_constant_folding(self, *, inactive: bool = False, stream: int | None = None) -> None:
         """Fold constants of the active (or inactive) buffer; folding the active one waits for
-        runs in flight (the native container takes its exclusive lock). Folding an inactive
-        buffer that holds no complete weight set is refused: natively it reads constants that
-        are missing (a segfault) or freed."""
+        runs in flight (the native container takes its exclusive lock). A model without runtime
+        constant folding has nothing to fold: a no-op. Folding an inactive buffer that holds no
+        complete weight set is refused: natively it reads constants that are missing (a
+        segfault) or freed."""
         self._need("RunConstantFolding", "constant folding")
+        if not self._folds:
+            return  # nothing to fold (natively: a warning printed to stderr, nothing else)
         if inactive and not self._inactive_complete:
             raise InputError(
                 "fold refused: the inactive buffer holds no complete weight set "
