@@ -66,6 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     async def go() -> Any:
         async with load(args.path, device=args.device, model_name=args.model_name,
                         move_inputs=True) as model:
+            if isinstance(data, dict) and set(data) == {"args", "kwargs"}:
+                return await model(*data["args"], **data["kwargs"])
             if isinstance(data, dict):
                 return await model(**data)
             if isinstance(data, (tuple, list)):
@@ -282,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_info)
     p = sub.add_parser("run", help="one run on inputs saved with torch.save")
     p.add_argument("path", type=Path)
-    p.add_argument("--input", type=Path, required=True)
+    p.add_argument("--input", type=Path, required=True,
+                   help="a torch.save file: a tensor, a tuple/list (positional inputs), a dict "
+                   "(keyword inputs), or {'args': tuple, 'kwargs': dict} for both")
     p.add_argument("--output", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model-name")

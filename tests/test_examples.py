@@ -138,6 +138,13 @@ def test_cli(models, tmp_path):
     bad = cli("run", str(models["multi_io"]), "--input", str(tmp_path / "in.pt"))
     assert bad.returncode == 1 and bad.stderr.startswith("aioti: error:")
     assert "Traceback" not in bad.stderr
+    x, y, scale = torch.randn(4, 16), torch.randn(4, 8), torch.rand(8) + 0.5
+    torch.save({"args": (x, y), "kwargs": {"scale": scale}}, tmp_path / "both.pt")
+    both = cli("run", str(models["multi_io"]), "--input", str(tmp_path / "both.pt"),
+               "--output", str(tmp_path / "out.pt"))
+    assert both.returncode == 0, both.stderr
+    expect = eager_model("multi_io")(x, y, scale=scale)
+    assert torch.allclose(torch.load(tmp_path / "out.pt")["sum"], expect["sum"], atol=1e-5)
     torch.save(torch.randn(4, 64), tmp_path / "x.pt")
     ok = cli("run", str(models["small_mlp"]), "--input", str(tmp_path / "x.pt"),
              "--output", str(tmp_path / "y.pt"))
