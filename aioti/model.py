@@ -244,7 +244,7 @@ class AsyncModel:
     async def _submit(self, flat: list[Any], *, boxed: bool = False) -> list[torch.Tensor]:
         dispatcher = self._dispatcher
         if self._closed or dispatcher.closing:
-            raise ClosedError("the model is closed")
+            raise ClosedError(dispatcher.closed_reason)
         if self._plain_inputs:
             tensors, ready = (list(flat) if boxed else flat), None
         else:
@@ -269,8 +269,8 @@ class AsyncModel:
     async def _mutate(self, fn: Callable[[], T], *, exclusive: bool = False) -> T:
         """Run a blocking constant operation in a thread, under the mutation lock; `exclusive`
         also holds off runs (for operations the native container does not synchronize)."""
-        if self._closed:
-            raise ClosedError("the model is closed")
+        if self._closed or self._dispatcher.closing:
+            raise ClosedError(self._dispatcher.closed_reason)
 
         def call() -> T:
             if self._dispatcher.stopped:
@@ -344,8 +344,8 @@ class AsyncModel:
         keeps serving the old weights (or, if the swap had begun, the new ones). Closed midway,
         the step in progress returns before the native container goes, and the next raises
         `ClosedError`."""
-        if self._closed:
-            raise ClosedError("the model is closed")
+        if self._closed or self._dispatcher.closing:
+            raise ClosedError(self._dispatcher.closed_reason)
         loaded = await self._read(mapping)
         c = self._container
         folds = fold and any(c.folded_constants.values())

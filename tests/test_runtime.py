@@ -328,3 +328,62 @@ async def test_the_most_recently_idle_worker_takes_the_next_request(models):
     finally:
         aioti.register_backend("cpu", CpuBackend, replace=True)
     assert len(ran_on) == 6 and len(set(ran_on)) == 1, ran_on
+
+
+FORK = """
+import os, sys
+import anyio, torch
+import aioti
+from aioti.testing import eager_model
+path, backend = sys.argv[1], sys.argv[2]
+x = torch.randn(4, 64)
+
+async def parent():
+    model = await aioti.load(path, batching=aioti.Batching(8, 1))
+    with anyio.fail_after(10):
+        await model(x)
+    return model
+
+model = anyio.run(parent, backend=backend)
+pid = os.fork()
+if pid == 0:
+    async def child():
+        with anyio.fail_after(30):
+            try:
+                await model(x)
+                print("served?!")
+            except aioti.ClosedError as exc:
+                print("refused:", exc)
+            try:
+                await model.hot_swap(eager_model("small_mlp").state_dict())
+            except aioti.ClosedError:
+                print("swap refused")
+            await model.aclose()
+            async with aioti.load(path) as fresh:
+                ok = torch.allclose(await fresh(x), eager_model("small_mlp")(x), atol=1e-5)
+                print("fresh:", ok, flush=True)
+    anyio.run(child, backend=backend)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+
+async def again():
+    with anyio.fail_after(10):
+        assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
+    await model.aclose()
+
+anyio.run(again, backend=backend)
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+"""
+
+
+async def test_a_model_loaded_before_a_fork_refuses_in_the_child(models, anyio_backend):
+    """Worker threads do not survive a fork (a pre-forking server loading the model in its
+    parent): the child's calls raise ClosedError at once instead of waiting forever, closing
+    works there, a model loaded in the child serves, and the parent goes on serving."""
+    with anyio.fail_after(120):
+        proc = await anyio.run_process(
+            [sys.executable, "-c", FORK, str(models["small_mlp"]), anyio_backend], check=False)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert "refused: the model was loaded before this process was forked" in out
+    assert "swap refused" in out and "fresh: True" in out and "child exit 0" in out

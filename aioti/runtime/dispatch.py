@@ -21,6 +21,7 @@ Protocol, in one place:
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -85,6 +86,21 @@ def _stop_all_at_exit() -> None:
         d.shutdown(wait=5.0)
 
 
+FORKED = ("the model was loaded before this process was forked, and its worker threads did not "
+          "survive the fork: load it again in this process")
+
+
+def _after_fork_in_child() -> None:
+    """Worker threads do not survive a fork: in the child, every model loaded before it refuses
+    requests at once instead of queueing them for no one (a hang)."""
+    for d in list(_live):
+        d._orphaned()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Dispatcher:
     """A bounded queue served by `len(contexts)` worker threads."""
 
@@ -134,6 +150,7 @@ class Dispatcher:
         self._queue: deque[Request] = deque()
         self._space: deque[tuple[Loop, Waiter]] = deque()
         self._closing = False
+        self.closed_reason = "the model is closed"
         self._drop_queued = False
         self._paused = 0
         self._running = 0
@@ -166,7 +183,7 @@ class Dispatcher:
         """Queue `req` if there is room; raises `ClosedError` once closing has begun."""
         with self._lock:
             if self._closing:
-                raise ClosedError("the model is closed")
+                raise ClosedError(self.closed_reason)
             if len(self._queue) >= self.max_queue:
                 return False
             self._queue.append(req)
@@ -240,6 +257,24 @@ class Dispatcher:
                 "workers": self._num_workers, "max_queue": self.max_queue,
             }
         return {**counts, "latency_s": self.latency.percentiles(50, 90, 99)}
+
+    def _orphaned(self) -> None:
+        """In a forked child: closed, with no workers and nothing to wait for. The locks are
+        made anew, since a thread of the parent may have held them at the fork; the native
+        container is left alone (its worker state did not come along)."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._own = [threading.Condition(self._lock) for _ in self._own]
+        self._sleeping, self._lingering, self._running, self._paused = [], 0, 0, 0
+        self._queue.clear()
+        self._space.clear()
+        self._queued_size = 0
+        self._closing = True
+        self.closed_reason = FORKED
+        self._alive = 0
+        self._stopped = threading.Event()
+        self._stopped.set()
+        _live.discard(self)
 
     # --- exclusive sections (mutation threads) ------------------------------------------------
 
