@@ -511,7 +511,7 @@ class Container:
                 "(update it first; it is empty after loading and after free_inactive)"
             )
         self.library.call("RunConstantFolding", self._live(), inactive, stream, None)
-        self._holds_folded[self._active ^ int(inactive)] = self._folds
+        self._holds_folded[self._active ^ int(inactive)] = True
 
     @_holding
     def swap_constant_buffer(self) -> None:
