@@ -244,6 +244,8 @@ def test_free_of_a_folded_inactive_buffer_is_refused(container):
         ({"fc.weight": torch.zeros(16, 16, dtype=torch.float64)}, "expected dtype"),
         ({"fc.weight": torch.zeros(4, 4)}, "expected shape"),
         ({"fc.weight": 3.0}, "expected a torch.Tensor"),
+        ({"fc.weight": torch.zeros(16, 16).to_sparse()}, "dense tensor with data, got layout"),
+        ({"fc.weight": torch.empty(16, 16, device="meta")}, "a meta tensor"),
     ],
 )
 def test_bad_constants_change_nothing(container, mapping, match):

@@ -361,7 +361,7 @@ class Container:
         (`private=True`: always copies the caller cannot touch).
 
         Raises `InputError` before anything changes for an unknown key, a folded constant, a
-        non-tensor, or a dtype or shape that differs from the model's.
+        non-tensor, a sparse or meta tensor, or a dtype or shape that differs from the model's.
         """
         out: dict[str, torch.Tensor] = {}
         unknown = []
@@ -378,6 +378,9 @@ class Container:
                 raise InputError(
                     f"constant {key!r}: expected dtype {info.dtype}, got {value.dtype}"
                 )
+            if value.layout != torch.strided or value.is_meta:
+                what = "a meta tensor (no data)" if value.is_meta else f"layout {value.layout}"
+                raise InputError(f"constant {key!r}: expected a dense tensor with data, got {what}")
             nbytes = value.numel() * value.element_size()
             shape = self.constant_shapes.get(info.name)
             if shape is not None and tuple(value.shape) != shape:
