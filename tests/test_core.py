@@ -309,6 +309,13 @@ def test_bare_library(models, tmp_path):
         c.delete()
 
 
+def test_unwritable_cache_dir(models, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(aioti.ModelLoadError, match="writable directory"):
+        open_model(models["small_mlp"], cache_dir=blocker / "cache")
+
+
 def test_cache_reused_and_safe_under_concurrency(models, tmp_path):
     paths = []
     threads = [threading.Thread(target=lambda: paths.append(

@@ -90,8 +90,14 @@ def _sha256(path: Path) -> str:
 def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path) -> None:
     if dest.is_dir():
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot extract the package into {str(dest.parent)!r}: {exc} (point "
+            "AIOTI_CACHE_DIR, or cache_dir=, at a writable directory)"
+        ) from exc
     try:
         for info in infos:
             name = info.filename.partition(_MARK)[2].split("/", 1)[1]
