@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -307,6 +308,27 @@ def test_bare_library(models, tmp_path):
             c.run([torch.zeros(8, 65)])
     finally:
         c.delete()
+
+
+def test_partial_input_checks_are_announced(models, tmp_path):
+    """A wrapper source aioti cannot read (a new torch's generated code, say) must not turn
+    the input checks off silently."""
+    src = zipfile.ZipFile(models["small_mlp"])
+    damaged = tmp_path / "damaged.pt2"
+    with zipfile.ZipFile(damaged, "w") as out:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            out.writestr(info.filename, b"// nothing" if info.filename.endswith(
+                ".wrapper.cpp") else data)
+    with pytest.warns(RuntimeWarning, match=r"partial.*shapes of 0 \(args\[0\]\)"):
+        c = open_container(open_model(damaged, cache_dir=tmp_path / "c"))
+    try:
+        assert same(c.run(flat("small_mlp")), eager_flat("small_mlp"))
+    finally:
+        c.delete()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_container(open_model(models["small_mlp"], cache_dir=tmp_path / "c2")).delete()
 
 
 def test_unwritable_cache_dir(models, tmp_path):

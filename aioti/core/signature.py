@@ -103,7 +103,7 @@ class Signature:
     """The input specs of one model, in flat input order, and the check over them."""
 
     inputs: list[InputSpec]
-    #: True when the wrapper source was found and parsed (otherwise only counts are checked)
+    #: True when the wrapper source gave every input's sizes (otherwise checks are partial)
     known: bool
     #: input layouts (dtype, shape, strides, device per input) that passed the full check:
     #: services send the same few shapes again and again, and a dict hit is cheaper than checks
@@ -275,7 +275,7 @@ def parse_signature(
         found.strides = tuple(_product(tok) for tok in _split(m.group(3)))
     if any(s.sizes is None for s in by_var.values()):
         _from_checks(source, by_var)
-    return Signature(specs, known=bool(by_var))
+    return Signature(specs, known=all(s.sizes is not None for s in specs))
 
 
 def _from_checks(source: str, by_var: dict[str, InputSpec]) -> None:
