@@ -16,6 +16,8 @@ Protocol, in one place:
 - Closing stops admission, optionally fails queued requests with `ClosedError`, lets the
   workers finish the rest, and calls `on_stopped` (deleting the native container) from the last
   worker to exit, after every run has returned.
+- In a forked child every dispatcher is closed at once (its worker threads did not come along):
+  submissions raise `ClosedError` saying so, and closing returns without native calls.
 """
 
 from __future__ import annotations
