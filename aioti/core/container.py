@@ -492,8 +492,11 @@ class Container:
     def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
                           ) -> dict[str, torch.Tensor]:
         """Copies of the constants of the active (or inactive) buffer, keyed by internal name
-        (or by FQN). Folded constants are not included."""
+        (or by FQN). Folded constants are not included. An empty inactive buffer (after loading
+        and after a free) gives {}."""
         self._need("ExtractConstantsMapEntries", "extracting constants")
+        if inactive and not self._inactive_complete:
+            return {}  # empty: natively, after a free, its entries point into the freed blob
         entries = ctypes.POINTER(ConstantEntry)()
         n = c_size_t()
         self.library.call("ExtractConstantsMapEntries", self._live(), byref(entries), byref(n), inactive)
