@@ -337,7 +337,9 @@ class AsyncModel:
 
     async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
                        fold: bool = True) -> None:
-        """Update inactive -> fold it (if the model folds) -> swap, as one mutation.
+        """Update inactive -> fold it (if the model folds) -> swap, as one mutation. The new
+        weights are the current ones with `mapping` applied: a partial mapping changes only
+        what it names.
 
         Runs keep flowing on the old weights until the swap, and use the new ones after it. The
         old buffer stays inactive, so `swap_constants()` rolls back. Cancelled midway, the model
@@ -350,7 +352,7 @@ class AsyncModel:
         c = self._container
         folds = fold and any(c.folded_constants.values())
         async with self._lock:
-            await anyio.to_thread.run_sync(lambda: c.update_constants(loaded, inactive=True))
+            await anyio.to_thread.run_sync(lambda: c.stage_constants(loaded))
             if folds:
                 await anyio.to_thread.run_sync(lambda: c.run_constant_folding(inactive=True))
             await anyio.to_thread.run_sync(c.swap_constant_buffer)

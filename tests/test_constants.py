@@ -217,3 +217,22 @@ async def test_close_during_hot_swaps(models, anyio_backend):
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     outcomes = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     assert sum(outcomes.values()) == 30
+
+
+async def test_partial_hot_swaps_apply_to_the_current_weights(models):
+    x = torch.randn(8, 16)
+    a = weights("buffers", 1)
+    w = torch.randn(16, 16)
+    async with aioti.load(models["buffers"]) as model:
+        if not model.container.library.has("ExtractConstantsMapEntries"):
+            pytest.skip("torch 2.11 libraries cannot read the active buffer")
+        await model.hot_swap(a)
+        await model.hot_swap({"fc.weight": w})  # on top of a, not of the initial weights
+        assert torch.allclose(await model(x), eager_with("buffers", {**a, "fc.weight": w})(x),
+                              atol=1e-5)
+        await model.hot_swap({"scale": a["scale"] * 2})
+        want = {**a, "fc.weight": w, "scale": a["scale"] * 2}
+        assert torch.allclose(await model(x), eager_with("buffers", want)(x), atol=1e-5)
+        await model.swap_constants()  # rolls back one step
+        assert torch.allclose(await model(x), eager_with("buffers", {**a, "fc.weight": w})(x),
+                              atol=1e-5)

@@ -310,6 +310,37 @@ def test_bare_library(models, tmp_path):
         c.delete()
 
 
+def test_partial_updates_change_only_what_they_name(container):
+    """torch's container fills the module buffers missing from a partial update of the inactive
+    buffer with the *active* buffer's (after a swap: new weights, old buffers, in silence).
+    aioti passes the inactive buffer's own values; `stage_constants` (a partial hot swap)
+    applies a mapping to the current, active weights."""
+    c = container("buffers")
+    needs(c, "ExtractConstantsMapEntries")
+    x = flat("buffers")
+
+    def expect(sd):
+        m = eager_model("buffers")
+        m.load_state_dict(sd)
+        return eager_flat("buffers", module=m)
+
+    new = {k: v + 1 for k, v in eager_model("buffers").state_dict().items()}
+    c.update_constants(new, inactive=True)
+    c.update_constants({"fc.weight": new["fc.weight"] * 2}, inactive=True)
+    new["fc.weight"] = new["fc.weight"] * 2
+    assert torch.equal(c.extract_constants(inactive=True, by_fqn=True)["scale"], new["scale"])
+    c.swap_constant_buffer()
+    assert same(c.run(x), expect(new))
+    # Active: user-managed, then one constant copied over it; stage a change of another.
+    own = {k: v * 0.5 for k, v in new.items()}
+    c.update_constants(own, user_managed=True)
+    w = torch.randn(16, 16)
+    c.update_constants({"fc.weight": w})
+    c.stage_constants({"scale": own["scale"] + 3})
+    c.swap_constant_buffer()
+    assert same(c.run(x), expect({**own, "fc.weight": w, "scale": own["scale"] + 3}))
+
+
 def test_a_freed_inactive_buffer_extracts_empty(container):
     """Natively its entries still point into the freed blob: garbage for a small model, a
     segfault for one whose blob is unmapped on free."""
@@ -617,3 +648,90 @@ def test_random_constant_operation_sequences_never_crash(models, name):
     last = [ln for ln in proc.stdout.splitlines() if ln.startswith("sequence")][-1:]
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("done"), (
         f"exit {proc.returncode} during {last}: {proc.stderr[-1500:]}")
+
+
+@pytest.mark.parametrize("name", ["folding", "buffers"])
+def test_constant_operations_against_a_model_of_the_buffers(models, name):
+    """100 random sequences of constant operations, checked step by step against a Python model
+    of the two buffers: runs against the eager module holding the expected active weights,
+    extracts against the expected contents. (Found: partial inactive updates took the module
+    buffers of the active buffer; partial hot swaps applied to stale weights.)"""
+    import random
+
+    files = open_model(models[name])
+    base = eager_model(name).state_dict()
+    sets = [{k: v + 0.1 * s * torch.randn(v.shape, generator=torch.Generator().manual_seed(s))
+             for k, v in base.items()} for s in range(3)]
+    rnd = random.Random(11)
+    ops = ["update", "update one", "update inactive", "update inactive one", "swap", "free",
+           "fold", "fold inactive", "run", "extract", "extract inactive", "hot swap",
+           "hot swap one", "user-managed inactive", "user-managed one"]
+    for _ in range(100):
+        c = open_container(files)
+        needs(c, "ExtractConstantsMapEntries")
+        active, inactive = dict(base), None
+        done = []
+        try:
+            for _ in range(rnd.randint(3, 14)):
+                op, w = rnd.choice(ops), sets[rnd.randrange(3)]
+                k = rnd.choice(list(w))
+                done.append(op)
+                if op == "update":
+                    c.update_constants(w)
+                    active = dict(w)
+                elif op == "update one":
+                    c.update_constants({k: w[k]})
+                    active[k] = w[k]
+                elif op == "update inactive":
+                    c.update_constants(w, inactive=True)
+                    inactive = dict(w)
+                elif op == "update inactive one":
+                    c.update_constants({k: w[k]}, inactive=True)
+                    inactive = {**(active if inactive is None else inactive), k: w[k]}
+                elif op == "user-managed inactive":
+                    c.update_constants({q: v.clone() for q, v in w.items()}, inactive=True,
+                                       user_managed=True)
+                    inactive = dict(w)
+                elif op == "user-managed one":
+                    c.update_constants({k: w[k].clone()}, user_managed=True)
+                    active[k] = w[k]
+                elif op.startswith("hot swap"):
+                    m = dict(w) if op == "hot swap" else {k: w[k]}
+                    c.stage_constants(m)
+                    c.run_constant_folding(inactive=True)
+                    c.swap_constant_buffer()
+                    active, inactive = {**active, **m}, active
+                elif op == "swap":
+                    if inactive is None:
+                        with pytest.raises(aioti.InputError, match="swap refused"):
+                            c.swap_constant_buffer()
+                    else:
+                        c.swap_constant_buffer()
+                        active, inactive = inactive, active
+                elif op == "free":
+                    try:
+                        c.free_inactive_constant_buffer()
+                        inactive = None
+                    except aioti.UnsupportedOperation:
+                        pass  # it holds folded constants: kept
+                elif op == "fold":
+                    c.run_constant_folding()
+                elif op == "fold inactive":
+                    if inactive is None and name == "folding":
+                        with pytest.raises(aioti.InputError, match="fold refused"):
+                            c.run_constant_folding(inactive=True)
+                    else:
+                        c.run_constant_folding(inactive=True)
+                elif op == "run":
+                    m = eager_model(name)
+                    m.load_state_dict(active)
+                    assert same(c.run(flat(name)), eager_flat(name, module=m))
+                else:
+                    got = c.extract_constants(inactive=op == "extract inactive", by_fqn=True)
+                    want = active if op == "extract" else (inactive or {})
+                    assert set(got) == set(want)
+                    assert all(torch.equal(got[q], want[q]) for q in want)
+        except AssertionError as exc:
+            raise AssertionError(f"after {done}: {exc}") from exc
+        finally:
+            c.delete()

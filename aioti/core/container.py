@@ -22,7 +22,7 @@ import functools
 import os
 import threading
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from ctypes import byref, c_bool, c_char_p, c_int32, c_size_t, c_uint64, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
@@ -437,7 +437,8 @@ class Container:
         Copying by default. `user_managed=True` makes the model use the given tensors' memory
         directly (no copy; aioti keeps them alive until they are replaced or the model goes).
         Libraries without the copying function (torch 2.11) get a private copy passed as
-        user-managed, which behaves like a copying update.
+        user-managed, which behaves like a copying update. Only the constants `mapping` names
+        change (see `_carried_over` for the inactive buffer's module buffers).
         """
         copying = not user_managed and self.library.has("UpdateConstantBufferPairs")
         resolved = self.resolve_constants(mapping, private=not copying and not user_managed)
@@ -454,6 +455,8 @@ class Container:
                     f"(missing: {missing})"
                 )
             resolved = {**self.extract_constants(), **resolved}
+        elif inactive and missing:
+            resolved = {**self._carried_over(resolved), **resolved}
         if not resolved:
             return
         if not copying:
@@ -470,13 +473,15 @@ class Container:
         except BaseException:
             free_handles(handles)
             raise
+        # What the buffer uses of ours: the tensors of user-managed updates (a copying update
+        # of the same name replaces them, so they go).
+        kept = self._kept[self._active ^ int(inactive)]
+        replaced = [kept.pop(n)[1] for n in names if n in kept]
         if copying:
             free_handles(handles)
         else:
-            kept = self._kept[self._active ^ int(inactive)]
-            replaced = [kept[n][1] for n in names if n in kept]
             kept.update({n: (t, h) for n, t, h in zip(names, tensors, handles)})
-            free_handles(replaced)
+        free_handles(replaced)
         if inactive:
             self._inactive_complete = True  # complete by now: checked or completed above
 
@@ -489,6 +494,27 @@ class Container:
         self.update_constants(mapping, inactive=True)
 
     @_holding
+    def stage_constants(self, mapping: Mapping[str, object]) -> None:
+        """Fill the inactive buffer with the *active* buffer's constants updated by `mapping`,
+        so that a swap activates the current weights with `mapping` applied (a partial hot
+        swap). Constants missing from `mapping` are read from the active buffer: copies kept
+        from earlier updates, else extracted; `InputError` if the library cannot do either."""
+        named = {info.name for key in mapping
+                 if (info := self._by_name.get(key) or self._by_fqn.get(key)) is not None}
+        missing = {c.name for c in self.constants if not c.from_folded and c.name not in named}
+        kept = self._kept[self._active]
+        current = {n: kept[n][0] for n in missing if n in kept}
+        rest = missing - set(current)
+        if rest:
+            if not self.library.has("ExtractConstantsMapEntries"):
+                raise InputError(
+                    f"a partial hot swap must give {sorted(rest)} too: this library cannot "
+                    "read the active buffer's constants"
+                )
+            current.update({info.name: t for _, info, t in self._extract(False, rest) if info})
+        self.update_constants({**current, **mapping}, inactive=True)
+
+    @_holding
     def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
                           ) -> dict[str, torch.Tensor]:
         """Copies of the constants of the active (or inactive) buffer, keyed by internal name
@@ -497,17 +523,42 @@ class Container:
         self._need("ExtractConstantsMapEntries", "extracting constants")
         if inactive and not self._inactive_complete:
             return {}  # empty: natively, after a free, its entries point into the freed blob
+        return {fqn if by_fqn or info is None else info.name: t
+                for fqn, info, t in self._extract(inactive)}
+
+    def _extract(self, inactive: bool, only: Collection[str] | None = None
+                 ) -> list[tuple[str, ConstantInfo | None, torch.Tensor]]:
+        """(FQN, info, copy) of a buffer's constants; with `only`, of those internal names."""
         entries = ctypes.POINTER(ConstantEntry)()
         n = c_size_t()
         self.library.call("ExtractConstantsMapEntries", self._live(), byref(entries), byref(n), inactive)
-        fqns = [(entries[i].name or b"").decode() for i in range(n.value)]
-        handles = [new_handle(entries[i].handle) for i in range(n.value)]
-        tensors = tensors_from_handles(handles)
-        out = {}
-        for fqn, t in zip(fqns, tensors):
+        picked = []
+        for i in range(n.value):
+            fqn = (entries[i].name or b"").decode()
             info = self._by_fqn.get(fqn)
-            key = fqn if by_fqn or info is None else info.name
-            out[key] = t.clone()
+            if only is None or info is not None and info.name in only:
+                picked.append((fqn, info, new_handle(entries[i].handle)))
+        tensors = tensors_from_handles([h for _, _, h in picked])
+        return [(fqn, info, t.clone()) for (fqn, info, _), t in zip(picked, tensors)]
+
+    def _carried_over(self, resolved: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """For a partial update of the complete inactive buffer: its own current values of the
+        constants missing from it that torch's container would otherwise replace with the
+        active buffer's (module buffers, tensor constants, empty parameters; any of unknown
+        kind), so that the update changes only what it names."""
+        names = {c.name for c in self.constants if not c.from_folded and c.name not in resolved
+                 and (c.kind != 1 or c.nbytes == 0)}
+        kept = self._kept[self._active ^ 1]
+        out = {n: kept[n][0] for n in names if n in kept}
+        rest = names - set(out)
+        if rest:
+            if not self.library.has("ExtractConstantsMapEntries"):
+                raise InputError(
+                    f"a partial update of the inactive buffer must give {sorted(rest)} too: "
+                    "torch's container would replace them with the active buffer's, and this "
+                    "library cannot read the inactive buffer's own"
+                )
+            out.update({info.name: t for _, info, t in self._extract(True, rest) if info})
         return out
 
     @_holding
