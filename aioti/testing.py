@@ -104,6 +104,17 @@ class Second(nn.Module):
         return torch.sigmoid(self.fc(x))
 
 
+class RowMixing(nn.Module):
+    """Each row's output depends on the whole batch (its mean): batching must refuse it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x - x.mean(0, keepdim=True))
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to build, export and compile one reference model."""
@@ -141,6 +152,8 @@ MODELS: dict[str, ModelSpec] = {
     "buffers": ModelSpec(WithBuffers, lambda b: ((torch.randn(b, 16),), {})),
     "static_mlp": ModelSpec(SmallMLP, lambda b: ((torch.randn(4, 64),), {})),
     "second": ModelSpec(Second, lambda b: ((torch.randn(b, 8),), {}), lambda: {"x": {0: _batch(32)}}),
+    "row_mixing": ModelSpec(RowMixing, lambda b: ((torch.randn(b, 8),), {}),
+                            lambda: {"x": {0: _batch(32)}}),
     "two_models": ModelSpec(SmallMLP, lambda b: ((torch.randn(b, 64),), {}),
                             lambda: {"x": {0: _batch()}}, companions=("second",)),
     "blob": ModelSpec(

@@ -124,6 +124,16 @@ async def test_model_without_batch_dim_refused(models):
         await aioti.load(models["static_mlp"], batching=aioti.Batching())
 
 
+async def test_model_mixing_rows_refused(models):
+    """x - x.mean(0): each row's result depends on its batch, so merged requests would get
+    other answers than alone; refused at load, with the reason."""
+    with pytest.raises(aioti.InputError, match="depends on the other rows"):
+        await aioti.load(models["row_mixing"], batching=aioti.Batching())
+    x = torch.randn(5, 8)
+    async with aioti.load(models["row_mixing"]) as model:  # unbatched: fine
+        assert torch.allclose(await model(x), eager_model("row_mixing")(x), atol=1e-5)
+
+
 async def test_batching_with_hot_swaps(models):
     eager = eager_model("small_mlp")
     a = eager.state_dict()

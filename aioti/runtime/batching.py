@@ -11,7 +11,7 @@ Policy (stated in docs/batching.md):
 - Inputs are checked per request before queueing, so a bad request fails alone. If a merged run
   fails, its requests are run one by one, so a failure reaches only the request that causes it.
 - Outputs are split back along the batch dim; the model is refused at load if a probe shows an
-  output that does not carry the batch dim.
+  output that does not carry the batch dim, or rows whose results depend on each other.
 """
 
 from __future__ import annotations
@@ -166,12 +166,14 @@ def _groups(reqs: list[Request]) -> Iterable[list[Request]]:
 
 def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device, dim: int
                     ) -> str | None:
-    """Run batches of 2 and 3 rows of zeros; the reason batching cannot work, or None."""
+    """Run batches of 2 and 3 random rows (zeros for non-float inputs); the reason batching
+    cannot work, or None: no shared dynamic dim, an output without it, or rows that depend on
+    each other."""
     found = signature.batch_range(dim)
     if found is None:
         return f"the inputs share no dynamic dim {dim}"
     _, _, carries = found
-    shapes = []
+    runs = []
     for rows in (2, 3):
         try:
             inputs = signature.example(device, rows)
@@ -179,11 +181,33 @@ def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device,
             return str(exc)
         if [t.shape[dim] for t, c in zip(inputs, carries) if c] != [rows] * sum(carries):
             return f"dim {dim} cannot be {rows} within the exported range"
-        outs = run_one(inputs, None)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        shapes.append([tuple(o.shape) for o in outs])
-    for i, (a, b) in enumerate(zip(*shapes)):
-        if len(a) <= dim or (a[dim], b[dim]) != (2, 3):
-            return f"output {i} does not carry the batch dim (shapes {a} at 2 rows, {b} at 3)"
+        runs.append((inputs, _synced(run_one(inputs, None), device)))
+    for i, (a, b) in enumerate(zip(runs[0][1], runs[1][1])):
+        if a.dim() <= dim or (a.shape[dim], b.shape[dim]) != (2, 3):
+            return (f"output {i} does not carry the batch dim (shapes {tuple(a.shape)} at 2 rows, "
+                    f"{tuple(b.shape)} at 3)")
+    # Rows 0-1 and 1-2 of the 3-row batch, run as batches of their own, must give the same rows:
+    # a model that mixes rows (a batch mean, say) would answer differently once merged.
+    inputs, merged = runs[1]
+    for start in (0, 1):
+        part = [t.narrow(dim, start, 2) if c else t for t, c in zip(inputs, carries)]
+        for i, (alone, together) in enumerate(zip(_synced(run_one(part, None), device), merged)):
+            if not _close(alone, together.narrow(dim, start, 2)):
+                return (f"output {i}: a row's result depends on the other rows of its batch "
+                        "(rows run together and apart differ), so merging requests would change "
+                        "their results")
     return None
+
+
+def _synced(outs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return outs
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the rounding that a different batch size may cause in kernels."""
+    if not a.dtype.is_floating_point:
+        return torch.equal(a, b)
+    tol = 1e-4 if a.element_size() >= 4 else 2e-2
+    return torch.allclose(a.float(), b.float(), rtol=10 * tol, atol=tol, equal_nan=True)
