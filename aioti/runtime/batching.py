@@ -194,8 +194,8 @@ def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device,
         for i, (alone, together) in enumerate(zip(_synced(run_one(part, None), device), merged)):
             if not _close(alone, together.narrow(dim, start, 2)):
                 return (f"output {i}: a row's result depends on the other rows of its batch "
-                        "(rows run together and apart differ), so merging requests would change "
-                        "their results")
+                        "(rows run together and apart differ: a batch statistic, or randomness "
+                        "in the model), so merging requests would change their results")
     return None
 
 
