@@ -266,11 +266,15 @@ class AsyncModel:
 
     # --- constants ---------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """`ClosedError` (saying why: closed, or inherited through a fork) once closing began."""
+        if self._closed or self._dispatcher.closing:
+            raise ClosedError(self._dispatcher.closed_reason)
+
     async def _mutate(self, fn: Callable[[], T], *, exclusive: bool = False) -> T:
         """Run a blocking constant operation in a thread, under the mutation lock; `exclusive`
         also holds off runs (for operations the native container does not synchronize)."""
-        if self._closed or self._dispatcher.closing:
-            raise ClosedError(self._dispatcher.closed_reason)
+        self._check_open()
 
         def call() -> T:
             if self._dispatcher.stopped:
@@ -346,8 +350,7 @@ class AsyncModel:
         keeps serving the old weights (or, if the swap had begun, the new ones). Closed midway,
         the step in progress returns before the native container goes, and the next raises
         `ClosedError`."""
-        if self._closed or self._dispatcher.closing:
-            raise ClosedError(self._dispatcher.closed_reason)
+        self._check_open()
         loaded = await self._read(mapping)
         c = self._container
         folds = fold and any(c.folded_constants.values())

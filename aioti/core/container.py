@@ -502,16 +502,8 @@ class Container:
         named = {info.name for key in mapping
                  if (info := self._by_name.get(key) or self._by_fqn.get(key)) is not None}
         missing = {c.name for c in self.constants if not c.from_folded and c.name not in named}
-        kept = self._kept[self._active]
-        current = {n: kept[n][0] for n in missing if n in kept}
-        rest = missing - set(current)
-        if rest:
-            if not self.library.has("ExtractConstantsMapEntries"):
-                raise InputError(
-                    f"a partial hot swap must give {sorted(rest)} too: this library cannot "
-                    "read the active buffer's constants"
-                )
-            current.update({info.name: t for _, info, t in self._extract(False, rest) if info})
+        current = self._held_values(False, missing, "a partial hot swap must give {} too: this "
+                                    "library cannot read the active buffer's constants")
         self.update_constants({**current, **mapping}, inactive=True)
 
     @_holding
@@ -548,17 +540,23 @@ class Container:
         kind), so that the update changes only what it names."""
         names = {c.name for c in self.constants if not c.from_folded and c.name not in resolved
                  and (c.kind != 1 or c.nbytes == 0)}
-        kept = self._kept[self._active ^ 1]
+        return self._held_values(True, names, (
+            "a partial update of the inactive buffer must give {} too: torch's container would "
+            "replace them with the active buffer's, and this library cannot read the inactive "
+            "buffer's own"))
+
+    def _held_values(self, inactive: bool, names: set[str], unreadable: str
+                     ) -> dict[str, torch.Tensor]:
+        """A buffer's current tensors for `names`: those aioti keeps from user-managed updates,
+        the others extracted; `InputError(unreadable.format(sorted(others)))` when the library
+        cannot extract."""
+        kept = self._kept[self._active ^ int(inactive)]
         out = {n: kept[n][0] for n in names if n in kept}
         rest = names - set(out)
         if rest:
             if not self.library.has("ExtractConstantsMapEntries"):
-                raise InputError(
-                    f"a partial update of the inactive buffer must give {sorted(rest)} too: "
-                    "torch's container would replace them with the active buffer's, and this "
-                    "library cannot read the inactive buffer's own"
-                )
-            out.update({info.name: t for _, info, t in self._extract(True, rest) if info})
+                raise InputError(unreadable.format(sorted(rest)))
+            out.update({info.name: t for _, info, t in self._extract(inactive, rest) if info})
         return out
 
     @_holding
