@@ -123,7 +123,9 @@ class AsyncModel:
             on_stopped=container.delete,
             max_take=self._batcher.max_take if self._batcher else 64,
             fill=self._batcher.max_rows if self._batcher else None,
-            linger=self._batcher.linger_s if self._batcher else 0.0,
+            linger=self._batcher.linger_s if self._batcher and not batching.on_loop else 0.0,
+            inline=bool(batching and batching.on_loop),
+            inline_team=threads.borrowed if threads is not None else None,
             name=f"aioti-{files.name}",
         )
         self.workers = workers
@@ -479,6 +481,10 @@ def load(
             if batching is not None:
                 from .runtime.batching import probe_batch_dim
 
+                if batching.on_loop and backend.device.type != "cpu":
+                    raise InputError(
+                        "on-loop batching runs batches on the event loop's thread, which suits "
+                        f"CPU models only; this model is on {backend.device}")
                 c = made[1]
                 reason = probe_batch_dim(c.run_tensors, c.signature, backend.device, batching.dim)
                 if reason:

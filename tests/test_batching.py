@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import anyio
 import pytest
@@ -30,14 +31,19 @@ async def run_all(model, requests):
     return out
 
 
+#: every behaviour below holds with batches run by a worker thread and on the loop's own thread
+on_loop = pytest.mark.parametrize("on_loop", [False, True], ids=["worker", "on_loop"])
+
+
+@on_loop
 @pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_random_mixes_equal_unbatched(models, seed):
+async def test_random_mixes_equal_unbatched(models, seed, on_loop):
     rnd = random.Random(seed)
     eager = eager_model("multi_io")
     scale = torch.rand(8) + 0.5
     reqs = [((torch.randn(n, 16), torch.randn(n, 8)), {"scale": scale})
             for n in (rnd.randint(1, 9) for _ in range(60))]
-    cfg = aioti.Batching(max_batch_size=16, max_delay_ms=2)
+    cfg = aioti.Batching(max_batch_size=16, max_delay_ms=2, on_loop=on_loop)
     async with aioti.load(models["multi_io"], batching=cfg) as model:
         outs = await run_all(model, reqs)
         stats = model.stats()["batching"]
@@ -51,23 +57,27 @@ async def test_random_mixes_equal_unbatched(models, seed):
     assert stats["runs"] < len(reqs)  # something was merged
 
 
-async def test_mixed_shapes_and_bad_input_isolated(models):
+@on_loop
+async def test_mixed_shapes_and_bad_input_isolated(models, on_loop):
     eager = eager_model("small_mlp")
     xs = [torch.randn(2, 64) for _ in range(30)]
     reqs = [((x,), {}) for x in xs] + [((torch.randn(2, 63),), {})] + \
            [((torch.randn(3, 64).double(),), {})]
-    async with aioti.load(models["small_mlp"], batching=aioti.Batching(8, 5)) as model:
+    cfg = aioti.Batching(8, 5, on_loop=on_loop)
+    async with aioti.load(models["small_mlp"], batching=cfg) as model:
         outs = await run_all(model, reqs)
     for x, got in zip(xs, outs):
         assert torch.allclose(got, eager(x), atol=1e-5)
     assert isinstance(outs[-2], aioti.InputError) and isinstance(outs[-1], aioti.InputError)
 
 
-async def test_batch_dim_maximum_respected(models):
+@on_loop
+async def test_batch_dim_maximum_respected(models, on_loop):
     # multi_io's batch dim is exported with max=64: batches never exceed it.
     scale = torch.rand(8)
     reqs = [((torch.randn(40, 16), torch.randn(40, 8)), {"scale": scale}) for _ in range(6)]
-    async with aioti.load(models["multi_io"], batching=aioti.Batching(512, 5)) as model:
+    cfg = aioti.Batching(512, 5, on_loop=on_loop)
+    async with aioti.load(models["multi_io"], batching=cfg) as model:
         outs = await run_all(model, reqs)
         rows = model.stats()["batching"]["batch_rows"]
     assert all(not isinstance(o, Exception) for o in outs)
@@ -134,7 +144,8 @@ async def test_model_mixing_rows_refused(models):
         assert torch.allclose(await model(x), eager_model("row_mixing")(x), atol=1e-5)
 
 
-async def test_batching_with_hot_swaps(models):
+@on_loop
+async def test_batching_with_hot_swaps(models, on_loop):
     eager = eager_model("small_mlp")
     a = eager.state_dict()
     b = {k: v + 0.1 for k, v in a.items()}
@@ -142,7 +153,8 @@ async def test_batching_with_hot_swaps(models):
     eb.load_state_dict(b)
     x = torch.randn(1, 64)
     ra, rb = eager(x), eb(x)
-    async with aioti.load(models["small_mlp"], batching=aioti.Batching(32, 1)) as model:
+    cfg = aioti.Batching(32, 1, on_loop=on_loop)
+    async with aioti.load(models["small_mlp"], batching=cfg) as model:
         outs = []
 
         async def client():
@@ -154,7 +166,143 @@ async def test_batching_with_hot_swaps(models):
                 tg.start_soon(client)
             for i in range(6):
                 await model.hot_swap(b if i % 2 == 0 else a)
+    assert len(outs) == 320
     assert all(torch.allclose(o, ra, atol=1e-5) or torch.allclose(o, rb, atol=1e-5) for o in outs)
+
+
+async def test_on_loop_runs_on_the_loop_thread_and_keeps_its_team(models):
+    """on_loop: every batch runs on the awaiting loop's thread, merged (16 tasks, one loop
+    iteration's requests per batch), and the loop thread's own OpenMP team size is restored."""
+    from aioti.core.threads import set_thread_team_size, thread_team_size
+
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1, 64) for _ in range(16)]
+    set_thread_team_size(3)
+    try:
+        async with aioti.load(models["small_mlp"],
+                              batching=aioti.Batching(64, 5, on_loop=True)) as model:
+            threads: set[int] = set()
+            run_one = model._batcher._run_one
+
+            def recording(tensors, stream):
+                threads.add(threading.get_ident())
+                return run_one(tensors, stream)
+
+            model._batcher._run_one = recording
+            outs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+            async def client(x):
+                for _ in range(10):
+                    outs.append((x, await model(x)))
+
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+                    for x in xs:
+                        tg.start_soon(client, x)
+            stats = model.stats()
+            assert thread_team_size() == 3
+    finally:
+        set_thread_team_size(1)
+    assert threads == {threading.get_ident()}
+    assert len(outs) == 160 and all(torch.allclose(g, eager(x), atol=1e-5) for x, g in outs)
+    assert stats["batching"]["runs"] < 160 and stats["completed"] == 160
+
+
+async def test_on_loop_cancelled_request_never_runs(models):
+    """A request whose caller leaves before the loop runs its batch is left out of it."""
+    eager = eager_model("small_mlp")
+    x = torch.randn(1, 64)
+    async with aioti.load(models["small_mlp"], batching=aioti.Batching(64, 5, on_loop=True)
+                          ) as model:
+        kept = []
+
+        async def keep():
+            kept.append(await model(x))
+
+        scope = anyio.CancelScope()
+
+        async def leave():
+            with scope:
+                await model(torch.randn(1, 64))
+
+        async def cancel():  # runs after `leave` queued its request, before the loop's batch
+            scope.cancel()
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(keep)
+                tg.start_soon(leave)
+                tg.start_soon(cancel)
+        stats = model.stats()
+    assert len(kept) == 5 and all(torch.allclose(k, eager(x), atol=1e-5) for k in kept)
+    assert stats["cancelled"] == 1 and stats["completed"] == 5
+    assert sum(n * c for n, c in stats["batching"]["batch_rows"].items()) == 5
+
+
+async def test_on_loop_serves_other_loops(models):
+    """One on_loop model, awaited from this loop and from an asyncio and a trio loop in two
+    other threads at once: a batch runs on whichever loop's thread takes it, and every caller
+    gets its own rows back on its own loop."""
+    import asyncio
+
+    import trio
+
+    eager = eager_model("small_mlp")
+    async with aioti.load(models["small_mlp"], batching=aioti.Batching(64, 5, on_loop=True)
+                          ) as model:
+
+        async def clients(tag: int) -> list[bool]:
+            ok: list[bool] = []
+
+            async def one(i: int) -> None:
+                x = torch.full((1, 64), float(tag * 100 + i)) / 1000
+                for _ in range(20):
+                    ok.append(torch.allclose(await model(x), eager(x), atol=1e-4))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(8):
+                    tg.start_soon(one, i)
+            return ok
+
+        results: dict[str, list[bool]] = {}
+        threads = [
+            threading.Thread(target=lambda: results.update(a=asyncio.run(clients(1)))),
+            threading.Thread(target=lambda: results.update(t=trio.run(clients, 2))),
+        ]
+        for t in threads:
+            t.start()
+        with anyio.fail_after(30):
+            here = await clients(3)
+            while any(t.is_alive() for t in threads):
+                await anyio.sleep(0.01)
+    assert here == [True] * 160
+    assert results == {"a": [True] * 160, "t": [True] * 160}
+
+
+async def test_on_loop_close_with_queued_requests(models):
+    """Closing while requests are queued for an on-loop batch: each caller gets its result or
+    ClosedError, and nothing hangs."""
+    eager = eager_model("small_mlp")
+    x = torch.randn(1, 64)
+    model = await aioti.load(models["small_mlp"], batching=aioti.Batching(4, 5, on_loop=True))
+    outs: list[object] = []
+
+    async def one():
+        try:
+            outs.append(await model(x))
+        except aioti.ClosedError as exc:
+            outs.append(exc)
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            for _ in range(32):
+                tg.start_soon(one)
+            await anyio.sleep(0)
+            await model.aclose()
+    assert len(outs) == 32
+    assert all(isinstance(o, aioti.ClosedError) or torch.allclose(o, eager(x), atol=1e-5)
+               for o in outs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -185,3 +333,12 @@ async def test_cuda_batching(models):
     assert all(torch.allclose(g, r, atol=1e-4) for g, r in zip(second, after))
     assert max(stats["batch_rows"]) <= 32
     assert stats["runs"] < 2 * len(reqs)  # something was merged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_on_loop_refused_on_cuda(models):
+    from aioti.testing import compile_model
+
+    with pytest.raises(aioti.InputError, match="CPU models only"):
+        await aioti.load(compile_model("small_mlp", "cuda"), device="cuda",
+                         batching=aioti.Batching(on_loop=True))

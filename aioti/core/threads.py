@@ -12,17 +12,26 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["ThreadTeams", "set_thread_team_size"]
+__all__ = ["ThreadTeams", "set_thread_team_size", "thread_team_size"]
 
 
 @functools.cache
-def _omp_set_num_threads() -> Any:
+def _omp(name: str) -> Any:
     try:
-        return ctypes.CDLL(None).omp_set_num_threads
+        return getattr(ctypes.CDLL(None), name)
     except (AttributeError, OSError):
         return None
+
+
+def thread_team_size() -> int | None:
+    """The team size of parallel regions the calling thread would start now; None when no
+    OpenMP runtime is loaded."""
+    getter = _omp("omp_get_max_threads")
+    return None if getter is None else int(getter())
 
 
 def set_thread_team_size(n: int) -> bool:
@@ -30,7 +39,7 @@ def set_thread_team_size(n: int) -> bool:
     OpenMP runtime is loaded in this process (nothing to set)."""
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
-    setter = _omp_set_num_threads()
+    setter = _omp("omp_set_num_threads")
     if setter is None:
         return False
     setter(n)
@@ -57,6 +66,22 @@ class ThreadTeams:
         if getattr(self._current, "size", None) != n:
             set_thread_team_size(n)
             self._current.size = n
+
+    @contextmanager
+    def borrowed(self, busy: int) -> Iterator[None]:
+        """For a batch run on a thread that is not a worker's (an event loop's, with on-loop
+        batching): its team size chosen as in `before_batch`, and the thread's own restored
+        afterwards (its other parallel work keeps the size it had)."""
+        n = self.alone if busy <= 1 else self.shared
+        own = thread_team_size()
+        if own is None or own == n:
+            yield
+            return
+        set_thread_team_size(n)
+        try:
+            yield
+        finally:
+            set_thread_team_size(own)
 
     def __repr__(self) -> str:
         return f"ThreadTeams(alone={self.alone}, shared={self.shared})"

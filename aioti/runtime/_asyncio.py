@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from asyncio.events import _get_running_loop  # C-accelerated, returns None off-loop
 from collections.abc import Callable, Iterable
 from threading import get_ident
@@ -16,14 +17,19 @@ class AsyncioLoop:
     """A running asyncio loop as a delivery target for worker threads; its waiters are plain
     futures of the loop (a cancelled task cancels its future, so settling finds it done)."""
 
-    __slots__ = ("loop", "waiter", "exact")
+    __slots__ = ("loop", "waiter", "exact", "soon")
     kind = "asyncio"
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         #: a stdlib loop, whose `_thread_id` says which thread runs it
         self.exact = isinstance(loop, asyncio.BaseEventLoop)
-        self.waiter: Callable[[], asyncio.Future[Any]] = loop.create_future  # no frame per call
+        # No Python frame per call: a stdlib loop's `create_future` is a Python method that
+        # makes the C future; make it directly.
+        self.waiter: Callable[[], asyncio.Future[Any]] = (
+            functools.partial(asyncio.Future, loop=loop) if self.exact else loop.create_future)
+        #: after the callbacks already scheduled, so after the tasks that are ready now
+        self.soon: Callable[[Callable[[Any], object], Any], object] = loop.call_soon
 
     @staticmethod
     def settle_all(items: Iterable[Outcome]) -> None:

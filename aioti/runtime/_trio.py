@@ -33,6 +33,10 @@ class TrioWaiter:
         self._task = trio.lowlevel.current_task()
         return await trio.lowlevel.wait_task_rescheduled(self._abort)
 
+    def done(self) -> bool:
+        """Settled, or its wait was cancelled."""
+        return self._state != 0
+
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
         self._state = 2
         return trio.lowlevel.Abort.SUCCEEDED
@@ -73,6 +77,10 @@ class TrioLoop:
         except trio.RunFinishedError:
             return False
         return True
+
+    def soon(self, fn: Callable[[Any], object], arg: Any) -> None:
+        # Run by trio's system task for such calls, which runs after the tasks now runnable.
+        self._token.run_sync_soon(fn, arg)
 
 
 _cache = threading.local()

@@ -16,6 +16,10 @@ Protocol, in one place:
 - Closing stops admission, optionally fails queued requests with `ClosedError`, lets the
   workers finish the rest, and calls `on_stopped` (deleting the native container) from the last
   worker to exit, after every run has returned.
+- With `inline` (on-loop batching), submitting does not wake a worker: the first request a loop
+  queues schedules, on that loop, a run of the queued requests right there once the loop's ready
+  tasks have run (`Loop.soon`); results for that loop are settled in place, others posted. The
+  workers stay as the fallback: they take what is queued when a pause or closing wakes them.
 - In a forked child every dispatcher is closed at once (its worker threads did not come along):
   submissions raise `ClosedError` saying so, and closing returns without native calls.
 """
@@ -29,7 +33,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from ..errors import ClosedError, QueueFullError
@@ -122,6 +126,8 @@ class Dispatcher:
         max_take: int = 64,
         fill: int | None = None,
         linger: float = 0.0,
+        inline: bool = False,
+        inline_team: Callable[[int], AbstractContextManager[None]] | None = None,
         name: str = "aioti",
     ) -> None:
         if workers < 1:
@@ -146,6 +152,11 @@ class Dispatcher:
         self.fill = fill or max_take  # queued size at which a batch is full
         self._queued_size = 0
         self._linger = linger
+        # On-loop runs: the loop that last scheduled one (a loop schedules its own unless it is
+        # this one); the native team settings for a run on a loop's thread.
+        self._inline = inline
+        self._inline_on: Loop | None = None
+        self._inline_team = inline_team or (lambda busy: nullcontext())
         self._last_take = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
@@ -190,10 +201,16 @@ class Dispatcher:
                 return False
             self._queue.append(req)
             self._queued_size += req.size
-            if self._sleeping:
+            schedule = False
+            if self._inline:
+                schedule = self._inline_on is not req.loop
+                self._inline_on = req.loop
+            elif self._sleeping:
                 self._sleeping.pop().notify()
             elif self._lingering and self._queued_size >= self.fill:
                 self._cond.notify()
+        if schedule:
+            req.loop.soon(self._run_here, req.loop)
         return True
 
     async def submit(self, req: Request, *, wait: bool = True) -> None:
@@ -220,7 +237,8 @@ class Dispatcher:
 
     def begin(self, reqs: Sequence[Request]) -> list[Request]:
         """Worker side, right before running `reqs` (together): those that may run, leaving
-        out any whose caller left (or all, when the model is closing with `cancel_queued`).
+        out any whose caller left, or whose waiter was cancelled (or all, when the model is
+        closing with `cancel_queued`).
         Requests a worker has taken but not begun count as queued for cancellation."""
         live: list[Request] = []
         with self._lock:
@@ -231,6 +249,10 @@ class Dispatcher:
                 return live
             for req in reqs:
                 if req.state == QUEUED:
+                    if req.waiter.done():  # cancelled; its task has not resumed to say so yet
+                        req.state = CANCELLED
+                        self.cancelled += 1
+                        continue
                     req.state = RUNNING
                     live.append(req)
         return live
@@ -268,6 +290,7 @@ class Dispatcher:
         self._cond = threading.Condition(self._lock)
         self._own = [threading.Condition(self._lock) for _ in self._own]
         self._sleeping, self._lingering, self._running, self._paused = [], 0, 0, 0
+        self._inline_on = None
         self._queue.clear()
         self._space.clear()
         self._queued_size = 0
@@ -356,9 +379,10 @@ class Dispatcher:
             and time.perf_counter() - self._queue[0].t0 < self._linger
         )
 
-    def _take_locked(self) -> list[Request]:
+    def _take_locked(self, workers: int | None = None) -> list[Request]:
+        """A batch off the queue: this taker's share of it among `workers` (default: all)."""
         q = self._queue
-        n = min(self.max_take, max(1, -(-len(q) // self._num_workers)), len(q))
+        n = min(self.max_take, max(1, -(-len(q) // (workers or self._num_workers))), len(q))
         if n == len(q) and self._queued_size <= self.fill:  # the whole queue fits: take it
             batch = list(q)
             q.clear()
@@ -381,26 +405,31 @@ class Dispatcher:
             req.error, req.payload = error, None
         self._deliver(reqs)
 
-    def _deliver(self, reqs: list[Request]) -> None:
-        """Hand finished requests (`result` or `error` set) to their loops, one post per loop."""
+    def _deliver(self, reqs: list[Request], here: Loop | None = None) -> None:
+        """Hand finished requests (`result` or `error` set) to their loops, one post per loop;
+        those of `here`, the loop whose thread this is, are settled at once."""
         if not reqs:
             return
         loop = reqs[0].loop
         if all(r.loop is loop for r in reqs):
-            loop.post(self._settle_batch, reqs)  # a closed loop: outputs are dropped
-            return
-        by_loop: dict[int, list[Request]] = {}
-        for req in reqs:
-            by_loop.setdefault(id(req.loop), []).append(req)
-        for group in by_loop.values():
-            group[0].loop.post(self._settle_batch, group)
+            groups: Any = (reqs,)
+        else:
+            by_loop: dict[int, list[Request]] = {}
+            for req in reqs:
+                by_loop.setdefault(id(req.loop), []).append(req)
+            groups = by_loop.values()
+        for group in groups:
+            if group[0].loop is here:
+                self._settle_batch(group)
+            else:
+                group[0].loop.post(self._settle_batch, group)  # a closed loop: outputs dropped
 
     def _settle_batch(self, reqs: list[Request]) -> None:
         reqs[0].loop.settle_all(reqs)  # one loop per call (see _deliver)
         now = time.perf_counter()
         self.latency.extend([now - req.t0 for req in reqs])
 
-    def _complete(self, batch: list[Request]) -> None:
+    def _complete(self, batch: list[Request], here: Loop | None = None) -> None:
         """A batch's outputs are ready (or it failed): count it as done, then deliver it (a
         caller that reads `stats()` once resumed finds its request counted)."""
         done = []
@@ -418,18 +447,56 @@ class Dispatcher:
             self._running -= 1
             self.completed += len(done) - bad
             self.failed += bad
-            if self._paused and not self._running:
+            if (self._paused or self._closing) and not self._running:
                 self._cond.notify_all()
-        self._deliver(done)
+        self._deliver(done, here)
 
-    def _land(self, token: Any, batch: list[Request]) -> None:
+    def _land(self, token: Any, batch: list[Request], here: Loop | None = None) -> None:
         """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it."""
         try:
             self._wait_ready(token)
         except Exception as exc:
             for req in batch:
                 req.error, req.result = exc, None
-        self._complete(batch)
+        self._complete(batch, here)
+
+    def _run(self, ctx: Any, batch: list[Request]) -> Any:
+        """`process` a taken batch; its token (None: outputs ready). Errors are set per request
+        by `process`; anything escaping it is a bug, set on the requests it left unset."""
+        try:
+            return self._process(ctx, batch, self.begin)
+        except BaseException as exc:
+            for req in batch:
+                if req.error is None and req.result is None:
+                    req.error = exc
+            if not isinstance(exc, Exception):
+                self._complete(batch)
+                raise
+        return None
+
+    def _run_here(self, loop: Loop) -> None:
+        """On `loop`'s thread (inline mode), after its ready tasks: run a batch of the queued
+        requests, whichever loop they came from, right here. Nothing runs while a pause is on
+        (the workers take the queue when it ends) or once the workers are gone."""
+        with self._lock:
+            if self._inline_on is loop:
+                self._inline_on = None
+            if self._paused or not self._alive or not self._queue:
+                return
+            batch = self._take_locked(workers=1)
+            self._running += 1
+            busy = self._running
+            more = bool(self._queue) and self._inline_on is None
+            if more:
+                self._inline_on = loop
+        if more:  # more than a batch was queued: go on after this loop's ready tasks
+            loop.soon(self._run_here, loop)
+        with self._inline_team(busy):
+            token = self._run(None, batch)
+        if token is not None:
+            self._land(token, batch, loop)
+        else:
+            self._complete(batch, loop)
 
     def _worker(self, index: int) -> None:
         cond, queue = self._cond, self._queue
@@ -486,18 +553,9 @@ class Dispatcher:
                 if not take:
                     self._land(*flight.popleft())
                     continue
-                token = None
-                try:
-                    if self._before_batch is not None:
-                        self._before_batch(busy)
-                    token = self._process(ctx, batch, self.begin)
-                except BaseException as exc:  # process sets errors per request; this is a bug net
-                    for req in batch:
-                        if req.error is None and req.result is None:
-                            req.error = exc
-                    if not isinstance(exc, Exception):
-                        self._complete(batch)
-                        raise
+                if self._before_batch is not None:
+                    self._before_batch(busy)
+                token = self._run(ctx, batch)
                 if token is None:
                     self._complete(batch)
                 else:
@@ -518,6 +576,8 @@ class Dispatcher:
                     leftover = list(queue)
                     queue.clear()
                     self._queued_size = 0
+                    while self._running:  # runs on a loop's thread (inline mode)
+                        cond.wait()
             if last:
                 self._fail(leftover,
                            ClosedError("the model's workers stopped before this request ran"))

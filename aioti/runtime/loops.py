@@ -21,6 +21,10 @@ class Waiter(Protocol):
 
     def __await__(self) -> Generator[Any, None, Any]: ...
 
+    def done(self) -> bool:
+        """Settled, or its wait was cancelled."""
+        ...
+
 
 class Outcome(Protocol):
     """A finished piece of work as the worker hands it back: whom to wake, and with what."""
@@ -45,6 +49,10 @@ class Loop(Protocol):
 
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
         """From any thread: run `fn(arg)` on the loop soon; False if the loop has closed."""
+        ...
+
+    def soon(self, fn: Callable[[Any], object], arg: Any) -> object:
+        """On the loop's thread: run `fn(arg)` once the tasks that are ready now have run."""
         ...
 
 
