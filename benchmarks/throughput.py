@@ -8,9 +8,10 @@ of the model's kernels, `to_thread` pools) measurably slow later rows in the sam
 aioti 38k/s before a synchronous torch loop, 17-21k/s after it). Rows (per model: small MLP and
 mid MLP, batch 8): sync loops over torch's loader and over aioti's core; aioti on asyncio and
 trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching on (small MLP,
-64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, each paired with a sync torch loop
-on the same requests); naive `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream
-of hot swaps against steady state (mid MLP). Each row is the median of `--repeats` runs.
+64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, batches run by the worker or
+`on_loop`, each paired with a sync torch loop on the same requests); naive
+`anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream of hot swaps
+against steady state (mid MLP). Each row is the median of `--repeats` runs.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
     of one full batched run, for the latency bound p99 <= max_delay + 2 x batched run."""
     rows = 8 if "batch 8" in config else 1
     x = torch.randn(rows, 64)
-    cfg = aioti.Batching(max_batch_size=64 * rows, max_delay_ms=2.0)
+    cfg = aioti.Batching(max_batch_size=64 * rows, max_delay_ms=2.0, on_loop="on_loop" in config)
     if "baseline" in config:
         # In a process of its own: once another thread has run an OpenMP region (an aioti
         # worker, or the thread that loaded the model), libgomp stops spinning and this loop
@@ -199,8 +200,10 @@ def plan(models: list[str]) -> list[tuple[str, str, int | None]]:
             rows.append((model, f"aioti {backend} workers=2", 64))
         rows += [(model, f"naive {k}.to_thread", c) for k in ("anyio", "asyncio") for c in (16, 64)]
         if model == "small_mlp":
-            rows += [(model, f"batching {k} batch 1", 64) for k in ("asyncio", "uvloop", "trio")]
-            rows.append((model, "batching asyncio batch 8", 64))
+            for where in ("", " on_loop"):
+                rows += [(model, f"batching {k}{where} batch 1", 64)
+                         for k in ("asyncio", "uvloop", "trio")]
+                rows.append((model, f"batching asyncio{where} batch 8", 64))
         if model == "mid_mlp":
             rows.append((model, "hot swaps", 16))
     return rows

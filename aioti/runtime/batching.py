@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..backends.base import Backend
 from ..core.signature import Layout, Signature
 from ..errors import InputError
 from .dispatch import Begin, Request, _Latencies
@@ -77,6 +78,8 @@ class Batcher:
         self.linger_s = config.max_delay_ms / 1000.0
         self._run_one = run_one
         self._backend = backend
+        # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
+        self._readies = type(backend).begin_batch is not Backend.begin_batch
         self._lock = threading.Lock()
         self._sizes: Counter[int] = Counter()
         self._runs = 0
@@ -111,7 +114,8 @@ class Batcher:
         live = begin(batch)
         if not live:
             return None
-        stream = self._backend.begin_batch(ctx, [r.payload[1] for r in live])
+        readies = [r.payload[1] for r in live] if self._readies else []
+        stream = self._backend.begin_batch(ctx, readies)
         now = time.perf_counter()
         self.queue_wait.extend([now - r.t0 for r in live])
         max_rows = self.max_rows
@@ -155,8 +159,12 @@ class Batcher:
             for r in chunk:  # isolate the failure to the request(s) that cause it
                 self._run_single(stream, r)
             return
-        for r, *ps in zip(chunk, *pieces):
-            r.result = ps
+        if len(pieces) == 1:
+            for r, p in zip(chunk, pieces[0]):
+                r.result = [p]
+        else:
+            for r, *ps in zip(chunk, *pieces):
+                r.result = ps
 
 
 def _groups(reqs: list[Request]) -> Iterable[list[Request]]:
