@@ -177,6 +177,7 @@ async def test_on_loop_runs_on_the_loop_thread_and_keeps_its_team(models):
 
     eager = eager_model("small_mlp")
     xs = [torch.randn(1, 64) for _ in range(16)]
+    own = thread_team_size()
     set_thread_team_size(3)
     try:
         async with aioti.load(models["small_mlp"],
@@ -202,7 +203,7 @@ async def test_on_loop_runs_on_the_loop_thread_and_keeps_its_team(models):
             stats = model.stats()
             assert thread_team_size() == 3
     finally:
-        set_thread_team_size(1)
+        set_thread_team_size(own or 1)  # torch.get_num_threads() on this thread reads it
     assert threads == {threading.get_ident()}
     assert len(outs) == 160 and all(torch.allclose(g, eager(x), atol=1e-5) for x, g in outs)
     assert stats["batching"]["runs"] < 160 and stats["completed"] == 160
