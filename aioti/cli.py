@@ -204,7 +204,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     from . import Batching, load
 
-    batching = Batching(max_batch_size=args.batching) if args.batching else None
+    if args.on_loop and not args.batching:
+        print("aioti bench: --on-loop needs --batching", file=sys.stderr)
+        return 2
+    batching = (Batching(max_batch_size=args.batching, on_loop=args.on_loop)
+                if args.batching else None)
 
     async def go() -> dict[str, Any]:
         async with load(args.path, device=args.device, workers=args.workers,
@@ -299,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     p.add_argument("--workers", type=int)
     p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
+    p.add_argument("--on-loop", action="store_true",
+                   help="run batches on the event loop's thread (Batching(on_loop=True))")
     p.add_argument("--json", type=Path)
     p.set_defaults(fn=_bench)
     p = sub.add_parser("demo", help="compile the demo model once and compare with to_thread")

@@ -452,7 +452,8 @@ def load(
     `move_inputs=True` copies inputs to the model's device; `batching` takes an
     `aioti.Batching` to merge concurrent requests; `threads` fixes how many native (OpenMP)
     threads a run uses (default from the backend: on CPU, every core for a run alone, the cores
-    shared among busy workers, one for small models). All blocking work runs off the event loop.
+    shared among busy workers, one for small models). All blocking work runs off the event loop,
+    except the batches of `Batching(on_loop=True)`, which run on it by request.
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")

@@ -159,3 +159,8 @@ def test_cli(models, tmp_path):
                 "--backend", "trio", "--json", str(tmp_path / "b.json"))
     assert bench.returncode == 0, bench.stderr
     assert json.loads((tmp_path / "b.json").read_text())["requests"] > 0
+    on_loop = cli("bench", str(models["small_mlp"]), "--duration", "0.5", "--batching", "16",
+                  "--on-loop", "--json", str(tmp_path / "c.json"))
+    assert on_loop.returncode == 0, on_loop.stderr
+    assert json.loads((tmp_path / "c.json").read_text())["errors"] == 0
+    assert "needs --batching" in cli("bench", str(models["small_mlp"]), "--on-loop").stderr
