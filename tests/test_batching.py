@@ -72,6 +72,20 @@ async def test_mixed_shapes_and_bad_input_isolated(models, on_loop):
 
 
 @on_loop
+async def test_unchecked_inputs_batch_alike(models, on_loop):
+    """check_inputs=False: requests are grouped by their own shapes all the same (the note
+    otherwise kept on the checked layout is kept by shapes)."""
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 3, 64) for i in range(40)]
+    cfg = aioti.Batching(16, 5, on_loop=on_loop)
+    async with aioti.load(models["small_mlp"], batching=cfg, check_inputs=False) as model:
+        outs = await run_all(model, [((x,), {}) for x in xs])
+        stats = model.stats()["batching"]
+    assert all(torch.allclose(g, eager(x), atol=1e-5) for x, g in zip(xs, outs))
+    assert stats["runs"] < len(xs) and max(stats["batch_rows"]) <= 16
+
+
+@on_loop
 async def test_batch_dim_maximum_respected(models, on_loop):
     # multi_io's batch dim is exported with max=64: batches never exceed it.
     scale = torch.rand(8)

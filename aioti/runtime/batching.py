@@ -73,6 +73,7 @@ class Batcher:
             )
         _, dim_max, self.carries = found
         self._all_carry = all(self.carries)
+        self._notes: dict[tuple[Any, ...], tuple[Any, int]] = {}  # inputs' shapes -> admit's note
         self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
         self.max_take = config.max_batch_size
         self.linger_s = config.max_delay_ms / 1000.0
@@ -88,20 +89,38 @@ class Batcher:
     def admit(self, req: Request, layout: Layout | None = None) -> None:
         """On the caller's thread: set `req.extra` to the request's grouping key and `req.size`
         to its number of rows. `layout` is the checked inputs' layout (`Signature.check`), if
-        any: the result is kept on it."""
+        any: the result is kept on it, and by the inputs' dtypes and shapes (a model whose every
+        input carries the batch dim), which serves unchecked inputs too."""
         if layout is not None and layout.note is not None:
             req.extra, req.size = layout.note
             return
         tensors = req.payload[0]
+        shapes: tuple[Any, ...] | None = None
+        if self._all_carry:
+            if len(tensors) == 1:
+                t = tensors[0]
+                shapes = (t.dtype, t.shape)
+            else:
+                shapes = tuple([(t.dtype, t.shape) for t in tensors])
+            note = self._notes.get(shapes)
+            if note is not None:
+                req.extra, req.size = note
+                if layout is not None:
+                    layout.note = note
+                return
         d = self.dim
         # Inputs without the batch dim are shared by a merged run: only requests passing the
-        # very same tensor (unmodified) merge, so such keys are never kept on the layout.
-        key = tuple((t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
-                    for t, c in zip(tensors, self.carries))
+        # very same tensor (unmodified) merge, so such keys are never kept.
+        key = tuple([(t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
+                     for t, c in zip(tensors, self.carries)])
         first = self.carries.index(True)
         req.extra, req.size = key, int(tensors[first].shape[d])
-        if layout is not None and self._all_carry:
-            layout.note = (key, req.size)
+        if shapes is not None:
+            if len(self._notes) >= 1024:
+                self._notes.clear()
+            self._notes[shapes] = (key, req.size)
+            if layout is not None:
+                layout.note = (key, req.size)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
