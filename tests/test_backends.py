@@ -336,14 +336,49 @@ async def test_a_failed_readiness_check_fails_that_batch_only(models):
         aioti.register_backend("cpu", CpuBackend, replace=True)
 
 
-async def test_batching_with_batches_in_flight(models):
+class FirstBatchFailsBackend(CpuBackend):
+    """A backend that fails to prepare its first batch, as a lost stream would."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.batches = 0
+
+    def begin_batch(self, ctx, readies):
+        self.batches += 1
+        if self.batches == 1:
+            raise RuntimeError("stream lost before batch 1")
+        return super().begin_batch(ctx, readies)
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["worker", "on_loop"])
+async def test_a_backend_error_before_a_batch_fails_that_batch_only(models, on_loop):
+    """An error escaping the batch (here from the backend) reaches that batch's callers; the
+    model keeps serving, and closes (its running count was settled)."""
+    aioti.register_backend("cpu", FirstBatchFailsBackend, replace=True)
+    try:
+        x = torch.randn(2, 64)
+        cfg = aioti.Batching(8, 1, on_loop=on_loop)
+        with anyio.fail_after(20):
+            async with aioti.load(models["small_mlp"], batching=cfg) as model:
+                with pytest.raises(RuntimeError, match="stream lost before batch 1"):
+                    await model(x)
+                with torch.no_grad():
+                    assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
+                assert model.stats()["failed"] == 1 and model.stats()["completed"] == 1
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)
+
+
+@pytest.mark.parametrize("on_loop", [False, True], ids=["worker", "on_loop"])
+async def test_batching_with_batches_in_flight(models, on_loop):
     """Dynamic batching over a backend whose batches finish later: merged runs stay in flight
-    while the next batch fills, and every caller gets its own rows."""
+    while the next batch fills (on the loop: each is waited for at once), and every caller
+    gets its own rows."""
     aioti.register_backend("cpu", DeferredBackend, replace=True)
     try:
         eager = eager_model("small_mlp")
         xs = [torch.randn(1 + i % 4, 64) for i in range(150)]
-        cfg = aioti.Batching(max_batch_size=16, max_delay_ms=1.0)
+        cfg = aioti.Batching(max_batch_size=16, max_delay_ms=1.0, on_loop=on_loop)
         async with aioti.load(models["small_mlp"], batching=cfg) as model:
             results = await _call_all(model, xs, rounds=2)
             with torch.no_grad():

@@ -460,10 +460,17 @@ class Dispatcher:
                 req.error, req.result = exc, None
         self._complete(batch, here)
 
-    def _run(self, ctx: Any, batch: list[Request]) -> Any:
-        """`process` a taken batch; its token (None: outputs ready). Errors are set per request
-        by `process`; anything escaping it is a bug, set on the requests it left unset."""
+    def _run(self, ctx: Any, batch: list[Request], busy: int, *, here: bool = False) -> Any:
+        """`process` a taken batch with the native team set for `busy` running batches (a
+        worker's, or borrowed on a loop's thread when `here`); its token (None: outputs ready).
+        Errors are set per request by `process`; anything escaping, the team's setting
+        included, is a bug, set on the requests it left unset."""
         try:
+            if here:
+                with self._inline_team(busy):
+                    return self._process(ctx, batch, self.begin)
+            if self._before_batch is not None:
+                self._before_batch(busy)
             return self._process(ctx, batch, self.begin)
         except BaseException as exc:
             for req in batch:
@@ -491,8 +498,7 @@ class Dispatcher:
                 self._inline_on = loop
         if more:  # more than a batch was queued: go on after this loop's ready tasks
             loop.soon(self._run_here, loop)
-        with self._inline_team(busy):
-            token = self._run(None, batch)
+        token = self._run(None, batch, busy, here=True)
         if token is not None:
             self._land(token, batch, loop)
         else:
@@ -553,9 +559,7 @@ class Dispatcher:
                 if not take:
                     self._land(*flight.popleft())
                     continue
-                if self._before_batch is not None:
-                    self._before_batch(busy)
-                token = self._run(ctx, batch)
+                token = self._run(ctx, batch, busy)
                 if token is None:
                     self._complete(batch)
                 else:
