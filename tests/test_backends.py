@@ -322,20 +322,6 @@ class LostBatchBackend(CpuBackend):
         self.ready(token)
 
 
-async def test_a_failed_readiness_check_fails_that_batch_only(models):
-    aioti.register_backend("cpu", LostBatchBackend, replace=True)
-    try:
-        x = torch.randn(2, 64)
-        async with aioti.load(models["small_mlp"]) as model:
-            with pytest.raises(RuntimeError, match="device lost during batch 1"):
-                await model(x)
-            with torch.no_grad():
-                assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
-            assert model.stats()["failed"] == 1 and model.stats()["completed"] == 1
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
-
-
 class FirstBatchFailsBackend(CpuBackend):
     """A backend that fails to prepare its first batch, as a lost stream would."""
 
@@ -350,17 +336,21 @@ class FirstBatchFailsBackend(CpuBackend):
         return super().begin_batch(ctx, readies)
 
 
-@pytest.mark.parametrize("on_loop", [False, True], ids=["worker", "on_loop"])
-async def test_a_backend_error_before_a_batch_fails_that_batch_only(models, on_loop):
-    """An error escaping the batch (here from the backend) reaches that batch's callers; the
-    model keeps serving, and closes (its running count was settled)."""
-    aioti.register_backend("cpu", FirstBatchFailsBackend, replace=True)
+@pytest.mark.parametrize(("backend", "message", "batching"), [
+    (LostBatchBackend, "device lost during batch 1", None),
+    (FirstBatchFailsBackend, "stream lost before batch 1", aioti.Batching(8, 1)),
+    (FirstBatchFailsBackend, "stream lost before batch 1", aioti.Batching(8, 1, on_loop=True)),
+], ids=["readiness", "before batch, worker", "before batch, on_loop"])
+async def test_a_backend_error_fails_that_batch_only(models, backend, message, batching):
+    """An error from the backend (a failed readiness check, or one escaping the batch before
+    its runs) reaches that batch's callers only; the model keeps serving, and closes (its
+    running count was settled)."""
+    aioti.register_backend("cpu", backend, replace=True)
     try:
         x = torch.randn(2, 64)
-        cfg = aioti.Batching(8, 1, on_loop=on_loop)
         with anyio.fail_after(20):
-            async with aioti.load(models["small_mlp"], batching=cfg) as model:
-                with pytest.raises(RuntimeError, match="stream lost before batch 1"):
+            async with aioti.load(models["small_mlp"], batching=batching) as model:
+                with pytest.raises(RuntimeError, match=message):
                     await model(x)
                 with torch.no_grad():
                     assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
