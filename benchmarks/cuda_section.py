@@ -3,7 +3,8 @@
 Rows: a synchronous loop over aioti's core (and over torch's loader, run in a subprocess since it
 may crash); raw threads over the core, one CUDA stream each, each synchronizing its stream every
 64 runs; aioti on asyncio at concurrency 64 with 1, 2 and 4 worker streams, each measured right
-after raw threads with as many streams. Batch 1 and 64, and at batch 1 dynamic batching on one
+after raw threads with as many streams, and with 2 and 4 streams also at 64 tasks per stream
+(`vs_raw_c128`, `vs_raw_c256`: the same work in flight per stream as the raw threads). Batch 1 and 64, and at batch 1 dynamic batching on one
 stream (its ratio is still against raw threads' unbatched runs: requests/s against runs/s).
 """
 
@@ -83,14 +84,14 @@ def torch_loader(path: Any, batch: int, duration: float) -> float | str:
     return float(p.stdout.strip().splitlines()[-1])
 
 
-def aioti_c64(path: Any, x: torch.Tensor, streams: int, duration: float,
-              batching: aioti.Batching | None = None) -> dict[str, Any]:
-    """aioti on asyncio, 64 tasks, `streams` worker streams (optionally with batching)."""
+def aioti_tasks(path: Any, x: torch.Tensor, streams: int, duration: float,
+                batching: aioti.Batching | None = None, tasks: int = 64) -> dict[str, Any]:
+    """aioti on asyncio, `tasks` tasks, `streams` worker streams (optionally with batching)."""
 
     async def go() -> dict[str, Any]:
         async with aioti.load(path, device="cuda", workers=streams, batching=batching) as model:
             await model.run([x])
-            row = await measure(model, [x], 64, duration)
+            row = await measure(model, [x], tasks, duration)
             if batching is not None:
                 row["batch_rows"] = model.stats()["batching"]["batch_rows"]
             return row
@@ -114,8 +115,14 @@ def run_cuda(duration: float, repeats: int) -> list[dict[str, Any]]:
         if batch == 1:
             plans.append((1, aioti.Batching(max_batch_size=64, max_delay_ms=2.0)))
         for streams, batching in plans:
+            # Raw threads keep 64 runs queued per stream; 64 tasks spread over several streams
+            # leave each a shallower queue. So with several streams, aioti is also measured with
+            # 64 tasks per stream: the same work in flight per stream as raw threads.
+            deep = 64 * streams if batching is None and streams > 1 else None
             pairs = [(raw_threads(path, x, streams, duration),
-                      aioti_c64(path, x, streams, duration, batching)) for _ in range(repeats)]
+                      aioti_tasks(path, x, streams, duration, batching),
+                      aioti_tasks(path, x, streams, duration, tasks=deep) if deep else None)
+                     for _ in range(repeats)]
             raw = med(p[0] for p in pairs)
             name = f"aioti asyncio c64, {streams} streams" + (", batching" if batching else "")
             ratios = [p[1]["requests_per_s"] / p[0] for p in pairs]
@@ -129,6 +136,11 @@ def run_cuda(duration: float, repeats: int) -> list[dict[str, Any]]:
                    "p99_ms": med(p[1]["p99_ms"] for p in pairs)}
             if batching is not None:
                 row["batch_rows"] = pairs[-1][1]["batch_rows"]
+            if deep:
+                deep_ratios = [p[2]["requests_per_s"] / p[0] for p in pairs if p[2]]
+                row.update({f"runs_per_s_c{deep}": med(p[2]["requests_per_s"] for p in pairs if p[2]),
+                            f"vs_raw_c{deep}": med(deep_ratios),
+                            f"pair_ratios_c{deep}": [round(r, 2) for r in deep_ratios]})
             rows.append(row)
         one = next(r for r in rows if r["batch"] == batch
                    and r["config"] == "aioti asyncio c64, 1 streams")

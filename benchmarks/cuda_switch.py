@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cuda_section import aioti_c64, raw_threads  # noqa: E402
+from cuda_section import aioti_tasks, raw_threads  # noqa: E402
 
 from aioti.testing import compile_model  # noqa: E402
 
@@ -16,7 +16,7 @@ for batch, streams in ((1, 4), (1, 1), (64, 1)):
     x = torch.randn(batch, 1024, device="cuda")
     for interval in (0.005, 0.001, 0.0002):
         sys.setswitchinterval(interval)
-        pairs = [(raw_threads(path, x, streams, 1.5), aioti_c64(path, x, streams, 1.5))
+        pairs = [(raw_threads(path, x, streams, 1.5), aioti_tasks(path, x, streams, 1.5))
                  for _ in range(3)]
         ratios = [a["requests_per_s"] / r for r, a in pairs]
         print(f"batch {batch} streams {streams} interval {interval}: raw "
