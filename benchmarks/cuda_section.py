@@ -27,7 +27,10 @@ from aioti.core.library import handles_from_tensors
 from aioti.testing import compile_model
 
 
-def raw_threads(path: Any, x: torch.Tensor, streams: int, duration: float) -> float:
+def raw_threads(path: Any, x: torch.Tensor, streams: int, duration: float, depth: int = 64
+                ) -> float:
+    """Runs/s of `streams` threads, each launching `depth` runs on its own stream between
+    synchronizations."""
     c = open_container(open_model(path), device="cuda", num_models=streams)
     counts = [0] * streams
     stop = time.perf_counter() + duration
@@ -37,10 +40,10 @@ def raw_threads(path: Any, x: torch.Tensor, streams: int, duration: float) -> fl
         torch.cuda.set_stream(s)
         h = s.cuda_stream
         while time.perf_counter() < stop:
-            for _ in range(64):
+            for _ in range(depth):
                 c._run(handles_from_tensors([x]), h)
             s.synchronize()
-            counts[i] += 64
+            counts[i] += depth
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=work, args=(i,)) for i in range(streams)]
