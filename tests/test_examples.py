@@ -27,11 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def asyncio_service(models):
+@pytest.fixture(params=[[], ["--batching", "64", "--on-loop"]], ids=["plain", "on_loop"])
+def asyncio_service(models, request):
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / "asyncio_service.py"),
-                             str(models["small_mlp"]), "--port", str(port)])
+                             str(models["small_mlp"]), "--port", str(port), *request.param])
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -77,6 +77,8 @@ async def test_asyncio_service(asyncio_service, tmp_path):
         await client.post("/rollback")
         stats = (await client.get("/stats")).json()
         assert stats["completed"] >= 201 and stats["failed"] == 0
+        if "batching" in stats:  # --on-loop: concurrent HTTP requests merged into fewer runs
+            assert stats["batching"]["runs"] < stats["completed"]
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
