@@ -30,6 +30,7 @@ import atexit
 import os
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -91,6 +92,9 @@ def _stop_all_at_exit() -> None:
     for d in list(_live):
         d.shutdown(wait=5.0)
 
+
+#: an on-loop batch that kept its loop this long (s) warns, once per model
+ON_LOOP_WARN_S = 0.01
 
 FORKED = ("the model was loaded before this process was forked, and its worker threads did not "
           "survive the fork: load it again in this process")
@@ -157,6 +161,7 @@ class Dispatcher:
         self._inline = inline
         self._inline_on: Loop | None = None
         self._inline_team = inline_team or (lambda busy: nullcontext())
+        self._warned_slow = False
         self._last_take = 0
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
@@ -498,11 +503,20 @@ class Dispatcher:
                 self._inline_on = loop
         if more:  # more than a batch was queued: go on after this loop's ready tasks
             loop.soon(self._run_here, loop)
+        t0 = time.perf_counter()
         token = self._run(None, batch, busy, here=True)
         if token is not None:
             self._land(token, batch, loop)
         else:
             self._complete(batch, loop)
+        took = time.perf_counter() - t0
+        if took >= ON_LOOP_WARN_S and not self._warned_slow:
+            self._warned_slow = True
+            warnings.warn(
+                f"an on-loop batch of {len(batch)} requests kept the event loop busy for "
+                f"{took * 1e3:.1f} ms; on_loop=True suits models whose batched run takes "
+                "microseconds (Batching(on_loop=False) runs batches in a worker thread)",
+                RuntimeWarning, stacklevel=1)
 
     def _worker(self, index: int) -> None:
         cond, queue = self._cond, self._queue
