@@ -123,8 +123,8 @@ class AsyncModel:
             on_stopped=container.delete,
             max_take=self._batcher.max_take if self._batcher else 64,
             fill=self._batcher.max_rows if self._batcher else None,
-            linger=self._batcher.linger_s if self._batcher and not batching.on_loop else 0.0,
-            inline=bool(batching and batching.on_loop),
+            linger=self._batcher.linger_s if self._batcher else 0.0,
+            inline=self._batcher.on_loop if self._batcher else False,
             inline_team=threads.borrowed if threads is not None else None,
             name=f"aioti-{files.name}",
         )
@@ -246,7 +246,7 @@ class AsyncModel:
 
     async def _submit(self, flat: list[Any], *, boxed: bool = False) -> list[torch.Tensor]:
         dispatcher = self._dispatcher
-        if self._closed or dispatcher.closing:
+        if self._closed or dispatcher.closing:  # `_check_open`, inline on the per-request path
             raise ClosedError(dispatcher.closed_reason)
         if self._plain_inputs:
             tensors, ready = (list(flat) if boxed else flat), None

@@ -59,10 +59,14 @@ class ThreadTeams:
         self.shared = shared
         self._current = threading.local()
 
+    def size(self, busy: int) -> int:
+        """The team size for a batch while `busy` batches of the model run (this one included)."""
+        return self.alone if busy <= 1 else self.shared
+
     def before_batch(self, busy: int) -> None:
         """In a worker, before a batch; `busy` counts the model's batches running, this one
         included (plus one when requests wait for another worker)."""
-        n = self.alone if busy <= 1 else self.shared
+        n = self.size(busy)
         if getattr(self._current, "size", None) != n:
             set_thread_team_size(n)
             self._current.size = n
@@ -72,7 +76,7 @@ class ThreadTeams:
         """For a batch run on a thread that is not a worker's (an event loop's, with on-loop
         batching): its team size chosen as in `before_batch`, and the thread's own restored
         afterwards (its other parallel work keeps the size it had)."""
-        n = self.alone if busy <= 1 else self.shared
+        n = self.size(busy)
         own = thread_team_size()
         if own is None or own == n:
             yield

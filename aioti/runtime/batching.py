@@ -76,7 +76,9 @@ class Batcher:
         self._notes: dict[tuple[Any, ...], tuple[Any, int]] = {}  # inputs' shapes -> admit's note
         self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
         self.max_take = config.max_batch_size
-        self.linger_s = config.max_delay_ms / 1000.0
+        # How long a worker waits for a fuller batch; on the loop, batches never wait.
+        self.linger_s = 0.0 if config.on_loop else config.max_delay_ms / 1000.0
+        self.on_loop = config.on_loop
         self._run_one = run_one
         self._backend = backend
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
