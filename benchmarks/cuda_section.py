@@ -4,8 +4,9 @@ Rows: a synchronous loop over aioti's core (and over torch's loader, run in a su
 may crash); raw threads over the core, one CUDA stream each, each synchronizing its stream every
 64 runs; aioti on asyncio at concurrency 64 with 1, 2 and 4 worker streams, each measured right
 after raw threads with as many streams, and with 2 and 4 streams also at 64 tasks per stream
-(`vs_raw_c128`, `vs_raw_c256`: the same work in flight per stream as the raw threads). Batch 1 and 64, and at batch 1 dynamic batching on one
-stream (its ratio is still against raw threads' unbatched runs: requests/s against runs/s).
+(`vs_raw_c128`, `vs_raw_c256`: the same work in flight per stream as the raw threads). Batch 1
+and 64, and at batch 1 dynamic batching on one stream (its ratio is still against raw threads'
+unbatched runs: requests/s against runs/s).
 """
 
 from __future__ import annotations
