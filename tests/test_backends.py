@@ -140,8 +140,15 @@ async def test_cuda_inputs_from_caller_stream_and_constants(models):
             x = torch.randn(64, 64, device="cuda") * 3  # produced asynchronously on s
             outs = [model(x) for _ in range(8)]
             results = [await o for o in outs]
+            # Still being written on s when the worker takes it (s sleeps first on the GPU):
+            # its stream must wait for s, or it reads the new tensor's memory before it is set.
+            late = torch.empty(64, 64, device="cuda")
+            torch.cuda._sleep(50_000_000)
+            late.copy_(x * -1)
+            late_out = await model(late)
         ref = eager(x)
         assert all(torch.allclose(r, ref, atol=1e-4) for r in results)
+        assert torch.allclose(late_out, eager(-x), atol=1e-4)
         sd = {k: v.cpu() + 0.5 for k, v in eager.state_dict().items()}
         await model.hot_swap(sd)  # CPU tensors copied to the device
         eager.load_state_dict(sd)
@@ -298,6 +305,29 @@ async def test_cuda_one_stream_many_callers(models):
             with torch.no_grad():
                 assert all(torch.allclose(results[i], eager(x), atol=1e-4)
                            for i, x in enumerate(xs))
+
+
+@cuda
+def test_cuda_driver_events_and_stream_checks():
+    """The GIL-held driver calls the CUDA worker makes: an event recorded behind GPU work is not
+    reached until the work is done; a stream with work queued is not idle."""
+    from aioti.backends.cuda_driver import driver
+
+    d = driver()
+    s = torch.cuda.Stream()
+    event = d.create_event()
+    try:
+        assert d.query(event)  # never recorded: reached
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(50_000_000)
+        d.record(event, s.cuda_stream)
+        assert not d.query(event) and not d.idle(s.cuda_stream)
+        d.synchronize(event)
+        assert d.query(event) and d.idle(s.cuda_stream)
+    finally:
+        d.destroy_event(event)
+    with pytest.raises(aioti.BackendError, match=r"cuEventRecord failed: CUDA_ERROR_INVALID_VALUE \(code 1\)"):
+        d._check(1, "cuEventRecord")  # how a failed call reads
 
 
 class LostBatchBackend(CpuBackend):

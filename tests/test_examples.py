@@ -29,6 +29,8 @@ def free_port() -> int:
 
 @pytest.fixture(params=[[], ["--batching", "64", "--on-loop"]], ids=["plain", "on_loop"])
 def asyncio_service(models, request):
+    for name in ("starlette", "uvicorn"):  # `make test` installs both (the dev extra)
+        pytest.importorskip(name, reason=f"the asyncio service example needs {name}")
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(EXAMPLES / "asyncio_service.py"),
                              str(models["small_mlp"]), "--port", str(port), *request.param])

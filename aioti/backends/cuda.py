@@ -4,18 +4,22 @@
   worker thread, which also makes it that thread's current stream so that the model's output
   allocations belong to it.
 - Inputs: the caller's current stream is noted when the request is made (a cheap lookup on the
-  loop thread). Before a batch, the worker records an event on each distinct caller stream of
-  the batch and makes its own stream wait on it. Recording after the request was made is
-  conservative - the event covers all work the caller had queued by then, and maybe more - so
-  inputs made asynchronously by the caller are complete, for one record per stream per batch.
-  (Recording on the loop thread per request cost most of the loop's time on an H200 host: the
-  call holds the GIL while it waits for the CUDA driver, which the workers keep busy.)
+  loop thread). Before a batch, the worker checks each distinct caller stream of the batch: one
+  with work still queued gets an event recorded on it, which the worker's stream waits on.
+  Checking after the request was made is conservative - it covers all work the caller had
+  queued by then, and maybe more - so inputs made asynchronously by the caller are complete,
+  for at most one record per stream per batch. (Recording on the loop thread per request cost
+  most of the loop's time on an H200 host: the call holds the GIL while it waits for the CUDA
+  driver, which the workers keep busy.)
 - Readiness: after each batch the worker records an event on its stream and goes on launching
   the next batches (up to `max_in_flight` unfinished); it delivers a batch once its event has
   completed, so an awaited result is ready on any stream, and the loop never blocks on the GPU.
   Inputs stay referenced until then. (Synchronizing the stream after every batch left the GPU
   idle while the worker delivered and waited for new work: with one stream and 64 callers,
   batches shrank to a few runs, each paying a full synchronize.)
+- Events and stream checks go straight to the driver with the GIL held (`cuda_driver`): they
+  take microseconds, and releasing the GIL around them, as torch's calls do, made the worker
+  wait behind the event loop's thread to take it back.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from ..errors import BackendError
 from .base import Backend
+from .cuda_driver import Driver, driver
 
 __all__ = ["CudaBackend"]
 
@@ -56,7 +61,6 @@ class CudaBackend(Backend):
             )
         super().__init__(torch.device("cuda", index))
         self._index = index
-        self._streams: dict[int, torch.cuda.Stream] = {}  # callers' raw stream -> Stream
 
     def default_workers(self) -> int:
         return 4
@@ -71,48 +75,47 @@ class CudaBackend(Backend):
         torch.cuda.set_device(self.device)
         stream = torch.cuda.Stream(device=self.device)
         torch.cuda.set_stream(stream)
-        return _Worker(stream, self.max_in_flight)
+        return _Worker(stream, self.max_in_flight, driver())
 
     def begin_batch(self, ctx: _Worker, readies: list[Any]) -> int:
         own = ctx.raw
         for raw in set(readies):
-            if raw is not None and raw != own:
+            if raw is not None and raw != own and not ctx.driver.idle(raw):
                 # One event per worker, re-recorded: creating one per batch cost two more
                 # driver calls (create, destroy) on every batch.
-                ctx.event.record(self._stream_of(raw))
-                ctx.stream.wait_event(ctx.event)
+                ctx.driver.record(ctx.event, raw)
+                ctx.driver.stream_wait(own, ctx.event)
         return own
 
-    def _stream_of(self, raw: int) -> torch.cuda.Stream:
-        stream = self._streams.get(raw)
-        if stream is None:
-            stream = self._streams[raw] = torch.cuda.ExternalStream(raw, device=self.device)
-        return stream
-
-    def finish(self, ctx: _Worker) -> torch.cuda.Event:
+    def finish(self, ctx: _Worker) -> tuple[Driver, int]:
         # The dispatcher lands batches in order and keeps at most `max_in_flight` unfinished,
         # so the ring's next event has been waited on before it is recorded again.
         event = ctx.done[ctx.next_done]
         ctx.next_done = (ctx.next_done + 1) % len(ctx.done)
-        event.record(ctx.stream)
-        return event
+        ctx.driver.record(event, ctx.raw)
+        return ctx.driver, event
 
-    def ready(self, token: torch.cuda.Event) -> bool:
-        return token.query()
+    def ready(self, token: tuple[Driver, int]) -> bool:
+        return token[0].query(token[1])
 
-    def wait_ready(self, token: torch.cuda.Event) -> None:
-        token.synchronize()
+    def wait_ready(self, token: tuple[Driver, int]) -> None:
+        token[0].synchronize(token[1])
+
+    def stop_worker(self, ctx: _Worker) -> None:
+        for event in (ctx.event, *ctx.done):
+            ctx.driver.destroy_event(event)
 
 
 class _Worker:
     """A CUDA worker's context: its stream, the event its stream waits on callers with, and a
-    ring of events that mark its batches done."""
+    ring of events that mark its batches done (driver handles, made on the worker's device)."""
 
-    __slots__ = ("stream", "raw", "event", "done", "next_done")
+    __slots__ = ("stream", "raw", "driver", "event", "done", "next_done")
 
-    def __init__(self, stream: torch.cuda.Stream, in_flight: int) -> None:
-        self.stream = stream
+    def __init__(self, stream: torch.cuda.Stream, in_flight: int, driver: Driver) -> None:
+        self.stream = stream  # kept alive: `raw` is its handle
         self.raw: int = stream.cuda_stream
-        self.event = torch.cuda.Event()
-        self.done = [torch.cuda.Event() for _ in range(in_flight + 1)]
+        self.driver = driver
+        self.event = driver.create_event()
+        self.done = [driver.create_event() for _ in range(in_flight + 1)]
         self.next_done = 0
