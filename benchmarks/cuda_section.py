@@ -146,12 +146,20 @@ def run_cuda(duration: float, repeats: int) -> list[dict[str, Any]]:
                             f"vs_raw_c{deep}": med(deep_ratios),
                             f"pair_ratios_c{deep}": [round(r, 2) for r in deep_ratios]})
             rows.append(row)
-        one = next(r for r in rows if r["batch"] == batch
-                   and r["config"] == "aioti asyncio c64, 1 streams")
-        for r in rows:
-            if r["batch"] == batch and r["config"].startswith("aioti"):
-                r["vs_1_stream"] = r["runs_per_s"] / one["runs_per_s"]
+        add_scaling(rows, batch)
         for r in rows:
             if r["batch"] == batch:
                 print(r, flush=True)
     return rows
+
+
+def add_scaling(rows: list[dict[str, Any]], batch: int) -> None:
+    """Each aioti row's rate over one stream's (`vs_1_stream`), and with 64 tasks per stream
+    (`vs_1_stream_c128`, `vs_1_stream_c256`: as much in flight per stream as one stream's 64)."""
+    one = next(r for r in rows if r["batch"] == batch
+               and r["config"] == "aioti asyncio c64, 1 streams")["runs_per_s"]
+    for r in rows:
+        if r["batch"] == batch and r["config"].startswith("aioti"):
+            r["vs_1_stream"] = r["runs_per_s"] / one
+            for key in [k for k in r if k.startswith("runs_per_s_c")]:
+                r[f"vs_1_stream_{key.rsplit('_', 1)[1]}"] = r[key] / one
