@@ -116,6 +116,7 @@ class AsyncModel:
             max_queue=max_queue,
             start_worker=backend.start_worker,
             before_batch=threads.before_batch if threads is not None else None,
+            ready=backend.ready,
             wait_ready=backend.wait_ready,
             max_in_flight=backend.max_in_flight,
             stop_worker=backend.stop_worker,

@@ -5,10 +5,9 @@ A backend serves one device (`torch.device`, index resolved). The runtime calls,
 thread; `begin_batch` before each batch of runs in that thread, after setting the thread's native
 team size from `worker_threads(...)` (waits for the batch's inputs to be ready and returns the
 stream handle to pass to the native `Run`); `finish` once after each batch (None when the outputs
-are ready to use on any stream, else a token: the worker hands the batch to its lander thread,
-which blocks on the token with `wait_ready` and then delivers the batch); `stop_worker` when
-the worker exits, after its lander has landed every batch; `aclose` when the backend is dropped
-from the registry.
+are ready to use on any stream, else a token: the worker polls it with `ready`, blocks on it with
+`wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits;
+`aclose` when the backend is dropped from the registry.
 """
 
 from __future__ import annotations
@@ -73,14 +72,16 @@ class Backend:
 
     def finish(self, ctx: Any) -> Any:
         """In the worker, after a batch of runs: None once their outputs are ready for any
-        stream, or a token for `wait_ready` (the worker then goes on launching batches, up to
-        `max_in_flight` unfinished, while its lander waits for this one and delivers it)."""
+        stream, or a token for `ready` and `wait_ready` (the worker then goes on launching
+        batches, up to `max_in_flight` unfinished, and delivers this one once it is ready)."""
         return None
 
+    def ready(self, token: Any) -> bool:
+        """In the worker: whether the batch behind a `finish` token is ready (no blocking)."""
+        return True
+
     def wait_ready(self, token: Any) -> None:
-        """In the worker's lander thread (or the worker, with `max_in_flight` 0): block until
-        the batch behind a `finish` token is ready; tokens come in launch order. Release the
-        GIL while blocking. An exception fails that batch's requests."""
+        """In the worker: block until the batch behind a `finish` token is ready."""
 
     def stop_worker(self, ctx: Any) -> None:
         """In the worker thread as it exits."""

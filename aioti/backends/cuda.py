@@ -12,12 +12,11 @@
   most of the loop's time on an H200 host: the call holds the GIL while it waits for the CUDA
   driver, which the workers keep busy.)
 - Readiness: after each batch the worker records an event on its stream and goes on launching
-  the next batches (up to `max_in_flight` unfinished); its lander thread sleeps on each event
-  (a blocking-sync event: no core spins) and delivers the batch once it has completed, so an
-  awaited result is ready on any stream, and the loop never blocks on the GPU. Inputs stay
-  referenced until then. (Synchronizing the stream after every batch left the GPU idle while
-  the worker delivered and waited for new work; landing batches in the worker between launches
-  held each batch's results back for the next batch's whole launch.)
+  the next batches (up to `max_in_flight` unfinished); it delivers a batch once its event has
+  completed, so an awaited result is ready on any stream, and the loop never blocks on the GPU.
+  Inputs stay referenced until then. (Synchronizing the stream after every batch left the GPU
+  idle while the worker delivered and waited for new work: with one stream and 64 callers,
+  batches shrank to a few runs, each paying a full synchronize.)
 - Events and stream checks go straight to the driver with the GIL held (`cuda_driver`): they
   take microseconds, and releasing the GIL around them, as torch's calls do, made the worker
   wait behind the event loop's thread to take it back.
@@ -96,6 +95,9 @@ class CudaBackend(Backend):
         ctx.driver.record(event, ctx.raw)
         return ctx.driver, event
 
+    def ready(self, token: tuple[Driver, int]) -> bool:
+        return token[0].query(token[1])
+
     def wait_ready(self, token: tuple[Driver, int]) -> None:
         token[0].synchronize(token[1])
 
@@ -115,5 +117,5 @@ class _Worker:
         self.raw: int = stream.cuda_stream
         self.driver = driver
         self.event = driver.create_event()
-        self.done = [driver.create_event(blocking=True) for _ in range(in_flight + 1)]
+        self.done = [driver.create_event() for _ in range(in_flight + 1)]
         self.next_done = 0

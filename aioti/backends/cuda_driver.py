@@ -1,12 +1,11 @@
 """The CUDA driver's event and stream calls that a CUDA worker makes per batch, GIL held.
 
-A worker records an event after each batch (its lander thread waits on it) and makes its
-stream wait on callers' streams. torch's `Event.record` and `Event.wait` release the GIL
-around their driver call, and taking it back is a wait behind the event loop's thread whenever
-that thread took it meanwhile: on an H200 host one batch's caller sync took a median of 19 us
-but a p90 of 280 us, 3% of a lone worker's time. These calls return in microseconds, so they
-are made through `ctypes.PyDLL`, which keeps the GIL; only `synchronize`, which blocks until
-the GPU is done, releases it.
+A worker records an event after each batch, polls it, and makes its stream wait on callers'
+streams. torch's `Event.record` and `Event.wait` release the GIL around their driver call, and
+taking it back is a wait behind the event loop's thread whenever that thread took it meanwhile:
+on an H200 host one batch's caller sync took a median of 19 us but a p90 of 280 us, 3% of a lone
+worker's time. These calls return in microseconds, so they are made through `ctypes.PyDLL`,
+which keeps the GIL; only `synchronize`, which blocks until the GPU is done, releases it.
 
 Runtime and driver handles are interchangeable (a `cudaStream_t` is a `CUstream`, a
 `cudaEvent_t` a `CUevent`): torch's streams are used as they are, and handle 0 is the legacy
@@ -25,7 +24,6 @@ __all__ = ["Driver", "driver"]
 
 _NOT_READY = 600  # CUDA_ERROR_NOT_READY
 _DISABLE_TIMING = 0x2  # CU_EVENT_DISABLE_TIMING: recording one is then cheaper
-_BLOCKING_SYNC = 0x1  # CU_EVENT_BLOCKING_SYNC: a thread synchronizing on it sleeps, not spins
 
 
 class Driver:
@@ -60,12 +58,10 @@ class Driver:
             label = name.value.decode() if name.value else "unknown error"
             raise BackendError(f"CUDA {what} failed: {label} (code {code})")
 
-    def create_event(self, *, blocking: bool = False) -> int:
-        """A new event without timing, on the calling thread's current context; `blocking`:
-        `synchronize` on it sleeps until it is reached (else the thread spins)."""
+    def create_event(self) -> int:
+        """A new event without timing, on the calling thread's current context."""
         event = c_void_p()
-        flags = _DISABLE_TIMING | (_BLOCKING_SYNC if blocking else 0)
-        self._check(self._create(byref(event), flags), "cuEventCreate")
+        self._check(self._create(byref(event), _DISABLE_TIMING), "cuEventCreate")
         return event.value  # type: ignore[return-value]
 
     def destroy_event(self, event: int) -> None:

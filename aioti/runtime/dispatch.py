@@ -9,11 +9,6 @@ Protocol, in one place:
   that wakes takes every queued request up to its share in one go, runs them through the
   `process` function it was given, and hands all results that go to one loop back in one
   `post` (one loop wake-up per loop per batch). Settling skips waiters already cancelled.
-- Where a batch's outputs become ready later (a device's runs are launched, not finished, when
-  `process` returns a token), the worker hands the batch to its lander thread and goes on
-  launching; the lander blocks until each batch is ready, in launch order, and delivers it, so
-  results go back as soon as the device is done with them. A worker waits for its lander when
-  `max_in_flight` batches are unfinished.
 - Cancellation of a caller removes its request from the queue if it is still there (it never
   runs); a request already running finishes and its outputs are dropped on delivery.
 - `exclusive()` stops workers from starting new batches and waits for running ones: constant
@@ -130,6 +125,7 @@ class Dispatcher:
         stop_worker: Callable[[Any], None] = lambda ctx: None,
         on_stopped: Callable[[], None] = lambda: None,
         before_batch: Callable[[int], None] | None = None,
+        ready: Callable[[Any], bool] = lambda token: True,
         wait_ready: Callable[[Any], None] = lambda token: None,
         max_in_flight: int = 0,
         max_take: int = 64,
@@ -150,12 +146,12 @@ class Dispatcher:
         # In the worker before each batch, with the number of batches running (this one
         # included), plus one if requests are left queued for another worker.
         self._before_batch = before_batch
-        # `process` returns None when a batch's outputs are ready, else a token that
-        # `wait_ready` blocks on (in the worker's lander): the worker goes on launching, with up
-        # to `max_in_flight` batches unfinished (0: it waits for each itself).
+        # `process` returns None when a batch's outputs are ready, else a token that `ready`
+        # polls and `wait_ready` blocks on: a worker goes on launching batches meanwhile, with
+        # up to `max_in_flight` of them unfinished, and delivers each once it is ready.
+        self._ready = ready
         self._wait_ready = wait_ready
         self._max_in_flight = max_in_flight
-        self._name = name
         self.max_queue = max_queue
         self.max_take = max_take
         self.fill = fill or max_take  # queued size at which a batch is full
@@ -531,16 +527,26 @@ class Dispatcher:
 
     def _worker(self, index: int) -> None:
         cond, queue = self._cond, self._queue
-        lander: _Lander | None = None
+        ready, max_flight = self._ready, self._max_in_flight
+        flight: deque[tuple[Any, list[Request]]] = deque()  # launched, not yet ready
         ctx = None
         try:
             ctx = self._start_worker(index)
-            if self._max_in_flight:
-                lander = _Lander(self, self._max_in_flight, f"{self._name}-lander-{index}")
             while True:
+                while flight:
+                    try:
+                        if not ready(flight[0][0]):
+                            break
+                    except Exception:  # `_land` meets it again and hands it to the callers
+                        self._land(*flight.popleft())
+                        continue
+                    self._complete(flight.popleft()[1])
                 with cond:
+                    take = False
                     while True:
                         if self._paused or not queue:
+                            if flight:
+                                break  # wait for an in-flight batch rather than for work
                             if not queue and self._closing:
                                 return
                             if not self._paused and self._under_demand():
@@ -559,25 +565,32 @@ class Dispatcher:
                                 self._sleeping.remove(mine)
                             continue
                         if self._should_linger():
+                            if flight:
+                                break  # land an in-flight batch while this one fills
                             self._lingering += 1
                             cond.wait(self._linger - (time.perf_counter() - queue[0].t0))
                             self._lingering -= 1
                             continue
+                        take = True
                         break
-                    batch = self._take_locked()
-                    self._running += 1
-                    busy = self._running + (1 if queue else 0)  # others run, or will soon
+                    if take:
+                        batch = self._take_locked()
+                        self._running += 1
+                        busy = self._running + (1 if queue else 0)  # others run, or will soon
+                if not take:
+                    self._land(*flight.popleft())
+                    continue
                 token = self._run(ctx, batch, busy)
                 if token is None:
                     self._complete(batch)
-                elif lander is None:
-                    self._land(token, batch)
                 else:
-                    lander.put(token, batch)
+                    flight.append((token, batch))
+                    if len(flight) > max_flight:
+                        self._land(*flight.popleft())
                 del batch
         finally:
-            if lander is not None:
-                lander.close()  # after landing every batch it was given
+            while flight:
+                self._land(*flight.popleft())
             if ctx is not None:
                 self._stop_worker(ctx)
             with cond:
@@ -598,56 +611,3 @@ class Dispatcher:
                 finally:
                     self._stopped.set()
                     _live.discard(self)
-
-
-class _Lander:
-    """A worker's companion thread for batches that finish after `process` returns: it blocks
-    until each is ready (GIL-free in the backend), in launch order, and completes it - while
-    its worker goes on launching. Landing in the worker between launches delayed a batch's
-    results by the next batch's whole launch."""
-
-    def __init__(self, dispatcher: Dispatcher, limit: int, name: str) -> None:
-        self._dispatcher = dispatcher
-        self._limit = limit
-        self._cond = threading.Condition(threading.Lock())
-        self._flight: deque[tuple[Any, list[Request]]] = deque()  # launched, not yet landed
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def put(self, token: Any, batch: list[Request]) -> None:
-        """Hand over a launched batch; waits while `limit` batches are unfinished."""
-        with self._cond:
-            while len(self._flight) >= self._limit and self._thread.is_alive():
-                self._cond.wait()
-            if self._thread.is_alive():
-                self._flight.append((token, batch))
-                self._cond.notify_all()
-                return
-        self._dispatcher._land(token, batch)  # the thread died of a bug: land it here
-
-    def close(self) -> None:
-        """Land what was handed over, then end the thread (the worker's last call)."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join()
-        while self._flight:  # left by a thread that died of a bug
-            self._dispatcher._land(*self._flight.popleft())
-
-    def _loop(self) -> None:
-        cond, flight = self._cond, self._flight
-        while True:
-            with cond:
-                while not flight and not self._closed:
-                    cond.wait()
-                if not flight:
-                    return
-                token, batch = flight[0]  # still counts toward the limit while it lands
-            try:
-                self._dispatcher._land(token, batch)
-            finally:
-                with cond:
-                    flight.popleft()
-                    cond.notify_all()
-            del token, batch
