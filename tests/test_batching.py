@@ -8,6 +8,7 @@ import threading
 import anyio
 import pytest
 import torch
+from outcomes import outcome
 
 import aioti
 from aioti.testing import eager_model
@@ -331,10 +332,7 @@ async def test_on_loop_close_with_queued_requests(models):
     outs: list[object] = []
 
     async def one():
-        try:
-            outs.append(await model(x))
-        except aioti.ClosedError as exc:
-            outs.append(exc)
+        outs.append(await outcome(model(x), aioti.ClosedError))
 
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
@@ -343,6 +341,9 @@ async def test_on_loop_close_with_queued_requests(models):
             await anyio.sleep(0)
             await model.aclose()
     assert len(outs) == 32
+    with torch.no_grad():
+        assert all(isinstance(o, aioti.ClosedError) or torch.allclose(o, eager(x), atol=1e-5)
+                   for o in outs)
     assert all(isinstance(o, aioti.ClosedError) or torch.allclose(o, eager(x), atol=1e-5)
                for o in outs)
 

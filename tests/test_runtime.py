@@ -12,6 +12,7 @@ import warnings
 import anyio
 import pytest
 import torch
+from outcomes import outcome
 
 import aioti
 from aioti.backends.cpu import CpuBackend
@@ -121,10 +122,8 @@ async def test_backpressure(models, on_full):
         results, errors = [], []
 
         async def call() -> None:
-            try:
-                results.append(await model.run([x]))
-            except aioti.QueueFullError as exc:
-                errors.append(exc)
+            out = await outcome(model.run([x]), aioti.QueueFullError)
+            (errors if isinstance(out, aioti.QueueFullError) else results).append(out)
 
         with anyio.fail_after(60):
             async with anyio.create_task_group() as tg:

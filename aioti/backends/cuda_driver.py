@@ -77,18 +77,16 @@ class Driver:
 
     def query(self, event: int) -> bool:
         """Whether `event` has been reached (or was never recorded)."""
-        code = self._query(event)
-        if code == _NOT_READY:
-            return False
-        self._check(code, "cuEventQuery")
-        return True
+        return self._done(self._query(event), "cuEventQuery")
 
     def idle(self, stream: int) -> bool:
         """Whether everything queued on `stream` so far has completed."""
-        code = self._stream_query(stream)
+        return self._done(self._stream_query(stream), "cuStreamQuery")
+
+    def _done(self, code: int, what: str) -> bool:
         if code == _NOT_READY:
             return False
-        self._check(code, "cuStreamQuery")
+        self._check(code, what)
         return True
 
     def synchronize(self, event: int) -> None:
