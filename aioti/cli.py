@@ -213,14 +213,18 @@ def _bench(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         async with load(args.path, device=args.device, workers=args.workers,
                         batching=batching) as model:
-            inputs = model.signature.example(model.device)
+            inputs = model.signature.example(model.device, rows=args.rows)
             await model.run(inputs)
-            return await measure(model, inputs, args.concurrency, args.duration, progress=True)
+            row = await measure(model, inputs, args.concurrency, args.duration, progress=True)
+            row["rows"] = args.rows
+            if batching is not None:
+                row["batch_rows"] = model.stats()["batching"]["batch_rows"]
+            return row
 
     row = anyio.run(go, backend=args.backend)
     _table(f"{args.path.name}: {args.concurrency} tasks on {args.backend}, {args.duration:g} s",
-           ["req/s", "p50 ms", "p90 ms", "p99 ms", "loop lag p99 ms", "errors"],
-           [[row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
+           ["rows", "req/s", "p50 ms", "p90 ms", "p99 ms", "loop lag p99 ms", "errors"],
+           [[args.rows, row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["loop_lag_p99_ms"], row["errors"]]])
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
@@ -302,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
     p.add_argument("--workers", type=int)
+    p.add_argument("--rows", type=int, default=8,
+                   help="size of each dynamic dimension of the random inputs (default 8)")
     p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
     p.add_argument("--on-loop", action="store_true",
                    help="run batches on the event loop's thread (Batching(on_loop=True))")

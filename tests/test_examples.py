@@ -164,7 +164,9 @@ def test_cli(models, tmp_path):
     assert bench.returncode == 0, bench.stderr
     assert json.loads((tmp_path / "b.json").read_text())["requests"] > 0
     on_loop = cli("bench", str(models["small_mlp"]), "--duration", "0.5", "--batching", "16",
-                  "--on-loop", "--json", str(tmp_path / "c.json"))
+                  "--on-loop", "--rows", "1", "--json", str(tmp_path / "c.json"))
     assert on_loop.returncode == 0, on_loop.stderr
-    assert json.loads((tmp_path / "c.json").read_text())["errors"] == 0
+    row = json.loads((tmp_path / "c.json").read_text())
+    assert row["errors"] == 0 and row["rows"] == 1
+    assert row["batch_rows"] and all(1 <= int(n) <= 16 for n in row["batch_rows"])
     assert "needs --batching" in cli("bench", str(models["small_mlp"]), "--on-loop").stderr
