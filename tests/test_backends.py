@@ -307,6 +307,14 @@ async def test_cuda_one_stream_many_callers(models):
                            for i, x in enumerate(xs))
 
 
+def test_cuda_driver_missing_is_a_backend_error():
+    from aioti.backends.cuda_driver import driver
+
+    with pytest.raises(aioti.BackendError, match="driver library could not be bound: "
+                                                 "libaioti-missing.so.1"):
+        driver("libaioti-missing.so.1")
+
+
 @cuda
 def test_cuda_driver_events_and_stream_checks():
     """The GIL-held driver calls the CUDA worker makes: an event recorded behind GPU work is not

@@ -61,6 +61,7 @@ class CudaBackend(Backend):
             )
         super().__init__(torch.device("cuda", index))
         self._index = index
+        self._driver = driver()  # a missing driver library fails the resolve, not a worker
 
     def default_workers(self) -> int:
         return 4
@@ -75,7 +76,7 @@ class CudaBackend(Backend):
         torch.cuda.set_device(self.device)
         stream = torch.cuda.Stream(device=self.device)
         torch.cuda.set_stream(stream)
-        return _Worker(stream, self.max_in_flight, driver())
+        return _Worker(stream, self.max_in_flight, self._driver)
 
     def begin_batch(self, ctx: _Worker, readies: list[Any]) -> int:
         own = ctx.raw

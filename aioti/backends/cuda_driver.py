@@ -95,9 +95,9 @@ class Driver:
 
 
 @functools.cache
-def driver() -> Driver:
+def driver(name: str = "libcuda.so.1") -> Driver:
     """The process's driver binding (libcuda is loaded already wherever torch runs CUDA)."""
     try:
-        return Driver()
+        return Driver(name)
     except (OSError, AttributeError) as exc:
         raise BackendError(f"the CUDA driver library could not be bound: {exc}") from exc
