@@ -6,8 +6,8 @@ Per step, over the measured run: how many calls, share of the wall time, p50 / p
 `native` is the time inside the native run loop, timed in C by a copy of `runmany.c` that
 records clock_gettime(CLOCK_MONOTONIC), the clock of time.perf_counter on Linux; `release` and
 `reacquire` are the gaps on either side of it: handing the GIL over, and taking it back (a wait
-behind whichever thread held it). Raw rows run the same model in one plain thread, per run
-(`one`, the CUDA section's raw threads) or 64 runs per native call (`many`).
+behind whichever thread held it). Raw rows run the same model in one plain thread, a native
+call per run ("raw, a call per run": the CUDA section's raw threads) or 64 runs per call.
 """
 
 from __future__ import annotations
