@@ -129,7 +129,7 @@ async def _gather(fns: list[Any]) -> None:
     """Run the coroutine functions as concurrent tasks of the running loop's own kind (an asyncio
     task or a trio task each, as a service's request handlers are; anyio's task groups would
     add a wrapper frame to every step)."""
-    from .runtime.loops import current_loop
+    from .loops import current_loop
 
     if current_loop().kind == "trio":
         import trio

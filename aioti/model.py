@@ -33,35 +33,17 @@ from .core.container import Container, open_container
 from .core.package import ModelFiles, open_model
 from .core.threads import ThreadTeams
 from .errors import ClosedError, InputError
-from .runtime.dispatch import Begin, Dispatcher, Request
-from .runtime.locks import CrossLoopLock
-from .runtime.loops import current_loop
+from .loops import current_loop
+from .loops.lock import CrossLoopLock
+from .runtime.batching import BatchExecutor, Batching, probe_batch_dim
+from .runtime.dispatch import Dispatcher
+from .runtime.executor import PlainExecutor
+from .runtime.options import RuntimeOptions
+from .runtime.request import Request
 
 __all__ = ["AsyncModel", "ModelLoader", "load"]
 
 T = TypeVar("T")
-
-
-def _make_process(container: Container, backend: Backend) -> Callable[..., Any]:
-    """The worker-side function: run a batch's requests on the worker's stream, a chunk of them
-    (`backend.run_chunk`) per native call; returns the backend's readiness token."""
-    begin_batch, run_many, finish = backend.begin_batch, container.run_many, backend.finish
-    chunk = backend.run_chunk
-
-    def process(ctx: Any, batch: list[Request], begin: Begin) -> Any:
-        stream = begin_batch(ctx, [req.payload[1] for req in batch])
-        for i in range(0, len(batch), chunk):
-            live = begin(batch[i:i + chunk])
-            if not live:
-                continue
-            for req, out in zip(live, run_many([req.payload[0] for req in live], stream)):
-                if isinstance(out, Exception):
-                    req.error = out
-                else:
-                    req.result = out
-        return finish(ctx)
-
-    return process
 
 
 class AsyncModel:
@@ -77,7 +59,7 @@ class AsyncModel:
         max_queue: int,
         on_full: Literal["wait", "raise"],
         move_inputs: bool,
-        batching: Any = None,
+        batching: Batching | None = None,
         threads: ThreadTeams | None = None,
     ) -> None:
         self.files = files
@@ -102,32 +84,21 @@ class AsyncModel:
             (tuple(range(n)), {}))
         self._single_out = self.out_spec is not None and self.out_spec == leaf
         # Workers must not reference the model, so that dropping it can be detected.
-        self._batcher = None
+        self._batcher: BatchExecutor | None = None
+        executor: BatchExecutor | PlainExecutor
         if batching is not None:
-            from .runtime.batching import Batcher
-
-            self._batcher = Batcher(batching, container.signature, container.run_tensors, backend)
-            process = self._batcher.process
+            executor = self._batcher = BatchExecutor(
+                batching, container.signature, container.run_many)
+            options = RuntimeOptions(
+                workers=workers, max_queue=max_queue, max_batch_size=executor.max_rows,
+                max_delay_ms=0.0 if batching.on_loop else batching.max_delay_ms,
+                on_loop=batching.on_loop, name=f"aioti-{files.name}")
         else:
-            process = _make_process(container, backend)
-        self._dispatcher = Dispatcher(
-            process,
-            workers=workers,
-            max_queue=max_queue,
-            start_worker=backend.start_worker,
-            before_batch=threads.before_batch if threads is not None else None,
-            ready=backend.ready,
-            wait_ready=backend.wait_ready,
-            max_in_flight=backend.max_in_flight,
-            stop_worker=backend.stop_worker,
-            on_stopped=container.delete,
-            max_take=self._batcher.max_take if self._batcher else 64,
-            fill=self._batcher.max_rows if self._batcher else None,
-            linger=self._batcher.linger_s if self._batcher else 0.0,
-            inline=self._batcher.on_loop if self._batcher else False,
-            inline_team=threads.borrowed if threads is not None else None,
-            name=f"aioti-{files.name}",
-        )
+            executor = PlainExecutor(container, backend.run_chunk)
+            options = RuntimeOptions(workers=workers, max_queue=max_queue,
+                                     name=f"aioti-{files.name}")
+        self._dispatcher = Dispatcher(executor, backend, options, teams=threads,
+                                      on_stopped=container.delete)
         self.workers = workers
         #: native (OpenMP) threads per run, alone and shared (None: the threads' defaults)
         self.threads = threads
@@ -253,7 +224,7 @@ class AsyncModel:
         else:
             tensors, ready = self.backend.prepare(flat, move_inputs=self._move_inputs)
         layout = self.signature.check(tensors, self.device, full=self.check_inputs)
-        req = Request((tensors, ready), current_loop())
+        req = Request(tensors, ready, current_loop())
         if self._batcher is not None:
             self._batcher.admit(req, layout)
         if not dispatcher.try_submit(req):
@@ -439,7 +410,7 @@ def load(
     on_full: Literal["wait", "raise"] = "wait",
     check_inputs: bool = True,
     move_inputs: bool = False,
-    batching: Any = None,
+    batching: Batching | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
 ) -> ModelLoader:
@@ -481,8 +452,6 @@ def load(
             if team is None and (sizes := backend.worker_threads(weights, n)) is not None:
                 team = ThreadTeams(*sizes)
             if batching is not None:
-                from .runtime.batching import probe_batch_dim
-
                 if batching.on_loop and backend.device.type != "cpu":
                     raise InputError(
                         "on-loop batching runs batches on the event loop's thread, which suits "

@@ -198,13 +198,13 @@ async def test_on_loop_runs_on_the_loop_thread_and_keeps_its_team(models):
         async with aioti.load(models["small_mlp"],
                               batching=aioti.Batching(64, 5, on_loop=True)) as model:
             threads: set[int] = set()
-            run_one = model._batcher._run_one
+            run_many = model._batcher._run_many
 
-            def recording(tensors, stream):
+            def recording(batch, stream):
                 threads.add(threading.get_ident())
-                return run_one(tensors, stream)
+                return run_many(batch, stream)
 
-            model._batcher._run_one = recording
+            model._batcher._run_many = recording
             outs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
             async def client(x):
@@ -230,9 +230,9 @@ async def test_on_loop_warns_once_when_a_batch_holds_the_loop(models, monkeypatc
     past it)."""
     import warnings
 
-    from aioti.runtime import dispatch
+    from aioti.runtime import inline
 
-    monkeypatch.setattr(dispatch, "ON_LOOP_WARN_S", 0.0)
+    monkeypatch.setattr(inline, "ON_LOOP_WARN_S", 0.0)
     x = torch.randn(4, 64)
 
     def slow(caught):

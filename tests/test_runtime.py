@@ -321,7 +321,7 @@ async def test_the_most_recently_idle_worker_takes_the_next_request(models):
         async with aioti.load(models["small_mlp"], workers=3) as model:
             for _ in range(6):
                 with anyio.fail_after(10):
-                    while len(model._dispatcher._sleeping) < 3:  # every worker back asleep
+                    while len(model._dispatcher.queue._sleeping) < 3:  # every worker back asleep
                         await anyio.sleep(0.001)
                 await model(torch.randn(1, 64))
     finally:

@@ -6,8 +6,8 @@ thread; `begin_batch` before each batch of runs in that thread, after setting th
 team size from `worker_threads(...)` (waits for the batch's inputs to be ready and returns the
 stream handle to pass to the native `Run`); `finish` once after each batch (None when the outputs
 are ready to use on any stream, else a token: the worker polls it with `ready`, blocks on it with
-`wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits;
-`aclose` when the backend is dropped from the registry.
+`wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits.
+A backend lives as long as the process: models keep theirs after the registry replaces it.
 """
 
 from __future__ import annotations
@@ -85,9 +85,6 @@ class Backend:
 
     def stop_worker(self, ctx: Any) -> None:
         """In the worker thread as it exits."""
-
-    async def aclose(self) -> None:
-        """Release what the backend holds (called by the registry on replacement)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.device}>"

@@ -22,7 +22,7 @@ from typing import Any, Union
 import torch
 
 from ..errors import BackendError
-from ..runtime.loops import Loop, Waiter, current_loop, deliver
+from ..loops.parking import ParkingLot
 from .base import Backend
 
 __all__ = ["backends", "register_backend", "resolve_backend"]
@@ -33,7 +33,7 @@ _lock = threading.Lock()
 _factories: dict[str, Factory] = {}
 _broken: dict[str, str] = {}
 _instances: dict[str, Backend] = {}
-_pending: dict[str, list[tuple[Loop, Waiter]]] = {}
+_pending: dict[str, ParkingLot] = {}  # device -> resolvers waiting for its first
 _plugins_loaded = False
 _RETRY = object()
 
@@ -102,24 +102,14 @@ async def resolve_backend(device: str | torch.device) -> Backend:
                 raise BackendError(
                     f"no backend for device type {dev.type!r}; registered: {sorted(_factories)}"
                 )
-            waiters = _pending.get(key)
-            if waiters is None:
-                _pending[key] = []
-                leader = True
+            lot = _pending.get(key)
+            if lot is None:
+                _pending[key] = ParkingLot()
             else:
-                loop = current_loop()
-                entry = (loop, loop.waiter())
-                waiters.append(entry)
-                leader = False
-        if leader:
+                ticket = lot.park()
+        if lot is None:
             return await _initialize(key, dev, factory)
-        try:
-            result = await entry[1]
-        except BaseException:
-            with _lock:
-                if entry in _pending.get(key, ()):
-                    _pending[key].remove(entry)
-            raise
+        result = await lot.wait(ticket)
         if result is not _RETRY:
             return result  # type: ignore[no-any-return]
 
@@ -147,10 +137,9 @@ async def _initialize(key: str, dev: torch.device, factory: Factory) -> Backend:
         with _lock:
             if outcome is not _RETRY:
                 _instances[key] = outcome
-            waiters = _pending.pop(key, [])
+            lot = _pending.pop(key)
         # A cancelled leader leaves outcome _RETRY: the waiters retry (one of them leads).
-        for loop, waiter in waiters:
-            deliver(loop, waiter, outcome if error is None else None, error)
+        lot.unpark_all(outcome if error is None else None, error)
 
 
 def _register_builtins() -> None:

@@ -89,13 +89,10 @@ def _split(body: str) -> list[str]:
 
 
 class Layout:
-    """An input layout (dtype, shape, strides, device per input) that passed the full check;
-    `note` keeps one per-layout fact for the caller (the batcher's grouping key and rows)."""
+    """An input layout (dtype, shape, strides, device per input) that passed the full check:
+    one object per layout, so callers can key facts of their own by it (hashed by identity)."""
 
-    __slots__ = ("note",)
-
-    def __init__(self) -> None:
-        self.note: Any = None
+    __slots__ = ()
 
 
 @dataclass

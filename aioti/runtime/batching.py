@@ -19,18 +19,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..backends.base import Backend
 from ..core.signature import Layout, Signature
 from ..errors import InputError
-from .dispatch import Begin, Request, _Latencies
+from .request import Request
+from .stats import Latencies
 
-__all__ = ["Batcher", "Batching"]
+__all__ = ["BatchExecutor", "Batching", "probe_batch_dim"]
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,16 @@ class Batching:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
 
 
+RunMany = Callable[[list[list[torch.Tensor]], "int | None"], list[Any]]
 RunOne = Callable[[list[torch.Tensor], "int | None"], list[torch.Tensor]]
 
 
-class Batcher:
-    """Merges, runs and splits requests for one model."""
+class BatchExecutor:
+    """The executor of a batched model: merges a batch's live requests by group, runs each
+    merged chunk once, and splits the outputs back (`Executor`'s protocol, with the whole batch
+    as one chunk)."""
 
-    def __init__(self, config: Batching, signature: Signature, run_one: RunOne, backend: Any
-                 ) -> None:
-        self.config = config
+    def __init__(self, config: Batching, signature: Signature, run_many: RunMany) -> None:
         self.dim = config.dim
         found = signature.batch_range(config.dim)
         if found is None:
@@ -73,30 +74,29 @@ class Batcher:
             )
         _, dim_max, self.carries = found
         self._all_carry = all(self.carries)
-        self._notes: dict[tuple[Any, ...], tuple[Any, int]] = {}  # inputs' shapes -> admit's note
+        #: rows a merged run holds at most: the option, within the batch dim's compiled range
         self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
-        self.max_take = config.max_batch_size
-        # How long a worker waits for a fuller batch; on the loop, batches never wait.
-        self.linger_s = 0.0 if config.on_loop else config.max_delay_ms / 1000.0
-        self.on_loop = config.on_loop
-        self._run_one = run_one
-        self._backend = backend
-        # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
-        self._readies = type(backend).begin_batch is not Backend.begin_batch
+        #: a taken batch is executed as one chunk (merging needs every request of it)
+        self.chunk = self.max_rows
+        self._run_many = run_many
+        # A request's (group key, rows), by the `Layout` its checked inputs had, and by the
+        # inputs' dtypes and shapes (a model whose every input carries the batch dim), which
+        # serves unchecked inputs too.
+        self._by_layout: dict[Layout, tuple[Hashable, int]] = {}
+        self._by_shapes: dict[tuple[Any, ...], tuple[Hashable, int]] = {}
         self._lock = threading.Lock()
         self._sizes: Counter[int] = Counter()
         self._runs = 0
-        self.queue_wait = _Latencies()
+        self.queue_wait = Latencies()
 
     def admit(self, req: Request, layout: Layout | None = None) -> None:
-        """On the caller's thread: set `req.extra` to the request's grouping key and `req.size`
-        to its number of rows. `layout` is the checked inputs' layout (`Signature.check`), if
-        any: the result is kept on it, and by the inputs' dtypes and shapes (a model whose every
-        input carries the batch dim), which serves unchecked inputs too."""
-        if layout is not None and layout.note is not None:
-            req.extra, req.size = layout.note
+        """On the caller's thread: set `req.key` (its group) and `req.rows`. `layout` is the
+        checked inputs' layout (`Signature.check`), if any."""
+        if layout is not None and (found := self._by_layout.get(layout)) is not None:
+            req.key, req.rows = found
             return
-        tensors = req.payload[0]
+        tensors = req.inputs
+        assert tensors is not None
         shapes: tuple[Any, ...] | None = None
         if self._all_carry:
             if len(tensors) == 1:
@@ -104,11 +104,11 @@ class Batcher:
                 shapes = (t.dtype, t.shape)
             else:
                 shapes = tuple([(t.dtype, t.shape) for t in tensors])
-            note = self._notes.get(shapes)
-            if note is not None:
-                req.extra, req.size = note
+            found = self._by_shapes.get(shapes)
+            if found is not None:
+                req.key, req.rows = found
                 if layout is not None:
-                    layout.note = note
+                    self._remember(self._by_layout, layout, found)
                 return
         d = self.dim
         # Inputs without the batch dim are shared by a merged run: only requests passing the
@@ -116,13 +116,17 @@ class Batcher:
         key = tuple([(t.dtype, t.shape[:d] + t.shape[d + 1:]) if c else (id(t), t._version)
                      for t, c in zip(tensors, self.carries)])
         first = self.carries.index(True)
-        req.extra, req.size = key, int(tensors[first].shape[d])
+        req.key, req.rows = key, int(tensors[first].shape[d])
         if shapes is not None:
-            if len(self._notes) >= 1024:
-                self._notes.clear()
-            self._notes[shapes] = (key, req.size)
+            self._remember(self._by_shapes, shapes, (key, req.rows))
             if layout is not None:
-                layout.note = (key, req.size)
+                self._remember(self._by_layout, layout, (key, req.rows))
+
+    @staticmethod
+    def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[key] = value
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -130,18 +134,13 @@ class Batcher:
             runs = self._runs
         return {"runs": runs, "batch_rows": hist, "queue_wait_s": self.queue_wait.percentiles(50, 99)}
 
-    def process(self, ctx: Any, batch: list[Request], begin: Begin) -> Any:
-        """Worker side: group, merge, run, split; returns the backend's readiness token."""
-        live = begin(batch)
-        if not live:
-            return None
-        readies = [r.payload[1] for r in live] if self._readies else []
-        stream = self._backend.begin_batch(ctx, readies)
+    def run(self, live: list[Request], stream: int | None) -> None:
+        """Group, merge, run, split."""
         now = time.perf_counter()
         self.queue_wait.extend([now - r.t0 for r in live])
         max_rows = self.max_rows
         for reqs in _groups(live):
-            rows = [r.size for r in reqs]
+            rows = [r.rows for r in reqs]
             if sum(rows) <= max_rows:
                 self._run_chunk(stream, reqs, rows)
                 continue
@@ -152,13 +151,14 @@ class Batcher:
                     start, total = i, 0
                 total += n
             self._run_chunk(stream, reqs[start:], rows[start:])
-        return self._backend.finish(ctx)
 
-    def _run_single(self, stream: int | None, r: Request) -> None:
-        try:
-            r.result = self._run_one(r.payload[0], stream)
-        except Exception as exc:
-            r.error = exc
+    def _run_alone(self, stream: int | None, reqs: list[Request]) -> None:
+        """Each request its own run (one native call for them all)."""
+        for r, out in zip(reqs, self._run_many([r.inputs for r in reqs], stream)):  # type: ignore[misc]
+            if isinstance(out, Exception):
+                r.error = out
+            else:
+                r.result = out
 
     def _run_chunk(self, stream: int | None, chunk: list[Request], rows: list[int]) -> None:
         total = sum(rows)
@@ -166,19 +166,20 @@ class Batcher:
             self._sizes[total] += 1
             self._runs += 1
         if len(chunk) == 1:
-            self._run_single(stream, chunk[0])
+            self._run_alone(stream, chunk)
             return
         d = self.dim
         try:
             merged = [torch.cat(parts, d) if c else parts[0]
-                      for parts, c in zip(zip(*[r.payload[0] for r in chunk]), self.carries)]
-            outputs = self._run_one(merged, stream)
+                      for parts, c in zip(zip(*[r.inputs for r in chunk]), self.carries)]  # type: ignore[misc]
+            (outputs,) = self._run_many([merged], stream)
+            if isinstance(outputs, Exception):
+                raise outputs
             if any(o.dim() <= d or o.shape[d] != total for o in outputs):
                 raise RuntimeError("an output does not carry the batch dim")
             pieces = [o.split_with_sizes(rows, d) for o in outputs]
         except Exception:
-            for r in chunk:  # isolate the failure to the request(s) that cause it
-                self._run_single(stream, r)
+            self._run_alone(stream, chunk)  # isolate the failure to the request(s) causing it
             return
         if len(pieces) == 1:
             for r, p in zip(chunk, pieces[0]):
@@ -190,12 +191,12 @@ class Batcher:
 
 def _groups(reqs: list[Request]) -> Iterable[list[Request]]:
     """`reqs` split by grouping key, in queue order (one group, without a dict, when all agree)."""
-    key = reqs[0].extra
+    key = reqs[0].key
     for r in reqs:
-        if r.extra is not key and r.extra != key:
+        if r.key is not key and r.key != key:
             by_key: dict[Any, list[Request]] = {}
             for q in reqs:
-                by_key.setdefault(q.extra, []).append(q)
+                by_key.setdefault(q.key, []).append(q)
             return by_key.values()
     return (reqs,)
 

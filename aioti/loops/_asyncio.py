@@ -10,7 +10,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .loops import Outcome
+    from .abc import Outcome
 
 
 class AsyncioLoop:

@@ -1,59 +1,21 @@
-"""The event loop a coroutine runs in, as a target that worker threads can deliver results to.
+"""The bottom layer: event loops as targets that worker threads deliver results to.
 
 Every request carries the loop of the task that made it, so one model serves tasks of several
-loops (asyncio and trio, in several threads) at once. Each backend's specifics live in its own
-module (`_asyncio`, `_trio`); this one only picks.
+loops (asyncio and trio, in several threads) at once. The protocols are in `abc`, each loop kind
+in its own module (`_asyncio`, `_trio`); this module picks one by name. `ParkingLot` parks tasks
+of any loops, and `CrossLoopLock` is built on it.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Generator, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 from . import _asyncio
+from .abc import Loop, Outcome, Waiter
 
 __all__ = ["Loop", "Outcome", "Waiter", "current_loop", "deliver", "wake"]
-
-
-class Waiter(Protocol):
-    """A one-shot result slot, awaited (once) by one task of its loop."""
-
-    def __await__(self) -> Generator[Any, None, Any]: ...
-
-    def done(self) -> bool:
-        """Settled, or its wait was cancelled."""
-        ...
-
-
-class Outcome(Protocol):
-    """A finished piece of work as the worker hands it back: whom to wake, and with what."""
-
-    waiter: Any
-    result: Any
-    error: BaseException | None
-
-
-class Loop(Protocol):
-    """A running event loop, seen from worker threads."""
-
-    def waiter(self) -> Waiter: ...
-
-    #: "asyncio" (uvloop included) or "trio"
-    kind: str
-
-    def settle_all(self, items: Iterable[Outcome]) -> None:
-        """On the loop's thread: complete each item's waiter with its result or error (a waiter
-        whose task stopped waiting is skipped)."""
-        ...
-
-    def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
-        """From any thread: run `fn(arg)` on the loop soon; False if the loop has closed."""
-        ...
-
-    def soon(self, fn: Callable[[Any], object], arg: Any) -> object:
-        """On the loop's thread: run `fn(arg)` once the tasks that are ready now have run."""
-        ...
 
 
 def current_loop() -> Loop:

@@ -10,7 +10,7 @@ import outcome
 import trio
 
 if TYPE_CHECKING:
-    from .loops import Outcome
+    from .abc import Outcome
 
 
 class TrioWaiter:

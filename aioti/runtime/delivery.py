@@ -1,0 +1,73 @@
+"""Delivery: finished requests back to the tasks awaiting them, each on its own event loop.
+
+A batch is counted as over first (a caller that reads `stats()` once resumed finds its request
+counted), then its requests are grouped by loop: one `post` per loop per batch (one loop
+wake-up), or settled in place when the delivering thread is that loop's own (on-loop runs).
+Settling skips waiters whose task stopped waiting; a loop that has closed drops its outputs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..loops import Loop
+from .queue import RequestQueue
+from .request import CANCELLED, DONE, Request
+from .stats import Latencies
+
+__all__ = ["Delivery"]
+
+
+class Delivery:
+    def __init__(self, queue: RequestQueue) -> None:
+        self._queue = queue
+        #: from each request's creation to its delivery on its loop
+        self.latency = Latencies()
+
+    def complete(self, batch: list[Request], here: Loop | None = None) -> None:
+        """A taken batch's outcomes are set (or it failed): count it over, then deliver."""
+        done = []
+        bad = 0
+        for req in batch:
+            req.inputs = None
+            if req.state == CANCELLED:
+                req.result = None  # outputs released here
+                continue
+            req.state = DONE
+            done.append(req)
+            if req.error is not None:
+                bad += 1
+        self._queue.finish(len(done) - bad, bad)
+        self.deliver(done, here)
+
+    def fail(self, reqs: list[Request], error: BaseException) -> None:
+        """Deliver `error` to requests that never ran (not counted: they were not taken)."""
+        for req in reqs:
+            req.error, req.inputs = error, None
+        self.deliver(reqs)
+
+    def deliver(self, reqs: list[Request], here: Loop | None = None) -> None:
+        """Hand requests with an outcome to their loops, one post per loop; those of `here`,
+        the loop whose thread this is, are settled at once."""
+        if not reqs:
+            return
+        loop = reqs[0].loop
+        if all(r.loop is loop for r in reqs):
+            groups: Any = (reqs,)
+        else:
+            by_loop: dict[int, list[Request]] = {}
+            for req in reqs:
+                by_loop.setdefault(id(req.loop), []).append(req)
+            groups = by_loop.values()
+        for group in groups:
+            if group[0].loop is here:
+                self._settle(group)
+            else:
+                group[0].loop.post(self._settle, group)  # a closed loop: outputs dropped
+
+    def _settle(self, reqs: list[Request]) -> None:
+        """On the requests' loop (one loop per call)."""
+        reqs[0].loop.settle_all(reqs)
+        now = time.perf_counter()
+        self.latency.extend([now - req.t0 for req in reqs])

@@ -1,0 +1,319 @@
+"""`RequestQueue`: the bounded queue between callers and the model's runs, and its gates.
+
+It owns every decision that needs the one lock of a model's runtime:
+- admission: `try_put` (`put_here` for on-loop runs) queues when there is room, and raises
+  `ClosedError` once closing; `wait_for_room` parks a caller in a `ParkingLot` until there is;
+- taking: a worker's `take` sleeps until there is work, lingers for a fuller batch under
+  demand, and takes its share of the queue (`take_here` does the same for an on-loop run);
+- cancellation: `cancel` removes a queued request (it never runs); `begin` leaves out those
+  whose caller left after a worker took them, and marks the rest RUNNING;
+- counting: batches running, requests completed / failed / cancelled (`finish`);
+- the exclusive gate: `exclusive()` holds off new batches and waits for running ones;
+- closing: `close` stops admission (failing queued requests on request); `exit_worker` tells
+  the last worker to go what is left to fail.
+
+Idle workers sleep on conditions of their own; a request wakes the most recently idle one,
+whose native thread team and caches are still warm.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from ..errors import ClosedError
+from ..loops import Loop
+from ..loops.parking import ParkingLot
+from .lifecycle import FORKED
+from .options import RuntimeOptions
+from .request import CANCELLED, QUEUED, RUNNING, Request
+
+__all__ = ["STOP", "RequestQueue"]
+
+#: what `take` returns to a worker that should exit (closing, nothing queued or in flight)
+STOP: Any = object()
+
+
+class RequestQueue:
+    def __init__(self, options: RuntimeOptions) -> None:
+        self.options = options
+        self.max_queue = options.max_queue
+        self._max_rows = options.max_batch_size
+        self._linger = options.max_delay_s
+        self._workers = options.workers
+        self._on_loop = options.on_loop
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
+        self._items: deque[Request] = deque()
+        self._rows = 0  # queued rows
+        self._room = ParkingLot()  # callers waiting for room
+        self.closing = False
+        self.closed_reason = "the model is closed"
+        self._drop_queued = False
+        self._paused = 0
+        self.running = 0  # batches taken and not yet finished
+        self._sleeping: list[threading.Condition] = []  # idle workers, the most recent last
+        self._own = [threading.Condition(self._lock) for _ in range(options.workers)]
+        self._lingering = 0  # workers waiting for a fuller batch: notified once it is full
+        self._last_take = 0
+        #: on-loop runs: the loop that has one scheduled (a loop schedules its own unless so)
+        self._scheduled_on: Loop | None = None
+        self._alive = options.workers
+        self.completed = self.failed = self.cancelled = 0
+
+    # --- callers (event loop threads) ----------------------------------------------------------
+
+    def try_put(self, req: Request) -> bool:
+        """Queue `req` if there is room, and wake an idle worker for it."""
+        with self._lock:
+            if self.closing:
+                raise ClosedError(self.closed_reason)
+            if len(self._items) >= self.max_queue:
+                return False
+            self._items.append(req)
+            self._rows += req.rows
+            if self._sleeping:
+                self._sleeping.pop().notify()
+            elif self._lingering and self._rows >= self._max_rows:
+                self._cond.notify()
+        return True
+
+    def put_here(self, req: Request) -> bool | None:
+        """On-loop mode's `try_put`: None when full; else whether `req.loop` must schedule a
+        run (no run of its own is pending). Workers are not woken: they are the fallback."""
+        with self._lock:
+            if self.closing:
+                raise ClosedError(self.closed_reason)
+            if len(self._items) >= self.max_queue:
+                return None
+            self._items.append(req)
+            self._rows += req.rows
+            schedule = self._scheduled_on is not req.loop
+            self._scheduled_on = req.loop
+        return schedule
+
+    async def wait_for_room(self) -> None:
+        """Park until a request leaves the queue, or closing begins (returns at once if there
+        is room already)."""
+        with self._lock:
+            if len(self._items) < self.max_queue or self.closing:
+                return
+            ticket = self._room.park()
+        # Woken but leaving (cancelled): the room it was woken for goes to the next.
+        await self._room.wait(ticket, on_lost_turn=self._room.unpark)
+
+    def cancel(self, req: Request) -> None:
+        """The caller of `req` stopped waiting: a queued request never runs; a running one is
+        left to finish and its outputs are dropped."""
+        with self._lock:
+            if req.state == QUEUED:
+                try:
+                    self._items.remove(req)
+                    self._rows -= req.rows
+                except ValueError:
+                    pass  # taken by a worker, not begun: `begin` will leave it out
+                else:
+                    self._room.unpark(1)
+            if req.state in (QUEUED, RUNNING):
+                req.state = CANCELLED
+                self.cancelled += 1
+
+    # --- workers --------------------------------------------------------------------------------
+
+    def begin(self, reqs: Sequence[Request]) -> list[Request]:
+        """Right before running `reqs` (taken, together): those that may run, now RUNNING;
+        leaves out any whose caller left (its waiter is done: cancelled, its task not resumed
+        yet), and all once closing with `cancel_queued` (they get `ClosedError`)."""
+        live: list[Request] = []
+        with self._lock:
+            if self._drop_queued:
+                for req in reqs:
+                    if req.state == QUEUED:
+                        req.error = ClosedError("the model was closed before this request ran")
+                return live
+            for req in reqs:
+                if req.state == QUEUED:
+                    if req.waiter.done():
+                        req.state = CANCELLED
+                        self.cancelled += 1
+                        continue
+                    req.state = RUNNING
+                    live.append(req)
+        return live
+
+    def take(self, index: int, in_flight: bool) -> tuple[list[Request], int] | None:
+        """For worker `index`: sleep until there is work, then take a batch: (batch, busy), with
+        busy the batches running, this one included, plus one when more is queued for another
+        worker. None when a worker with batches `in_flight` should land one first; `STOP` when
+        it should exit (closing, nothing queued)."""
+        items, cond = self._items, self._cond
+        with cond:
+            while True:
+                if self._paused or not items:
+                    if in_flight:
+                        return None  # land a batch rather than wait for work
+                    if not items and self.closing:
+                        return STOP  # type: ignore[no-any-return]
+                    if not self._paused and self._under_demand():
+                        # A batch is coming: sleep until it is full (or the delay passes)
+                        # rather than waking at its first request.
+                        self._lingering += 1
+                        cond.wait(self._linger)
+                        self._lingering -= 1
+                        if not items:
+                            self._last_take = 0  # demand is gone
+                        continue
+                    mine = self._own[index]
+                    self._sleeping.append(mine)
+                    mine.wait()
+                    if mine in self._sleeping:  # woken by `_wake_all_locked`
+                        self._sleeping.remove(mine)
+                    continue
+                if self._should_linger():
+                    if in_flight:
+                        return None  # land a batch while this one fills
+                    self._lingering += 1
+                    cond.wait(self._linger - (time.perf_counter() - items[0].t0))
+                    self._lingering -= 1
+                    continue
+                batch = self._take_locked(self._workers)
+                self.running += 1
+                return batch, self.running + (1 if items else 0)
+
+    def take_here(self, loop: Loop) -> tuple[list[Request], int, bool] | None:
+        """For an on-loop run on `loop`'s thread: (batch, busy, more) with `more` True when
+        the loop must schedule another run for what is left; None when nothing may run now
+        (a pause is on: the workers take the queue when it ends; or the workers are gone)."""
+        with self._lock:
+            if self._scheduled_on is loop:
+                self._scheduled_on = None
+            if self._paused or not self._alive or not self._items:
+                return None
+            batch = self._take_locked(1)
+            self.running += 1
+            more = bool(self._items) and self._scheduled_on is None
+            if more:
+                self._scheduled_on = loop
+            return batch, self.running, more
+
+    def finish(self, completed: int, failed: int) -> None:
+        """A taken batch is over: `completed` requests got outputs, `failed` an error."""
+        with self._cond:
+            self.running -= 1
+            self.completed += completed
+            self.failed += failed
+            if (self._paused or self.closing) and not self.running:
+                self._cond.notify_all()
+
+    def exit_worker(self) -> list[Request] | None:
+        """A worker is leaving. For the last one: closing is set, and the requests left queued
+        are returned (to fail) once no batch runs anywhere (on-loop runs included); for the
+        others None."""
+        with self._cond:
+            self._alive -= 1
+            if self._alive:
+                return None
+            self.closing = True
+            leftover = list(self._items)
+            self._items.clear()
+            self._rows = 0
+            while self.running:
+                self._cond.wait()
+            return leftover
+
+    def _under_demand(self) -> bool:
+        """Batching, and the last take merged several requests: more are likely coming."""
+        return bool(self._linger) and self._last_take > 1
+
+    def _should_linger(self) -> bool:
+        """Wait for a fuller batch? Only under demand, short of a full batch, and until the
+        oldest request has waited the delay."""
+        return (
+            self._under_demand() and self._rows < self._max_rows and not self.closing
+            and time.perf_counter() - self._items[0].t0 < self._linger
+        )
+
+    def _take_locked(self, workers: int) -> list[Request]:
+        """A batch off the queue: one taker's share of it among `workers`, up to a full batch."""
+        q, cap = self._items, self._max_rows
+        n = min(cap, max(1, -(-len(q) // workers)), len(q))
+        if n == len(q) and self._rows <= cap:  # the whole queue fits: take it
+            batch = list(q)
+            q.clear()
+            rows = self._rows
+        else:
+            batch = []
+            rows = 0
+            while len(batch) < n and rows < cap:
+                req = q.popleft()
+                batch.append(req)
+                rows += req.rows
+        self._rows -= rows
+        self._last_take = len(batch)
+        if len(self._room):
+            self._room.unpark(len(batch))
+        return batch
+
+    def _wake_all_locked(self) -> None:
+        self._cond.notify_all()
+        for own in self._sleeping:
+            own.notify()
+        self._sleeping.clear()
+
+    # --- the gate and closing -------------------------------------------------------------------
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold off new batches and wait for running ones; for native calls that must not race
+        with runs. Blocks the calling thread: call it from a worker thread, never a loop."""
+        with self._cond:
+            self._paused += 1
+            while self.running:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._paused -= 1
+                self._wake_all_locked()
+
+    def close(self, *, cancel_queued: bool = False) -> list[Request]:
+        """Stop admission and wake everyone; with `cancel_queued`, empty the queue and return
+        what it held (marked CANCELLED, to fail), and refuse what workers took but not begun."""
+        with self._cond:
+            self.closing = True
+            dropped = list(self._items) if cancel_queued else []
+            if cancel_queued:
+                self._items.clear()
+                self._rows = 0
+                self._drop_queued = True
+            for req in dropped:
+                req.state = CANCELLED
+            self._wake_all_locked()
+        self._room.unpark_all()  # they retry, and meet ClosedError
+        return dropped
+
+    def orphaned(self) -> None:
+        """In a forked child: closed, with no workers. The lock is made anew, since a thread of
+        the parent may have held it at the fork."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._own = [threading.Condition(self._lock) for _ in self._own]
+        self._sleeping, self._lingering, self.running, self._paused = [], 0, 0, 0
+        self._scheduled_on = None
+        self._items.clear()
+        self._room = ParkingLot()
+        self._rows = 0
+        self.closing = True
+        self.closed_reason = FORKED
+        self._alive = 0
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"queued": len(self._items), "running": self.running,
+                    "completed": self.completed, "failed": self.failed,
+                    "cancelled": self.cancelled}

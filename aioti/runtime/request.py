@@ -1,0 +1,45 @@
+"""`Request`: one call's unit of work, from the caller's loop through a worker and back.
+
+Its life: QUEUED (made and queued by the caller) -> RUNNING (a worker began it) -> DONE (its
+outcome is set and delivered), or CANCELLED (its caller left: a queued one never runs, a running
+one's outputs are dropped).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from typing import Any
+
+from ..loops import Loop, Waiter
+
+__all__ = ["CANCELLED", "DONE", "QUEUED", "RUNNING", "Request"]
+
+QUEUED, RUNNING, DONE, CANCELLED = range(4)
+
+
+class Request:
+    """Inputs in; an outcome (`result` or `error`) out, delivered to `waiter` on `loop`."""
+
+    __slots__ = ("inputs", "ready", "loop", "waiter", "state", "result", "error", "t0", "key",
+                 "rows")
+
+    def __init__(self, inputs: list[Any], ready: Any, loop: Loop) -> None:
+        #: the flat inputs, checked (released once the request has run)
+        self.inputs: list[Any] | None = inputs
+        #: the backend's readiness token for the inputs (on CUDA: the caller's stream)
+        self.ready = ready
+        self.loop = loop
+        self.waiter: Waiter = loop.waiter()
+        self.state = QUEUED
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.t0 = time.perf_counter()
+        #: with batching: the group whose requests may run merged (None: every request alone)
+        self.key: Hashable = None
+        #: what the request counts toward a full batch: its rows with batching, else 1
+        self.rows = 1
+
+    def __repr__(self) -> str:
+        state = ("queued", "running", "done", "cancelled")[self.state]
+        return f"<Request {state}, {self.rows} rows>"

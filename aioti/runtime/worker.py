@@ -1,0 +1,180 @@
+"""The worker protocol: one batch's life (`BatchRunner`), and the threads that live it
+(`Workers`).
+
+A batch, top to bottom:
+1. taken off the queue (`RequestQueue.take`), with the number of batches running;
+2. the native thread team is sized for that number (`ThreadTeams`);
+3. the backend readies the worker's stream for the batch's inputs (`Backend.begin_batch`);
+4. chunk by chunk, the queue leaves out requests whose caller left (`RequestQueue.begin`) and
+   the executor runs the live ones, setting their outcomes (`Executor.run`);
+5. the backend says whether the outputs are ready (`Backend.finish`: None) or hands a token;
+6. a ready batch is completed at once; one with a token stays in flight while the worker takes
+   the next (up to `Backend.max_in_flight`), and is landed, in launch order, once ready;
+7. completing counts it and delivers every outcome to its loop (`Delivery.complete`).
+
+Neither part knows an event loop: delivery is a callback's business, and a worker needs no model
+(the executor is given), so both are tested with fakes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..backends.base import Backend
+from ..core.threads import ThreadTeams
+from ..errors import ClosedError
+from ..loops import Loop
+from .delivery import Delivery
+from .executor import Executor
+from .options import RuntimeOptions
+from .queue import STOP, RequestQueue
+from .request import Request
+
+__all__ = ["BatchRunner", "Workers"]
+
+
+class BatchRunner:
+    """Runs taken batches through the executor on a backend, and lands them."""
+
+    def __init__(self, queue: RequestQueue, delivery: Delivery, executor: Executor,
+                 backend: Backend, teams: ThreadTeams | None = None) -> None:
+        self._queue = queue
+        self.delivery = delivery
+        self._executor = executor
+        self._backend = backend
+        self._teams = teams
+        # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
+        self._readies = type(backend).begin_batch is not Backend.begin_batch
+
+    def run(self, ctx: Any, batch: list[Request], busy: int, here: Loop | None = None) -> Any:
+        """Steps 2-5 for a taken batch, in a worker (`ctx` its context) or on the thread of
+        loop `here` (the team borrowed); returns the backend's token (None: outputs ready).
+        An error escaping the steps (the team's setting included) is a batch's failure: it is
+        set on each request left without an outcome."""
+        try:
+            if self._teams is None:
+                return self._execute(ctx, batch)
+            if here is not None:
+                with self._teams.borrowed(busy):
+                    return self._execute(ctx, batch)
+            self._teams.before_batch(busy)
+            return self._execute(ctx, batch)
+        except BaseException as exc:
+            for req in batch:
+                if req.error is None and req.result is None:
+                    req.error = exc
+            if not isinstance(exc, Exception):
+                self.delivery.complete(batch, here)
+                raise
+        return None
+
+    def _execute(self, ctx: Any, batch: list[Request]) -> Any:
+        backend, executor, begin = self._backend, self._executor, self._queue.begin
+        stream = backend.begin_batch(ctx, [r.ready for r in batch] if self._readies else [])
+        chunk = executor.chunk
+        for i in range(0, len(batch), chunk):
+            live = begin(batch[i:i + chunk] if len(batch) > chunk else batch)
+            if live:
+                executor.run(live, stream)
+        return backend.finish(ctx)
+
+    def land(self, token: Any, batch: list[Request], here: Loop | None = None) -> None:
+        """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it;
+        a readiness failure is the batch's outcome."""
+        try:
+            self._backend.wait_ready(token)
+        except Exception as exc:
+            for req in batch:
+                req.error, req.result = exc, None
+        self.delivery.complete(batch, here)
+
+
+class Workers:
+    """`options.workers` threads taking batches off `queue`; the last to exit fails what is
+    left queued and calls `on_stopped` (after every run has returned)."""
+
+    def __init__(self, queue: RequestQueue, runner: BatchRunner, backend: Backend,
+                 options: RuntimeOptions, on_stopped: Callable[[], None] = lambda: None) -> None:
+        self._queue = queue
+        self._runner = runner
+        self._backend = backend
+        self._on_stopped = on_stopped
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"{options.name}-worker-{i}",
+                             daemon=True)
+            for i in range(options.workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def stopped(self) -> bool:
+        """Every worker has exited and `on_stopped` has run."""
+        return self._stopped.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the workers to exit (all of them, or until `timeout` s have passed)."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join(max(0.0, deadline - time.monotonic()))
+            return
+        for t in self._threads:
+            t.join()
+        self._stopped.wait()
+
+    def orphaned(self) -> None:
+        """In a forked child: no workers, nothing to wait for."""
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    def _work(self, index: int) -> None:
+        queue, runner, complete = self._queue, self._runner, self._runner.delivery.complete
+        ready, max_flight = self._backend.ready, self._backend.max_in_flight
+        flight: deque[tuple[Any, list[Request]]] = deque()  # launched, not yet ready
+        ctx = None
+        try:
+            ctx = self._backend.start_worker(index)
+            while True:
+                while flight:  # land what is ready, in launch order
+                    try:
+                        if not ready(flight[0][0]):
+                            break
+                    except Exception:  # `land` meets it again and hands it to the callers
+                        runner.land(*flight.popleft())
+                        continue
+                    complete(flight.popleft()[1])
+                taken = queue.take(index, bool(flight))
+                if taken is STOP:
+                    return
+                if taken is None:
+                    runner.land(*flight.popleft())
+                    continue
+                batch, busy = taken
+                token = runner.run(ctx, batch, busy)
+                if token is None:
+                    complete(batch)
+                else:
+                    flight.append((token, batch))
+                    if len(flight) > max_flight:
+                        runner.land(*flight.popleft())
+                del batch, taken
+        finally:
+            while flight:
+                runner.land(*flight.popleft())
+            if ctx is not None:
+                self._backend.stop_worker(ctx)
+            leftover = queue.exit_worker()
+            if leftover is not None:  # the last worker
+                runner.delivery.fail(
+                    leftover, ClosedError("the model's workers stopped before this request ran"))
+                try:
+                    self._on_stopped()
+                finally:
+                    self._stopped.set()
