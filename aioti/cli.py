@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from . import harness
 
 __all__ = ["main"]
 
@@ -85,92 +86,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def measure(model: Any, inputs: list[Any], concurrency: int, duration: float,
-                  progress: bool = False) -> dict[str, Any]:
-    """Closed-loop load from `concurrency` tasks for `duration` s: rate, latency, loop lag."""
-    import anyio
-
-    lat: list[float] = []
-    lags: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + duration
-
-    async def client() -> None:
-        nonlocal errors
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            try:
-                await model.run(inputs)
-            except Exception:
-                errors += 1
-            lat.append(time.perf_counter() - t0)
-
-    bar = _Progress(duration) if progress else None
-
-    async def lag() -> None:
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            await anyio.sleep(0.001)
-            lags.append(time.perf_counter() - t0 - 0.001)
-            if bar is not None:
-                bar.update(duration - max(0.0, stop - time.perf_counter()), len(lat))
-
-    t0 = time.perf_counter()
-    await _gather([lag] + [client] * concurrency)
-    elapsed = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
-    return {"requests_per_s": len(lat) / elapsed, "p50_ms": _pct(lat, 50) * 1e3,
-            "p90_ms": _pct(lat, 90) * 1e3, "p99_ms": _pct(lat, 99) * 1e3,
-            "loop_lag_p99_ms": _pct(lags, 99) * 1e3, "errors": errors, "requests": len(lat)}
-
-
-async def _gather(fns: list[Any]) -> None:
-    """Run the coroutine functions as concurrent tasks of the running loop's own kind (an asyncio
-    task or a trio task each, as a service's request handlers are; anyio's task groups would
-    add a wrapper frame to every step)."""
-    from .loops import current_loop
-
-    if current_loop().kind == "trio":
-        import trio
-
-        async with trio.open_nursery() as nursery:
-            for fn in fns:
-                nursery.start_soon(fn)
-        return
-    import asyncio
-
-    await asyncio.gather(*(fn() for fn in fns))
-
-
-class _Progress:
-    """A progress bar on stderr (rich's, when the `cli` extra is installed)."""
-
-    def __init__(self, total: float) -> None:
-        try:
-            from rich.progress import Progress
-        except ImportError:
-            self._rich = None
-        else:
-            self._rich = Progress(transient=True)
-            self._rich.start()
-            self._task = self._rich.add_task("benchmarking", total=total)
-        self._last = 0.0
-
-    def update(self, done: float, requests: int) -> None:
-        if self._rich is not None:
-            self._rich.update(self._task, completed=done, description=f"{requests} requests")
-        elif time.perf_counter() - self._last > 0.1:
-            self._last = time.perf_counter()
-            print(f"\r{requests} requests, {done:.1f} s", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-        else:
-            print(file=sys.stderr)
-
-
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     """Print a table (rich's, when the `cli` extra is installed)."""
     cells = [[f"{c:,.0f}" if isinstance(c, float) and c >= 100 else
@@ -192,13 +107,6 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     Console().print(table)
 
 
-def _pct(data: list[float], q: float) -> float:
-    if not data:
-        return float("nan")
-    s = sorted(data)
-    return s[min(len(s) - 1, int(q / 100 * len(s)))]
-
-
 def _bench(args: argparse.Namespace) -> int:
     import anyio
 
@@ -215,7 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
                         batching=batching) as model:
             inputs = model.signature.example(model.device, rows=args.rows)
             await model.run(inputs)
-            row = await measure(model, inputs, args.concurrency, args.duration, progress=True)
+            row = await harness.measure(model, inputs, args.concurrency, args.duration, progress=True)
             row["rows"] = args.rows
             if batching is not None:
                 row["batch_rows"] = model.stats()["batching"]["batch_rows"]
@@ -249,7 +157,7 @@ def _demo(args: argparse.Namespace) -> int:
     async def go() -> tuple[dict[str, Any], dict[str, Any], bool]:
         async with load(path) as model:
             got = await model(x)
-            ours = await measure(model, [x], 64, args.duration)
+            ours = await harness.measure(model, [x], 64, args.duration)
         # The eager check runs afterwards: torch ops on this thread would start an OpenMP team
         # that slows the model's own (docs/troubleshooting.md).
         ok = bool(torch.allclose(got, eager(x), atol=1e-5))
@@ -258,7 +166,7 @@ def _demo(args: argparse.Namespace) -> int:
             async def run(self, inputs: list[Any]) -> Any:
                 return await anyio.to_thread.run_sync(loader, *inputs)
 
-        naive = await measure(Naive(), [x], 64, args.duration)
+        naive = await harness.measure(Naive(), [x], 64, args.duration)
         return ours, naive, ok
 
     ours, naive, ok = anyio.run(go)

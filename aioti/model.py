@@ -265,7 +265,7 @@ class AsyncModel:
                                 ) -> dict[str, torch.Tensor]:
         """Copies of the active (or inactive) buffer's constants, by internal name (or FQN)."""
         return await self._mutate(
-            lambda: self._container.extract_constants(inactive=inactive, by_fqn=by_fqn)
+            lambda: self._container.buffers.extract_constants(inactive=inactive, by_fqn=by_fqn)
         )
 
     async def update_constants(
@@ -281,7 +281,7 @@ class AsyncModel:
         runs in flight and holds new ones until it is done; the inactive one does not."""
         loaded = await self._read(mapping)
         await self._mutate(
-            lambda: self._container.update_constants(
+            lambda: self._container.buffers.update_constants(
                 loaded, inactive=inactive, validate_full=validate_full,
                 user_managed=user_managed,
             ),
@@ -296,22 +296,22 @@ class AsyncModel:
     async def fold_constants(self, *, inactive: bool = False) -> None:
         """Run constant folding on the active (or inactive) buffer; `InputError` for an inactive
         buffer that holds no complete weight set (empty after loading and after a free)."""
-        await self._mutate(lambda: self._container.run_constant_folding(inactive=inactive))
+        await self._mutate(lambda: self._container.buffers.fold_constants(inactive=inactive))
 
     async def swap_constants(self) -> None:
         """Make the inactive buffer active; runs that started before finish on the old one."""
-        await self._mutate(self._container.swap_constant_buffer)
+        await self._mutate(self._container.buffers.swap_constants)
 
     async def free_inactive_constants(self) -> None:
         """Release the inactive buffer's memory (a later swap needs a new update first).
         `UnsupportedOperation` on a model with runtime constant folding whose inactive buffer
         holds folded constants: torch's container would crash on its next update."""
-        await self._mutate(self._container.free_inactive_constant_buffer)
+        await self._mutate(self._container.buffers.free_inactive_constants)
 
     async def load_constants_from_blob(self, path: str | os.PathLike[str]) -> None:
         """Load the active buffer from a weights blob file (`*_weights.blob` format)."""
         data = await anyio.Path(path).read_bytes()
-        await self._mutate(lambda: self._container.load_constants_from_blob(data), exclusive=True)
+        await self._mutate(lambda: self._container.buffers.load_constants_from_blob(data), exclusive=True)
 
     async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
                        fold: bool = True) -> None:
@@ -327,17 +327,17 @@ class AsyncModel:
         self._check_open()
         loaded = await self._read(mapping)
         c = self._container
-        folds = fold and any(c.folded_constants.values())
+        folds = fold and c.buffers.folds
         async with self._lock:
-            await anyio.to_thread.run_sync(lambda: c.stage_constants(loaded))
+            await anyio.to_thread.run_sync(lambda: c.buffers.stage_constants(loaded))
             if folds:
-                await anyio.to_thread.run_sync(lambda: c.run_constant_folding(inactive=True))
-            await anyio.to_thread.run_sync(c.swap_constant_buffer)
+                await anyio.to_thread.run_sync(lambda: c.buffers.fold_constants(inactive=True))
+            await anyio.to_thread.run_sync(c.buffers.swap_constants)
 
     @staticmethod
     async def _read(mapping: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
         """A mapping as is; a weights file read in a thread. Checking and copying happen in the
-        mutation's own thread (`Container.update_constants`), before anything changes."""
+        mutation's own thread (`ConstantBuffers.update_constants`), before anything changes."""
         if isinstance(mapping, (str, os.PathLike)):
             from .core.weights import read_state_dict
 

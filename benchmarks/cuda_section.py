@@ -22,9 +22,8 @@ import anyio
 import torch
 
 import aioti
-from aioti.cli import measure
 from aioti.core import open_container, open_model
-from aioti.core.library import handles_from_tensors
+from aioti.harness import measure
 from aioti.testing import compile_model
 
 
@@ -42,7 +41,7 @@ def raw_threads(path: Any, x: torch.Tensor, streams: int, duration: float, depth
         h = s.cuda_stream
         while time.perf_counter() < stop:
             for _ in range(depth):
-                c._run(handles_from_tensors([x]), h)
+                c.run_tensors([x], h)
             s.synchronize()
             counts[i] += depth
 

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import aioti  # noqa: E402
-from aioti.cli import measure  # noqa: E402
+from aioti.harness import measure  # noqa: E402
 from aioti.testing import compile_model, eager_model  # noqa: E402
 
 

@@ -144,12 +144,12 @@ def perturbed(name: str, seed: int = 5) -> torch.nn.Module:
 def test_extract_constants(container):
     c = container("buffers")
     needs(c, "ExtractConstantsMapEntries")
-    got = c.extract_constants()
+    got = c.buffers.extract_constants()
     sd = eager_model("buffers").state_dict()
     assert set(got) == set(c.constant_fqns)
     for name, t in got.items():
         assert torch.equal(t, sd[c.constant_fqns[name]])
-    assert set(c.extract_constants(by_fqn=True)) == set(sd)
+    assert set(c.buffers.extract_constants(by_fqn=True)) == set(sd)
 
 
 @pytest.mark.parametrize("by", ["fqn", "name"])
@@ -158,14 +158,14 @@ def test_update_active_matches_eager(container, by):
     m = perturbed("buffers")
     sd = m.state_dict()
     mapping = sd if by == "fqn" else {n: sd[f] for n, f in c.constant_fqns.items()}
-    c.update_constants(mapping, validate_full=True)
+    c.buffers.update_constants(mapping, validate_full=True)
     assert same(c.run(flat("buffers")), eager_flat("buffers", module=m))
 
 
 def test_update_user_managed(container):
     c = container("buffers")
     m = perturbed("buffers")
-    c.update_constants(m.state_dict(), user_managed=True)
+    c.buffers.update_constants(m.state_dict(), user_managed=True)
     assert same(c.run(flat("buffers")), eager_flat("buffers", module=m))
 
 
@@ -175,37 +175,37 @@ def test_inactive_update_swap_rollback_free(container):
     old = eager_flat("buffers")
     m = perturbed("buffers")
     with pytest.raises(aioti.InputError, match="swap refused"):
-        c.swap_constant_buffer()  # nothing complete in the inactive buffer yet
-    c.update_inactive_constants({"fc.weight": m.state_dict()["fc.weight"]})  # completed from active
+        c.buffers.swap_constants()  # nothing complete in the inactive buffer yet
+    c.buffers.update_inactive_constants({"fc.weight": m.state_dict()["fc.weight"]})  # completed from active
     assert same(c.run(flat("buffers")), old)  # still the active weights
-    c.swap_constant_buffer()
+    c.buffers.swap_constants()
     expect = eager_model("buffers")
     expect.fc.weight.data.copy_(m.fc.weight.data)
     assert same(c.run(flat("buffers")), eager_flat("buffers", module=expect))
-    c.swap_constant_buffer()  # roll back
+    c.buffers.swap_constants()  # roll back
     assert same(c.run(flat("buffers")), old)
-    c.free_inactive_constant_buffer()
+    c.buffers.free_inactive_constants()
     with pytest.raises(aioti.InputError):
-        c.swap_constant_buffer()
+        c.buffers.swap_constants()
 
 
 def test_fold_after_update(container):
     c = container("folding")
     m = perturbed("folding")
-    c.update_constants(m.state_dict())
-    c.run_constant_folding()
+    c.buffers.update_constants(m.state_dict())
+    c.buffers.fold_constants()
     assert same(c.run(flat("folding")), eager_flat("folding", module=m))
     m2 = perturbed("folding", seed=9)
-    c.update_constants(m2.state_dict(), inactive=True)
-    c.run_constant_folding(inactive=True)
-    c.swap_constant_buffer()
+    c.buffers.update_constants(m2.state_dict(), inactive=True)
+    c.buffers.fold_constants(inactive=True)
+    c.buffers.swap_constants()
     assert same(c.run(flat("folding")), eager_flat("folding", module=m2))
 
 
 def test_fold_without_folded_constants_is_a_no_op(container, capfd):
     c = container("buffers")
-    c.run_constant_folding()
-    c.run_constant_folding(inactive=True)
+    c.buffers.fold_constants()
+    c.buffers.fold_constants(inactive=True)
     assert same(c.run(flat("buffers")), eager_flat("buffers"))
     assert "WARNING" not in capfd.readouterr().err  # the library's own complaint, skipped
 
@@ -216,25 +216,25 @@ def test_free_of_a_folded_inactive_buffer_is_refused(container):
     c = container("folding")
     m = perturbed("folding")
     with pytest.raises(aioti.InputError, match="fold refused"):
-        c.run_constant_folding(inactive=True)  # nothing there yet: natively, a segfault
-    c.update_constants(m.state_dict(), inactive=True)  # buffer 1: updated, never folded
-    c.free_inactive_constant_buffer()  # safe: freed
+        c.buffers.fold_constants(inactive=True)  # nothing there yet: natively, a segfault
+    c.buffers.update_constants(m.state_dict(), inactive=True)  # buffer 1: updated, never folded
+    c.buffers.free_inactive_constants()  # safe: freed
     with pytest.raises(aioti.InputError, match="fold refused"):
-        c.run_constant_folding(inactive=True)  # natively: folds freed memory
-    c.update_constants(m.state_dict(), inactive=True)
-    c.run_constant_folding(inactive=True)
-    c.swap_constant_buffer()
+        c.buffers.fold_constants(inactive=True)  # natively: folds freed memory
+    c.buffers.update_constants(m.state_dict(), inactive=True)
+    c.buffers.fold_constants(inactive=True)
+    c.buffers.swap_constants()
     assert same(c.run(flat("folding")), eager_flat("folding", module=m))
-    c.swap_constant_buffer()  # the first buffer, folded by the first run, is inactive again
+    c.buffers.swap_constants()  # the first buffer, folded by the first run, is inactive again
     with pytest.raises(aioti.UnsupportedOperation, match="runtime-folded"):
-        c.free_inactive_constant_buffer()
-    c.swap_constant_buffer()
+        c.buffers.free_inactive_constants()
+    c.buffers.swap_constants()
     with pytest.raises(aioti.UnsupportedOperation, match="runtime-folded"):
-        c.free_inactive_constant_buffer()
+        c.buffers.free_inactive_constants()
     m2 = perturbed("folding", seed=9)
-    c.update_constants(m2.state_dict(), inactive=True)  # what crashed after a free
-    c.run_constant_folding(inactive=True)
-    c.swap_constant_buffer()
+    c.buffers.update_constants(m2.state_dict(), inactive=True)  # what crashed after a free
+    c.buffers.fold_constants(inactive=True)
+    c.buffers.swap_constants()
     assert same(c.run(flat("folding")), eager_flat("folding", module=m2))
 
 
@@ -252,33 +252,33 @@ def test_free_of_a_folded_inactive_buffer_is_refused(container):
 def test_bad_constants_change_nothing(container, mapping, match):
     c = container("buffers")
     needs(c, "ExtractConstantsMapEntries")
-    before = c.extract_constants()
+    before = c.buffers.extract_constants()
     with pytest.raises(aioti.InputError, match=match):
-        c.update_constants(mapping)
-    after = c.extract_constants()
+        c.buffers.update_constants(mapping)
+    after = c.buffers.extract_constants()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_validate_full_reports_missing(container):
     c = container("buffers")
     with pytest.raises(aioti.InputError, match="missing"):
-        c.update_constants({"fc.weight": torch.zeros(16, 16)}, validate_full=True)
+        c.buffers.update_constants({"fc.weight": torch.zeros(16, 16)}, validate_full=True)
 
 
 def test_weights_blob(container, models, tmp_path):
     c = container("blob")  # constants live outside the .so: loaded from the package's blob
     assert same(c.run(flat("blob")), eager_flat("buffers"))
     files = open_model(models["blob"], cache_dir=tmp_path)
-    assert files.blob is not None and files.blob.stat().st_size >= c.constants_blob_size
-    c.load_constants_from_blob(files.blob)
+    assert files.blob is not None and files.blob.stat().st_size >= c.buffers.constants_blob_size
+    c.buffers.load_constants_from_blob(files.blob)
     assert same(c.run(flat("blob")), eager_flat("buffers"))
     with pytest.raises(aioti.InputError, match="at least"):
-        c.load_constants_from_blob(b"\0" * 3)
+        c.buffers.load_constants_from_blob(b"\0" * 3)
     m = perturbed("buffers")  # a blob of other weights, in constant order
     sd = m.state_dict()
     blob = b"".join(bytes(sd[x.fqn].contiguous().view(torch.uint8).flatten().tolist())
                     for x in c.constants)
-    c.load_constants_from_blob(blob)
+    c.buffers.load_constants_from_blob(blob)
     assert same(c.run(flat("blob")), eager_flat("buffers", module=m))
 
 
@@ -325,19 +325,19 @@ def test_partial_updates_change_only_what_they_name(container):
         return eager_flat("buffers", module=m)
 
     new = {k: v + 1 for k, v in eager_model("buffers").state_dict().items()}
-    c.update_constants(new, inactive=True)
-    c.update_constants({"fc.weight": new["fc.weight"] * 2}, inactive=True)
+    c.buffers.update_constants(new, inactive=True)
+    c.buffers.update_constants({"fc.weight": new["fc.weight"] * 2}, inactive=True)
     new["fc.weight"] = new["fc.weight"] * 2
-    assert torch.equal(c.extract_constants(inactive=True, by_fqn=True)["scale"], new["scale"])
-    c.swap_constant_buffer()
+    assert torch.equal(c.buffers.extract_constants(inactive=True, by_fqn=True)["scale"], new["scale"])
+    c.buffers.swap_constants()
     assert same(c.run(x), expect(new))
     # Active: user-managed, then one constant copied over it; stage a change of another.
     own = {k: v * 0.5 for k, v in new.items()}
-    c.update_constants(own, user_managed=True)
+    c.buffers.update_constants(own, user_managed=True)
     w = torch.randn(16, 16)
-    c.update_constants({"fc.weight": w})
-    c.stage_constants({"scale": own["scale"] + 3})
-    c.swap_constant_buffer()
+    c.buffers.update_constants({"fc.weight": w})
+    c.buffers.stage_constants({"scale": own["scale"] + 3})
+    c.buffers.swap_constants()
     assert same(c.run(x), expect({**own, "fc.weight": w, "scale": own["scale"] + 3}))
 
 
@@ -346,11 +346,11 @@ def test_a_freed_inactive_buffer_extracts_empty(container):
     segfault for one whose blob is unmapped on free."""
     c = container("buffers")
     needs(c, "ExtractConstantsMapEntries")
-    assert c.extract_constants(inactive=True) == {}
-    c.update_constants(perturbed("buffers").state_dict(), inactive=True)
-    assert set(c.extract_constants(inactive=True)) == set(c.extract_constants())
-    c.free_inactive_constant_buffer()
-    assert c.extract_constants(inactive=True) == {}
+    assert c.buffers.extract_constants(inactive=True) == {}
+    c.buffers.update_constants(perturbed("buffers").state_dict(), inactive=True)
+    assert set(c.buffers.extract_constants(inactive=True)) == set(c.buffers.extract_constants())
+    c.buffers.free_inactive_constants()
+    assert c.buffers.extract_constants(inactive=True) == {}
 
 
 def test_partial_input_checks_are_announced(models, tmp_path):
@@ -427,7 +427,7 @@ def test_unsupported_operation_names_symbol(container):
     c = container("small_mlp")
     c.library.functions.pop("ExtractConstantsMapEntries", None)  # as in a torch 2.11 library
     with pytest.raises(aioti.UnsupportedOperation, match="ExtractConstantsMapEntries"):
-        c.extract_constants()
+        c.buffers.extract_constants()
 
 
 def test_copying_update_falls_back_to_user_managed(container):
@@ -435,7 +435,7 @@ def test_copying_update_falls_back_to_user_managed(container):
     c.library.functions.pop("UpdateConstantBufferPairs", None)  # as in a torch 2.11 library
     m = perturbed("buffers")
     sd = {k: v.clone() for k, v in m.state_dict().items()}
-    c.update_constants(sd)
+    c.buffers.update_constants(sd)
     for t in sd.values():
         t.zero_()  # the model holds a private copy, not the caller's tensors
     assert same(c.run(flat("buffers")), eager_flat("buffers", module=m))
@@ -603,17 +603,17 @@ sd = eager_model(name).state_dict()
 first = next(iter(sd))
 args, kwargs = example_inputs(name, 4)
 ops = {
-    "update": lambda c: c.update_constants(sd),
-    "update inactive": lambda c: c.update_constants(sd, inactive=True),
-    "update inactive, one constant": lambda c: c.update_constants({first: sd[first]}, inactive=True),
-    "update inactive, user-managed": lambda c: c.update_constants(
+    "update": lambda c: c.buffers.update_constants(sd),
+    "update inactive": lambda c: c.buffers.update_constants(sd, inactive=True),
+    "update inactive, one constant": lambda c: c.buffers.update_constants({first: sd[first]}, inactive=True),
+    "update inactive, user-managed": lambda c: c.buffers.update_constants(
         {k: v.clone() for k, v in sd.items()}, inactive=True, user_managed=True),
-    "extract": lambda c: c.extract_constants(),
-    "extract inactive": lambda c: c.extract_constants(inactive=True),
-    "fold": lambda c: c.run_constant_folding(),
-    "fold inactive": lambda c: c.run_constant_folding(inactive=True),
-    "swap": lambda c: c.swap_constant_buffer(),
-    "free inactive": lambda c: c.free_inactive_constant_buffer(),
+    "extract": lambda c: c.buffers.extract_constants(),
+    "extract inactive": lambda c: c.buffers.extract_constants(inactive=True),
+    "fold": lambda c: c.buffers.fold_constants(),
+    "fold inactive": lambda c: c.buffers.fold_constants(inactive=True),
+    "swap": lambda c: c.buffers.swap_constants(),
+    "free inactive": lambda c: c.buffers.free_inactive_constants(),
     "run": lambda c: c.run(list(args) + list(kwargs.values())),
 }
 rnd = random.Random(seed)
@@ -677,57 +677,57 @@ def test_constant_operations_against_a_model_of_the_buffers(models, name):
                 k = rnd.choice(list(w))
                 done.append(op)
                 if op == "update":
-                    c.update_constants(w)
+                    c.buffers.update_constants(w)
                     active = dict(w)
                 elif op == "update one":
-                    c.update_constants({k: w[k]})
+                    c.buffers.update_constants({k: w[k]})
                     active[k] = w[k]
                 elif op == "update inactive":
-                    c.update_constants(w, inactive=True)
+                    c.buffers.update_constants(w, inactive=True)
                     inactive = dict(w)
                 elif op == "update inactive one":
-                    c.update_constants({k: w[k]}, inactive=True)
+                    c.buffers.update_constants({k: w[k]}, inactive=True)
                     inactive = {**(active if inactive is None else inactive), k: w[k]}
                 elif op == "user-managed inactive":
-                    c.update_constants({q: v.clone() for q, v in w.items()}, inactive=True,
+                    c.buffers.update_constants({q: v.clone() for q, v in w.items()}, inactive=True,
                                        user_managed=True)
                     inactive = dict(w)
                 elif op == "user-managed one":
-                    c.update_constants({k: w[k].clone()}, user_managed=True)
+                    c.buffers.update_constants({k: w[k].clone()}, user_managed=True)
                     active[k] = w[k]
                 elif op.startswith("hot swap"):
                     m = dict(w) if op == "hot swap" else {k: w[k]}
-                    c.stage_constants(m)
-                    c.run_constant_folding(inactive=True)
-                    c.swap_constant_buffer()
+                    c.buffers.stage_constants(m)
+                    c.buffers.fold_constants(inactive=True)
+                    c.buffers.swap_constants()
                     active, inactive = {**active, **m}, active
                 elif op == "swap":
                     if inactive is None:
                         with pytest.raises(aioti.InputError, match="swap refused"):
-                            c.swap_constant_buffer()
+                            c.buffers.swap_constants()
                     else:
-                        c.swap_constant_buffer()
+                        c.buffers.swap_constants()
                         active, inactive = inactive, active
                 elif op == "free":
                     try:
-                        c.free_inactive_constant_buffer()
+                        c.buffers.free_inactive_constants()
                         inactive = None
                     except aioti.UnsupportedOperation:
                         pass  # it holds folded constants: kept
                 elif op == "fold":
-                    c.run_constant_folding()
+                    c.buffers.fold_constants()
                 elif op == "fold inactive":
                     if inactive is None and name == "folding":
                         with pytest.raises(aioti.InputError, match="fold refused"):
-                            c.run_constant_folding(inactive=True)
+                            c.buffers.fold_constants(inactive=True)
                     else:
-                        c.run_constant_folding(inactive=True)
+                        c.buffers.fold_constants(inactive=True)
                 elif op == "run":
                     m = eager_model(name)
                     m.load_state_dict(active)
                     assert same(c.run(flat(name)), eager_flat(name, module=m))
                 else:
-                    got = c.extract_constants(inactive=op == "extract inactive", by_fqn=True)
+                    got = c.buffers.extract_constants(inactive=op == "extract inactive", by_fqn=True)
                     want = active if op == "extract" else (inactive or {})
                     assert set(got) == set(want)
                     assert all(torch.equal(got[q], want[q]) for q in want)

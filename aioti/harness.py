@@ -1,0 +1,104 @@
+"""The closed-loop load harness shared by `aioti bench` and `benchmarks/`: `concurrency` tasks
+calling a model back to back for a while, with the request rate, latency percentiles and the
+event loop's lag (a task sleeping 1 ms records its overshoot)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+__all__ = ["gather", "measure", "percentile"]
+
+
+async def measure(model: Any, inputs: list[Any], concurrency: int, duration: float,
+                  progress: bool = False) -> dict[str, Any]:
+    """Closed-loop load from `concurrency` tasks for `duration` s: rate, latency, loop lag."""
+    import anyio
+
+    lat: list[float] = []
+    lags: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def client() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            try:
+                await model.run(inputs)
+            except Exception:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+
+    bar = Progress(duration) if progress else None
+
+    async def lag() -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            await anyio.sleep(0.001)
+            lags.append(time.perf_counter() - t0 - 0.001)
+            if bar is not None:
+                bar.update(duration - max(0.0, stop - time.perf_counter()), len(lat))
+
+    t0 = time.perf_counter()
+    await gather([lag] + [client] * concurrency)
+    elapsed = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    return {"requests_per_s": len(lat) / elapsed, "p50_ms": percentile(lat, 50) * 1e3,
+            "p90_ms": percentile(lat, 90) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
+            "loop_lag_p99_ms": percentile(lags, 99) * 1e3, "errors": errors, "requests": len(lat)}
+
+
+async def gather(fns: list[Any]) -> None:
+    """Run the coroutine functions as concurrent tasks of the running loop's own kind (an asyncio
+    task or a trio task each, as a service's request handlers are; anyio's task groups would
+    add a wrapper frame to every step)."""
+    from .loops import current_loop
+
+    if current_loop().kind == "trio":
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            for fn in fns:
+                nursery.start_soon(fn)
+        return
+    import asyncio
+
+    await asyncio.gather(*(fn() for fn in fns))
+
+
+class Progress:
+    """A progress bar on stderr (rich's, when the `cli` extra is installed)."""
+
+    def __init__(self, total: float) -> None:
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            self._rich = None
+        else:
+            self._rich = Progress(transient=True)
+            self._rich.start()
+            self._task = self._rich.add_task("benchmarking", total=total)
+        self._last = 0.0
+
+    def update(self, done: float, requests: int) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, completed=done, description=f"{requests} requests")
+        elif time.perf_counter() - self._last > 0.1:
+            self._last = time.perf_counter()
+            print(f"\r{requests} requests, {done:.1f} s", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        else:
+            print(file=sys.stderr)
+
+
+def percentile(data: list[float], q: float) -> float:
+    if not data:
+        return float("nan")
+    s = sorted(data)
+    return s[min(len(s) - 1, int(q / 100 * len(s)))]
