@@ -1,0 +1,176 @@
+"""The worker protocol with a fake executor and no compiled model: runs and outcomes, batches in
+flight landing in launch order, delivery to several loops, the gate, closing with work in
+flight; and the dispatcher's backpressure on real asyncio and trio loops."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+import torch
+from fakes import DoublingExecutor, PlainLoop, TokenBackend
+
+from aioti.backends.base import Backend
+from aioti.errors import ClosedError, QueueFullError
+from aioti.loops import current_loop
+from aioti.runtime.dispatch import Dispatcher
+from aioti.runtime.options import RuntimeOptions
+from aioti.runtime.request import Request
+
+CPU = Backend(torch.device("cpu"))
+
+
+def request(x: object, loop: PlainLoop) -> Request:
+    return Request([x], None, loop)
+
+
+def test_runs_deliver_outcomes_one_post_per_loop_per_batch():
+    ex = DoublingExecutor()
+    ex.gate = threading.Event()
+    stopped = threading.Event()
+    d = Dispatcher(ex, CPU, RuntimeOptions(), on_stopped=stopped.set)
+    one, two = PlainLoop(), PlainLoop()
+    first = request(torch.tensor(0.0), one)
+    assert d.try_submit(first)
+    assert ex.started.wait(5)  # the worker holds `first` in the executor
+    reqs = [request(torch.tensor(float(i)), (one, two)[i % 2]) for i in range(1, 9)]
+    reqs.append(request(torch.tensor(-1.0), one))  # fails alone
+    for r in reqs:
+        assert d.try_submit(r)
+    ex.gate.set()  # the rest queued meanwhile: one batch
+    assert one.drain(1)[0] == [first]
+    (batch_one,) = one.drain(1)
+    (batch_two,) = two.drain(1)
+    assert batch_one == [r for r in reqs if r.loop is one]
+    assert batch_two == [r for r in reqs if r.loop is two]
+    for r in reqs[:-1]:
+        assert torch.equal(r.waiter.outcome[0][0], r.result[0]) and r.inputs is None
+    assert isinstance(reqs[-1].waiter.outcome[1], ValueError)
+    stats = d.stats()
+    assert (stats["completed"], stats["failed"], stats["running"]) == (9, 1, 0)
+    d.shutdown(wait=5)
+    assert stopped.is_set() and d.stopped
+
+
+def test_batches_in_flight_land_in_launch_order():
+    """With a backend whose batches finish later, the worker launches the next batches (up to
+    max_in_flight) and delivers each only once it is ready, in launch order."""
+    backend = TokenBackend()
+    ex = DoublingExecutor(chunk=1)
+    d = Dispatcher(ex, backend, RuntimeOptions(max_batch_size=1))
+    loop = PlainLoop()
+    reqs = [request(torch.tensor(float(i)), loop) for i in range(3)]
+    for r in reqs:
+        d.try_submit(r)
+    for _ in range(100):
+        if backend.issued == 3:
+            break
+        threading.Event().wait(0.01)
+    assert backend.issued == 3 and loop.posted.empty()  # launched, none delivered
+    backend.release(2)  # the second is ready first: it still waits for the first
+    threading.Event().wait(0.05)
+    assert loop.posted.empty()
+    backend.release(1)
+    assert loop.drain(2) == [[reqs[0]], [reqs[1]]]
+    backend.release(3)
+    assert loop.drain(1) == [[reqs[2]]]
+    d.shutdown(wait=5)
+
+
+def test_close_with_work_in_flight_finishes_it_then_stops():
+    ex = DoublingExecutor()
+    ex.gate = threading.Event()
+    order: list[str] = []
+    d = Dispatcher(ex, CPU, RuntimeOptions(), on_stopped=lambda: order.append("stopped"))
+    loop = PlainLoop()
+    running = request(torch.tensor(1.0), loop)
+    d.try_submit(running)
+    assert ex.started.wait(5)
+    queued = request(torch.tensor(2.0), loop)
+    d.try_submit(queued)
+    d.shutdown()  # queued work still runs (no cancel_queued)
+    with pytest.raises(ClosedError):
+        d.try_submit(request(torch.tensor(3.0), loop))
+    assert not d.stopped
+    ex.gate.set()
+    d.join()
+    order.append("joined")
+    assert order == ["stopped", "joined"]
+    posted = loop.drain(2)
+    assert posted == [[running], [queued]] and queued.error is None
+
+
+def test_close_with_cancel_queued_fails_the_queue():
+    ex = DoublingExecutor()
+    ex.gate = threading.Event()
+    d = Dispatcher(ex, CPU, RuntimeOptions())
+    loop = PlainLoop()
+    d.try_submit(request(torch.tensor(1.0), loop))
+    assert ex.started.wait(5)
+    queued = request(torch.tensor(2.0), loop)
+    d.try_submit(queued)
+    d.shutdown(cancel_queued=True)
+    (failed,) = loop.drain(1)
+    assert failed == [queued] and isinstance(queued.waiter.outcome[1], ClosedError)
+    ex.gate.set()
+    d.join()
+    assert len(ex.runs) == 1  # the queued request never ran
+
+
+def test_orphaned_dispatcher_refuses_and_does_not_wait():
+    d = Dispatcher(DoublingExecutor(), CPU, RuntimeOptions())
+    d.orphaned()
+    with pytest.raises(ClosedError, match="forked"):
+        d.try_submit(request(torch.tensor(1.0), PlainLoop()))
+    assert d.stopped
+    d.queue = type(d.queue)(RuntimeOptions())  # let the real workers go
+    d.shutdown()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("on_full", ["raise", "wait"])
+async def test_backpressure_on_a_real_loop(on_full):
+    """max_queue=2 with the worker held: a third request waits for room (and runs once there
+    is some) or gets QueueFullError."""
+    ex = DoublingExecutor()
+    ex.gate = threading.Event()
+    d = Dispatcher(ex, CPU, RuntimeOptions(max_queue=2))
+    loop = current_loop()
+
+    async def call(x: float) -> object:
+        req = Request([torch.tensor(x)], None, loop)
+        await d.submit(req, wait=on_full == "wait")
+        return (await req.waiter)[0]
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0.0)
+            with anyio.fail_after(5):
+                while not ex.started.is_set():
+                    await anyio.sleep(0.001)
+            tg.start_soon(call, 1.0)
+            tg.start_soon(call, 2.0)
+            await anyio.sleep(0.01)
+            assert d.stats()["queued"] == 2
+            if on_full == "raise":
+                with pytest.raises(QueueFullError, match="full"):
+                    await call(3.0)
+                ex.gate.set()
+            else:
+                result: list[object] = []
+
+                async def third() -> None:
+                    result.append(await call(3.0))
+
+                tg.start_soon(third)
+                await anyio.sleep(0.01)
+                assert not result  # parked for room
+                ex.gate.set()
+                with anyio.fail_after(5):
+                    while not result:
+                        await anyio.sleep(0.001)
+                assert torch.equal(result[0], torch.tensor(6.0))
+    finally:
+        ex.gate.set()
+        d.shutdown(wait=5)
