@@ -2,24 +2,20 @@
 the OpenMP team each worker's runs fork.
 
 A compiled CPU model already spreads each run over the cores (OpenMP inside its kernels). For a
-fast model a second worker only competes with the first for the GIL and the queue (measured on
-the small benchmark MLP: 36k runs/s with one worker, 20k with two); for a slow one, a second run
-overlapping the first's serial parts wins (mid MLP: 960 runs/s with one, 1240 with two). So:
-one worker for models with under 1 MiB of weights, else two (or the core count, if lower).
-`workers=N` overrides it.
+fast model a second worker only competes with the first for the GIL and the queue; for a slow
+one, a second run overlapping the first's serial parts wins. So: one worker for models with
+under 1 MiB of weights, else two (or the core count, if lower). `workers=N` overrides it.
 
 Team size (OpenMP threads per run, set per worker thread before each batch): a batch that runs
 while no other batch of the model does uses every core (`torch.get_num_threads()` where the
-model was loaded); while several run, each uses `cores // workers`; a small model (under 1 MiB)
-always uses one, as waking a team costs more than its kernels. Measured on 2 cores, back to
-back: mid MLP, two workers, 64 concurrent requests 1.05k -> 1.58k runs/s with shared teams (two
-teams of two oversubscribed the cores), one request at a time 0.69k -> 0.96k runs/s with the
-whole machine; small MLP batching 64 rows 150k -> 178k requests/s (a run of 64 rows took 67 us
-with a team of two, 26 us alone). `threads=N` at load fixes it at N.
+model was loaded); while several run, each uses `cores // workers`, so busy workers do not
+oversubscribe the cores; a small model (under 1 MiB) always uses one, as waking a team costs
+more than its kernels. `threads=N` at load fixes it at N.
 
 Why not time a probe run at load: the probe's thread would get an OpenMP team of its own, and
 with more OpenMP threads than cores libgomp stops spinning between parallel regions, which
-halved the small model's throughput for the rest of the process (38k -> 19k runs/s).
+slows small models for the rest of the process. (benchmarks/README.md has the measurements
+behind each of these choices.)
 """
 
 from __future__ import annotations

@@ -44,9 +44,9 @@ class CudaBackend(Backend):
     name = "cuda"
 
     max_in_flight = 3
-    # Runs only launch work on the stream (~0.1 ms each here): a whole batch in one call. With
-    # chunks of 16, a lone worker waited for the GIL between chunks while the loop settled
-    # results, and the stream ran dry.
+    # Runs only launch work on the stream: a whole batch in one call. With smaller chunks a lone
+    # worker waits for the GIL between chunks while the loop settles results, and the stream
+    # runs dry.
     run_chunk = 64
 
     def __init__(self, device: torch.device) -> None:

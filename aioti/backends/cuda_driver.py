@@ -2,9 +2,8 @@
 
 A worker records an event after each batch, polls it, and makes its stream wait on callers'
 streams. torch's `Event.record` and `Event.wait` release the GIL around their driver call, and
-taking it back is a wait behind the event loop's thread whenever that thread took it meanwhile:
-on an H200 host one batch's caller sync took a median of 19 us but a p90 of 280 us, 3% of a lone
-worker's time. These calls return in microseconds, so they are made through `ctypes.PyDLL`,
+taking it back is a wait behind the event loop's thread whenever that thread took it meanwhile
+(benchmarks/README.md has the measurement). These calls return in microseconds, so they are made through `ctypes.PyDLL`,
 which keeps the GIL; only `synchronize`, which blocks until the GPU is done, releases it.
 
 Runtime and driver handles are interchangeable (a `cudaStream_t` is a `CUstream`, a
