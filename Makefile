@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench chaos clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,15 +19,19 @@ demo: venv
 	$(PY) -m aioti demo
 
 test: venv
-	$(PY) -m ruff check aioti tests benchmarks examples docs
+	$(PY) -m ruff check aioti tests benchmarks examples docs chaos
 	$(PY) -m pytest -q
 
 lint: venv
-	$(PY) -m ruff check aioti tests benchmarks examples docs
+	$(PY) -m ruff check aioti tests benchmarks examples docs chaos
 	$(PY) -m mypy aioti --ignore-missing-imports
 
 bench: venv
 	$(PY) benchmarks/throughput.py --json out/throughput.json
+
+# Not part of `make test`: about ten minutes on two cores (chaos/run.py).
+chaos: venv
+	$(PY) chaos/run.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -30,11 +30,12 @@ import torch.utils._pytree as pytree
 from .backends.base import Backend
 from .backends.registry import resolve_backend
 from .core.container import Container, open_container
-from .core.package import ModelFiles, open_model
+from .core.package import ModelFiles, discard, open_model
 from .core.threads import ThreadTeams
 from .errors import ClosedError, InputError
 from .loops import current_loop
 from .loops.lock import CrossLoopLock
+from .runtime import lifecycle
 from .runtime.batching import BatchExecutor, Batching, probe_batch_dim
 from .runtime.dispatch import Dispatcher
 from .runtime.executor import PlainExecutor
@@ -44,6 +45,17 @@ from .runtime.request import Request
 __all__ = ["AsyncModel", "ModelLoader", "load"]
 
 T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[[], T]) -> T:
+    """A constant operation's blocking step, in a thread; none starts once the interpreter is
+    exiting, and exit waits for one in progress (`lifecycle.operation`)."""
+
+    def guarded() -> T:
+        with lifecycle.operation():
+            return fn()
+
+    return await anyio.to_thread.run_sync(guarded)
 
 
 class AsyncModel:
@@ -259,7 +271,7 @@ class AsyncModel:
                 return fn()
 
         async with self._lock:
-            return await anyio.to_thread.run_sync(call)
+            return await _in_thread(call)
 
     async def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
                                 ) -> dict[str, torch.Tensor]:
@@ -329,10 +341,10 @@ class AsyncModel:
         c = self._container
         folds = fold and c.buffers.folds
         async with self._lock:
-            await anyio.to_thread.run_sync(lambda: c.buffers.stage_constants(loaded))
+            await _in_thread(lambda: c.buffers.stage_constants(loaded))
             if folds:
-                await anyio.to_thread.run_sync(lambda: c.buffers.fold_constants(inactive=True))
-            await anyio.to_thread.run_sync(c.buffers.swap_constants)
+                await _in_thread(lambda: c.buffers.fold_constants(inactive=True))
+            await _in_thread(c.buffers.swap_constants)
 
     @staticmethod
     async def _read(mapping: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:
@@ -379,15 +391,32 @@ class AsyncModel:
         return f"<AsyncModel {self.files.name!r} on {self.device}, {state}>"
 
 
-class ModelLoader:
-    """What `load` returns: `await` it for the model, or `async with` it to close on exit."""
+class ModelLoader(Coroutine[Any, Any, AsyncModel]):
+    """What `load` returns: `await` it for the model, or `async with` it to close on exit. It is
+    a coroutine too, so `asyncio.run(aioti.load(...))` and task factories take it."""
 
-    def __init__(self, opener: Callable[[], Awaitable[AsyncModel]]) -> None:
+    def __init__(self, opener: Callable[[], Coroutine[Any, Any, AsyncModel]]) -> None:
         self._opener = opener
+        self._coro: Coroutine[Any, Any, AsyncModel] | None = None
         self._model: AsyncModel | None = None
 
+    def _started(self) -> Coroutine[Any, Any, AsyncModel]:
+        if self._coro is None:
+            self._coro = self._opener()
+        return self._coro
+
     def __await__(self) -> Generator[Any, None, AsyncModel]:
-        return self._opener().__await__()
+        return self._started().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._started().send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._started().throw(*args)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
 
     async def __aenter__(self) -> AsyncModel:
         self._model = await self._opener()
@@ -469,6 +498,8 @@ def load(
         except BaseException:
             if len(made) == 2:
                 made[1].delete()
+            if made:
+                discard(made[0])
             raise
 
     return ModelLoader(opener)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 import zipfile
@@ -411,6 +414,49 @@ def test_bad_packages(models, tmp_path):
     notlib.write_bytes(b"\x7fELF garbage")
     with pytest.raises(aioti.ModelLoadError, match="cannot open"):
         ModelLibrary(notlib)
+
+
+def test_truncated_library_is_refused_not_a_crash(models, tmp_path):
+    """A model library cut short inside a valid zip: before the check, creating its container
+    died of SIGBUS when its constants were first touched. Run in a child process."""
+    src = Path(models["small_mlp"])
+    script = textwrap.dedent(f"""
+        import zipfile, sys
+        from pathlib import Path
+        import aioti
+        from aioti.core import open_container, open_model
+        src, tmp = Path({str(src)!r}), Path({str(tmp_path)!r})
+        with zipfile.ZipFile(src) as zf:
+            lib = next(i for i in zf.infolist() if i.filename.endswith(".wrapper.so"))
+            data = zf.read(lib)
+            for k in (1, 5, 9):
+                path = tmp / f"cut{{k}}.pt2"
+                with zipfile.ZipFile(path, "w") as out:
+                    for info in zf.infolist():
+                        out.writestr(info.filename, data[:len(data) * k // 10] if info is lib
+                                     else zf.read(info))
+                try:
+                    open_container(open_model(path, cache_dir=tmp / "c"))
+                except aioti.ModelLoadError as exc:
+                    assert "truncated or damaged" in str(exc), exc
+                else:
+                    sys.exit(f"cut {{k}}/10 loaded")
+        print("REFUSED")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "REFUSED" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+def test_cpu_isa_the_host_lacks_is_refused(monkeypatch):
+    from aioti.core import package
+
+    monkeypatch.setattr(package, "cpu_flags", lambda: {"sse2", "avx2", "fma"})
+    package._check_cpu_isa({"AOTI_CPU_ISA": "AVX2"}, "m")  # has it
+    package._check_cpu_isa({"AOTI_CPU_ISA": "SOMETHING_NEW"}, "m")  # unknown words pass
+    with pytest.raises(aioti.ModelLoadError, match="compiled for CPUs with AVX512.*lacks avx512f"):
+        package._check_cpu_isa({"AOTI_CPU_ISA": "AVX512 AVX512_VNNI"}, "m")
+    assert package.cpu_flags is not None
 
 
 def test_foreign_platform_refused(models, tmp_path):

@@ -29,6 +29,11 @@ CASES = [
     ("non-tensor", [X, 3.0, S], ["args[1]", "torch.Tensor", "float"]),
     ("wrong device", [X.to("meta"), Y, S], ["args[0]", "cpu", "meta"]),
     ("sparse", [X, Y.to_sparse(), S], ["args[1]", "dense", "sparse_coo"]),
+    ("sparse csr", [X.to_sparse_csr(), Y, S], ["args[0]", "dense", "sparse_csr"]),
+    ("sparse csc", [X, Y.to_sparse_csc(), S], ["args[1]", "dense", "sparse_csc"]),
+    ("nested", [X, torch.nested.nested_tensor([torch.randn(2, 8), torch.randn(3, 8)]), S],
+     ["args[1]", "dense", "nested"]),
+    ("negative bit", [torch._neg_view(X), Y, S], ["args[0]", "negative bit", "resolve_neg"]),
 ]
 
 
@@ -108,3 +113,16 @@ def test_old_style_source_rejects(old_style_signature, case, inputs, fragments):
     assert fragments[0] in str(info.value)
     old_style_signature.check([X, Y, S], torch.device("cpu"))  # valid inputs still pass
     old_style_signature.check([X[:1].clone(), Y[:1].clone(), S], torch.device("cpu"))
+
+
+def test_conjugate_bit_rejected():
+    """A complex input whose conjugate bit is set would be read as its raw storage."""
+    from aioti.core.signature import InputSpec, Signature
+
+    sig = Signature([InputSpec(0, "x", "0 (x)", dtype=torch.complex64, sizes=(4,),
+                               strides=((1, ()),))], known=True)
+    z = torch.randn(4, dtype=torch.complex64)
+    sig.check([z], torch.device("cpu"))
+    with pytest.raises(aioti.InputError, match="conjugate bit.*resolve_conj"):
+        sig.check([z.conj()], torch.device("cpu"))
+    sig.check([z.conj().resolve_conj()], torch.device("cpu"))

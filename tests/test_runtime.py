@@ -386,3 +386,78 @@ async def test_a_model_loaded_before_a_fork_refuses_in_the_child(models, anyio_b
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert "refused: the model was loaded before this process was forked" in out
     assert "swap refused" in out and "fresh: True" in out and "child exit 0" in out
+
+
+def test_asyncio_run_takes_the_loader():
+    """`aioti.load(...)` is a coroutine too: `asyncio.run` and task factories accept it."""
+    import asyncio
+
+    from aioti.testing import compile_model
+
+    model = asyncio.run(aioti.load(compile_model("small_mlp")))
+    try:
+        x = torch.randn(2, 64)
+        out = anyio.run(model, x)
+        with torch.no_grad():
+            assert torch.allclose(out, eager_model("small_mlp")(x), atol=1e-5)
+    finally:
+        anyio.run(model.aclose)
+
+
+async def test_a_failed_load_leaves_no_extraction_behind(models, tmp_path):
+    """A load that fails after extracting the package (here: batching refused by the probe)
+    removes what it extracted; one that succeeds keeps it for the next load."""
+    cache = tmp_path / "cache"
+    with pytest.raises(aioti.InputError, match="cannot be batched"):
+        await aioti.load(models["row_mixing"], batching=aioti.Batching(), cache_dir=cache)
+    assert not any(cache.rglob("*.so"))
+    async with aioti.load(models["row_mixing"], cache_dir=cache):
+        pass
+    assert any(cache.rglob("*.so"))
+
+
+def test_exit_waits_for_a_constant_operation_and_refuses_new_ones(models):
+    """At interpreter exit, a constant operation in progress (here held inside its native step)
+    is waited for before the workers stop, and none starts afterwards: one started by a loop in
+    a daemon thread used to run torch ops during finalization (an abort, rarely)."""
+    script = textwrap.dedent(f"""
+        import threading, anyio, torch, aioti
+        from aioti.runtime import lifecycle
+        from aioti.testing import eager_model
+        entered, release, order = threading.Event(), threading.Event(), []
+        class Slow(dict):
+            def items(self):
+                entered.set()
+                release.wait(10)
+                order.append("operation done")
+                return super().items()
+        async def main():
+            async with aioti.load({str(models["small_mlp"])!r}) as model:
+                sd = eager_model("small_mlp").state_dict()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(model.update_constants, Slow(sd))
+                    await anyio.to_thread.run_sync(entered.wait)
+                    hook = threading.Thread(target=lambda: (lifecycle._stop_all_at_exit(),
+                                                            order.append("exit hook done")))
+                    hook.start()
+                    hook.join(0.3)
+                    order.append("hook waiting" if hook.is_alive() else "hook did not wait")
+                    release.set()
+                    await anyio.to_thread.run_sync(hook.join)
+                try:
+                    await model.update_constants(sd)
+                except aioti.ClosedError as exc:
+                    order.append("refused: " + str(exc))
+                try:
+                    with lifecycle.operation():
+                        order.append("started")
+                except aioti.ClosedError as exc:
+                    order.append("refused: " + str(exc))
+        anyio.run(main)
+        print(order)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("['hook waiting', 'operation done', 'exit hook done', 'refused: the model is closed', "
+            "'refused: the interpreter is exiting") in proc.stdout, proc.stdout

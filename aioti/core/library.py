@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 import threading
 from collections.abc import Sequence
 from ctypes import POINTER, byref, c_bool, c_char_p, c_int32, c_size_t, c_uint64, c_void_p
@@ -99,6 +100,46 @@ def _symbol(name: str) -> str:
     return name if name.startswith("AOTInductor") else _PREFIX + name
 
 
+def check_elf(path: Path) -> None:
+    """Refuse a damaged shared library before `dlopen` maps it: every loadable segment and the
+    section header table must lie within the file. A library cut short (a partial copy, a
+    truncated member re-packed in a valid zip) maps pages past the file's end, and touching
+    them (the constants, when the container is created) kills the process with SIGBUS."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(64)
+        if len(head) < 52 or head[:4] != b"\x7fELF":
+            raise ModelLoadError(f"cannot open model library {str(path)!r}: not a shared "
+                                 f"library (no ELF header in its {size} bytes)")
+        wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
+        if wide:
+            phoff, shoff = struct.unpack_from(order + "QQ", head, 32)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 54)
+        else:
+            phoff, shoff = struct.unpack_from(order + "II", head, 28)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", head, 42)
+        need = [("the program headers", phoff + phentsize * phnum),
+                ("the section headers", shoff + shentsize * shnum)]
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        if len(table) == phentsize * phnum:
+            for i in range(phnum):
+                entry = table[i * phentsize:(i + 1) * phentsize]
+                if wide:
+                    kind, _, offset, _, _, filesz = struct.unpack_from(order + "IIQQQQ", entry)
+                else:
+                    kind, offset, _, _, filesz = struct.unpack_from(order + "IIIII", entry)
+                if kind == 1:  # PT_LOAD
+                    need.append((f"loadable segment {i}", offset + filesz))
+    for what, end in need:
+        if end > size:
+            raise ModelLoadError(
+                f"cannot open model library {str(path)!r}: it is truncated or damaged: {what} "
+                f"end at byte "
+                f"{end}, but the file has {size} bytes (a partial copy? extract or copy it "
+                "again)")
+
+
 class ModelLibrary:
     """One opened model library: its functions, which optional ones exist, and error checking."""
 
@@ -108,6 +149,7 @@ class ModelLibrary:
         self.torch_version = torch_version
         if not self.path.is_file():
             raise ModelLoadError(f"model library {str(self.path)!r} does not exist")
+        check_elf(self.path)
         _load_libstdcxx_globally()
         try:
             self._dll = ctypes.CDLL(str(self.path), mode=ctypes.RTLD_LOCAL)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 
-__all__ = ["ModelFiles", "default_cache_dir", "list_models", "open_model"]
+__all__ = ["ModelFiles", "cpu_flags", "default_cache_dir", "discard", "list_models", "open_model"]
 
 _MARK = "/data/aotinductor/"
 
@@ -48,6 +48,8 @@ class ModelFiles:
     cubin_dir: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     package: Path | None = None
+    #: the cache directory this load extracted (None: it was there already, or a bare library)
+    extracted: Path | None = None
 
     def read_source(self) -> str | None:
         return self.source.read_text(errors="replace") if self.source else None
@@ -127,6 +129,50 @@ def _check_platform(meta: dict[str, str], where: str) -> None:
         )
 
 
+#: AOTI_CPU_ISA words (torch's vector ISAs) -> the /proc/cpuinfo flags each needs
+_ISA_FLAGS = {
+    "AVX2": ("avx2", "fma"),
+    "AVX512": ("avx512f", "avx512bw", "avx512dq"),
+    "AVX512_VNNI": ("avx512_vnni",),
+    "AVX512_BF16": ("avx512_bf16",),
+    "AVX512_FP16": ("avx512_fp16",),
+    "AMX_TILE": ("amx_tile",),
+    "AMX_BF16": ("amx_bf16",),
+    "AMX_INT8": ("amx_int8",),
+    "NEON": ("asimd",),
+    "SVE": ("sve",),
+    "SVE256": ("sve",),
+}
+
+
+def cpu_flags() -> set[str] | None:
+    """This CPU's feature flags (Linux's /proc/cpuinfo), or None where they cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def _check_cpu_isa(meta: dict[str, str], where: str) -> None:
+    """Refuse a model compiled for vector instructions this CPU lacks: its kernels would die
+    of an illegal instruction at the first run."""
+    isa = meta.get("AOTI_CPU_ISA", "")
+    if not isa or (flags := cpu_flags()) is None:
+        return
+    for word in isa.replace(",", " ").upper().split():
+        lacking = [f for f in _ISA_FLAGS.get(word, ()) if f not in flags]
+        if lacking:
+            raise ModelLoadError(
+                f"{where} was compiled for CPUs with {word} ({isa}); this CPU lacks "
+                f"{', '.join(lacking)}: its kernels would stop the process with an illegal "
+                "instruction (compile it on, or for, this kind of machine)")
+
+
 def _files_in(directory: Path, name: str, package: Path | None) -> ModelFiles:
     libs = sorted(directory.rglob("*.so"))
     if not libs:
@@ -152,6 +198,7 @@ def _files_in(directory: Path, name: str, package: Path | None) -> ModelFiles:
         package=package,
     )
     _check_platform(meta, f"model {name!r} in {str(package or lib)!r}")
+    _check_cpu_isa(meta, f"model {name!r} in {str(package or lib)!r}")
     return files
 
 
@@ -191,8 +238,32 @@ def open_model(
             )
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         dest = root / _sha256(path) / model_name
+        fresh = not dest.is_dir()
         _extract(zf, models[model_name], dest)
-    return _files_in(dest, model_name, path)
+    try:
+        files = _files_in(dest, model_name, path)
+    except BaseException:
+        if fresh:
+            _remove(dest)
+        raise
+    files.extracted = dest if fresh else None
+    return files
+
+
+def discard(files: ModelFiles) -> None:
+    """After a load of `files` failed: remove what that load extracted (a later load extracts
+    it again), so that the cache holds only packages that loaded."""
+    if files.extracted is not None:
+        _remove(files.extracted)
+        files.extracted = None
+
+
+def _remove(dest: Path) -> None:
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        dest.parent.rmdir()  # the package's directory, once it holds no model
+    except OSError:
+        pass
 
 
 def _bare(lib: Path) -> ModelFiles:
@@ -210,4 +281,5 @@ def _bare(lib: Path) -> ModelFiles:
         metadata={k: str(v) for k, v in meta.items()},
     )
     _check_platform(files.metadata, str(lib))
+    _check_cpu_isa(files.metadata, str(lib))
     return files

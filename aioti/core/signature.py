@@ -153,10 +153,12 @@ class Signature:
         try:
             if len(tensors) == 1:
                 t = tensors[0]
-                key: tuple[Any, ...] | None = (t.dtype, t.shape, t.stride(), t.device)  # type: ignore[attr-defined]
+                key: tuple[Any, ...] | None = (t.dtype, t.shape, t.stride(), t.device,  # type: ignore[attr-defined]
+                                               t.is_neg(), t.is_conj())  # type: ignore[attr-defined]
             else:
-                key = tuple([(t.dtype, t.shape, t.stride(), t.device) for t in tensors])  # type: ignore[attr-defined]
-        except (AttributeError, TypeError):
+                key = tuple([(t.dtype, t.shape, t.stride(), t.device, t.is_neg(), t.is_conj())  # type: ignore[attr-defined]
+                             for t in tensors])
+        except (AttributeError, TypeError, RuntimeError):  # not tensors; sparse, nested: checked
             key = None
         if key is not None and (layout := self._accepted.get(key)) is not None:
             return layout
@@ -181,8 +183,15 @@ def _check_one(
         raise InputError(f"{where}: expected dtype {spec.dtype}, got {t.dtype}")
     if t.device != device and not (device.index is None and t.device.type == device.type):
         raise InputError(f"{where}: expected a tensor on {device}, got one on {t.device}")
+    if t.is_nested:
+        raise InputError(f"{where}: expected a dense tensor (torch.strided), got a nested tensor")
     if t.layout != torch.strided:
         raise InputError(f"{where}: expected a dense tensor (torch.strided), got {t.layout}")
+    if t.is_neg() or t.is_conj():
+        bit, fix = ("negative", "resolve_neg") if t.is_neg() else ("conjugate", "resolve_conj")
+        raise InputError(
+            f"{where}: the tensor has its {bit} bit set (a lazy view: the compiled model reads "
+            f"the raw storage and would ignore it, a silently wrong result); pass .{fix}()")
     if spec.sizes is None:
         return
     shape = t.shape

@@ -48,6 +48,16 @@ class ParkingLot:
             self._parked.append(ticket)
         return ticket
 
+    def leave(self, ticket: Ticket) -> bool:
+        """Take `ticket` out of the lot without waiting (the reason to wait went away); False
+        when it was unparked already."""
+        with self._mutex:
+            try:
+                self._parked.remove(ticket)
+            except ValueError:
+                return False
+        return True
+
     async def wait(self, ticket: Ticket, *, on_lost_turn: Callable[[], object] | None = None
                    ) -> Any:
         """Wait until `ticket` is unparked; returns the value it was unparked with (or raises

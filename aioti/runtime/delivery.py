@@ -13,7 +13,7 @@ from typing import Any
 
 from ..loops import Loop
 from .queue import RequestQueue
-from .request import CANCELLED, DONE, Request
+from .request import CANCELLED, DONE, NotStarted, Request
 from .stats import Latencies
 
 __all__ = ["Delivery"]
@@ -28,17 +28,21 @@ class Delivery:
     def complete(self, batch: list[Request], here: Loop | None = None) -> None:
         """A taken batch's outcomes are set (or it failed): count it over, then deliver."""
         done = []
-        bad = 0
+        bad = handed = rows = 0
         for req in batch:
             req.inputs = None
+            rows += req.rows
             if req.state == CANCELLED:
                 req.result = None  # outputs released here
                 continue
             req.state = DONE
             done.append(req)
             if req.error is not None:
-                bad += 1
-        self._queue.finish(len(done) - bad, bad)
+                if isinstance(req.error, NotStarted):
+                    handed += 1  # to run elsewhere: neither completed nor failed here
+                else:
+                    bad += 1
+        self._queue.finish(rows, len(done) - bad - handed, bad)
         self.deliver(done, here)
 
     def fail(self, reqs: list[Request], error: BaseException) -> None:

@@ -20,13 +20,14 @@ from typing import Any
 from ..backends.base import Backend
 from ..core.threads import ThreadTeams
 from ..errors import ClosedError, QueueFullError
+from ..loops.parking import ParkingLot
 from . import lifecycle
 from .delivery import Delivery
 from .executor import Executor
 from .inline import OnLoop
 from .options import RuntimeOptions
-from .queue import RequestQueue
-from .request import Request
+from .queue import ACCEPTED, SCHEDULE, RequestQueue
+from .request import NotStarted, Request
 from .worker import BatchRunner, Workers
 
 __all__ = ["Dispatcher"]
@@ -35,11 +36,13 @@ __all__ = ["Dispatcher"]
 class Dispatcher:
     def __init__(self, executor: Executor, backend: Backend, options: RuntimeOptions, *,
                  teams: ThreadTeams | None = None,
-                 on_stopped: Callable[[], None] = lambda: None) -> None:
+                 on_stopped: Callable[[], None] = lambda: None,
+                 on_fault: Callable[[BaseException], None] | None = None,
+                 room: ParkingLot | None = None) -> None:
         self.options = options
-        self.queue = queue = RequestQueue(options)
+        self.queue = queue = RequestQueue(options, room)
         self.delivery = Delivery(queue)
-        runner = BatchRunner(queue, self.delivery, executor, backend, teams)
+        runner = BatchRunner(queue, self.delivery, executor, backend, teams, on_fault)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
         lifecycle.track(self)
@@ -62,12 +65,10 @@ class Dispatcher:
         """Queue `req` if there is room (with `on_loop`, scheduling a run on its loop)."""
         if self._on_loop is None:
             return self.queue.try_put(req)
-        schedule = self.queue.put_here(req)
-        if schedule is None:
-            return False
-        if schedule:
+        put = self.queue.put_here(req)
+        if put & SCHEDULE:
             req.loop.soon(self._on_loop.run, req.loop)
-        return True
+        return bool(put & ACCEPTED)
 
     async def submit(self, req: Request, *, wait: bool = True) -> None:
         """Queue `req`, waiting for room while the queue is full (or raising `QueueFullError`
@@ -81,6 +82,11 @@ class Dispatcher:
 
     def cancel(self, req: Request) -> None:
         self.queue.cancel(req)
+
+    def hand_back(self, error: BaseException) -> None:
+        """Give every queued request back to its caller unrun (`NotStarted`): this replica
+        failed, and they may run on another."""
+        self.delivery.fail(self.queue.drain(), NotStarted(error))
 
     def stats(self) -> dict[str, Any]:
         return {**self.queue.counts(), "workers": self.options.workers,

@@ -32,14 +32,17 @@ from .lifecycle import FORKED
 from .options import RuntimeOptions
 from .request import CANCELLED, QUEUED, RUNNING, Request
 
-__all__ = ["STOP", "RequestQueue"]
+__all__ = ["ACCEPTED", "SCHEDULE", "STOP", "RequestQueue"]
 
 #: what `take` returns to a worker that should exit (closing, nothing queued or in flight)
 STOP: Any = object()
 
+#: `put_here`'s answer, as flags: the request was accepted (queued); the caller's loop must schedule a run
+ACCEPTED, SCHEDULE = 1, 2
+
 
 class RequestQueue:
-    def __init__(self, options: RuntimeOptions) -> None:
+    def __init__(self, options: RuntimeOptions, room: ParkingLot | None = None) -> None:
         self.options = options
         self.max_queue = options.max_queue
         self._max_rows = options.max_batch_size
@@ -50,12 +53,13 @@ class RequestQueue:
         self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
         self._items: deque[Request] = deque()
         self._rows = 0  # queued rows
-        self._room = ParkingLot()  # callers waiting for room
+        self._room = room or ParkingLot()  # callers waiting for room (shared by a pool's)
         self.closing = False
         self.closed_reason = "the model is closed"
         self._drop_queued = False
         self._paused = 0
         self.running = 0  # batches taken and not yet finished
+        self._running_rows = 0
         self._sleeping: list[threading.Condition] = []  # idle workers, the most recent last
         self._own = [threading.Condition(self._lock) for _ in range(options.workers)]
         self._lingering = 0  # workers waiting for a fuller batch: notified once it is full
@@ -82,19 +86,21 @@ class RequestQueue:
                 self._cond.notify()
         return True
 
-    def put_here(self, req: Request) -> bool | None:
-        """On-loop mode's `try_put`: None when full; else whether `req.loop` must schedule a
-        run (no run of its own is pending). Workers are not woken: they are the fallback."""
+    def put_here(self, req: Request) -> int:
+        """On-loop mode's `try_put`: `ACCEPTED` if there was room, plus `SCHEDULE` when
+        `req.loop` must schedule a run (none of its own is pending). Workers are not woken:
+        they are the fallback. A full queue also asks for a run: what fills it may belong to a
+        loop that stalled or closed, and a run on this loop takes it."""
         with self._lock:
             if self.closing:
                 raise ClosedError(self.closed_reason)
+            schedule = SCHEDULE if self._scheduled_on is not req.loop else 0
+            self._scheduled_on = req.loop
             if len(self._items) >= self.max_queue:
-                return None
+                return schedule
             self._items.append(req)
             self._rows += req.rows
-            schedule = self._scheduled_on is not req.loop
-            self._scheduled_on = req.loop
-        return schedule
+        return ACCEPTED | schedule
 
     async def wait_for_room(self) -> None:
         """Park until a request leaves the queue, or closing begins (returns at once if there
@@ -105,6 +111,25 @@ class RequestQueue:
             ticket = self._room.park()
         # Woken but leaving (cancelled): the room it was woken for goes to the next.
         await self._room.wait(ticket, on_lost_turn=self._room.unpark)
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self.max_queue
+
+    @property
+    def outstanding(self) -> int:
+        """Rows queued plus rows running (read without the lock: for routing, not counting)."""
+        return self._rows + self._running_rows
+
+    def drain(self) -> list[Request]:
+        """Empty the queue (without closing it) and return what it held."""
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+            self._rows = 0
+        if items:
+            self._room.unpark(len(items))
+        return items
 
     def cancel(self, req: Request) -> None:
         """The caller of `req` stopped waiting: a queued request never runs; a running one is
@@ -200,10 +225,12 @@ class RequestQueue:
                 self._scheduled_on = loop
             return batch, self.running, more
 
-    def finish(self, completed: int, failed: int) -> None:
-        """A taken batch is over: `completed` requests got outputs, `failed` an error."""
+    def finish(self, rows: int, completed: int, failed: int) -> None:
+        """A taken batch of `rows` is over: `completed` requests got outputs, `failed` an
+        error."""
         with self._cond:
             self.running -= 1
+            self._running_rows -= rows
             self.completed += completed
             self.failed += failed
             if (self._paused or self.closing) and not self.running:
@@ -253,6 +280,7 @@ class RequestQueue:
                 batch.append(req)
                 rows += req.rows
         self._rows -= rows
+        self._running_rows += rows
         self._last_take = len(batch)
         if len(self._room):
             self._room.unpark(len(batch))

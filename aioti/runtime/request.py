@@ -13,7 +13,7 @@ from typing import Any
 
 from ..loops import Loop, Waiter
 
-__all__ = ["CANCELLED", "DONE", "QUEUED", "RUNNING", "Request"]
+__all__ = ["CANCELLED", "DONE", "NotStarted", "QUEUED", "RUNNING", "Request"]
 
 QUEUED, RUNNING, DONE, CANCELLED = range(4)
 
@@ -43,3 +43,12 @@ class Request:
     def __repr__(self) -> str:
         state = ("queued", "running", "done", "cancelled")[self.state]
         return f"<Request {state}, {self.rows} rows>"
+
+
+class NotStarted(Exception):
+    """A request handed back unrun, because its replica failed (`error`): the facade submits it
+    again to another replica; a caller never sees this exception."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"not started: {error}")
+        self.error = error

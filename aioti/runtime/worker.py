@@ -32,7 +32,7 @@ from .delivery import Delivery
 from .executor import Executor
 from .options import RuntimeOptions
 from .queue import STOP, RequestQueue
-from .request import Request
+from .request import QUEUED, NotStarted, Request
 
 __all__ = ["BatchRunner", "Workers"]
 
@@ -41,12 +41,16 @@ class BatchRunner:
     """Runs taken batches through the executor on a backend, and lands them."""
 
     def __init__(self, queue: RequestQueue, delivery: Delivery, executor: Executor,
-                 backend: Backend, teams: ThreadTeams | None = None) -> None:
+                 backend: Backend, teams: ThreadTeams | None = None,
+                 on_fault: Callable[[BaseException], None] | None = None) -> None:
         self._queue = queue
         self.delivery = delivery
         self._executor = executor
         self._backend = backend
         self._teams = teams
+        # A replica of a pool: a batch that fails as a whole hands its requests that had not
+        # begun back (`NotStarted`, to run elsewhere), and reports the fault.
+        self._on_fault = on_fault
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
         self._readies = type(backend).begin_batch is not Backend.begin_batch
 
@@ -64,12 +68,14 @@ class BatchRunner:
             self._teams.before_batch(busy)
             return self._execute(ctx, batch)
         except BaseException as exc:
+            unstarted = NotStarted(exc) if self._on_fault is not None else exc
             for req in batch:
                 if req.error is None and req.result is None:
-                    req.error = exc
+                    req.error = unstarted if req.state == QUEUED else exc
             if not isinstance(exc, Exception):
                 self.delivery.complete(batch, here)
                 raise
+            self.fault(exc)
         return None
 
     def _execute(self, ctx: Any, batch: list[Request]) -> Any:
@@ -90,7 +96,13 @@ class BatchRunner:
         except Exception as exc:
             for req in batch:
                 req.error, req.result = exc, None
+            self.fault(exc)
         self.delivery.complete(batch, here)
+
+    def fault(self, error: BaseException) -> None:
+        """A batch failed as a whole (the backend's step, not one request's run)."""
+        if self._on_fault is not None:
+            self._on_fault(error)
 
 
 class Workers:

@@ -113,7 +113,7 @@ def test_exclusive_waits_for_running_batches_and_holds_new_ones():
     t = threading.Thread(target=mutate)
     t.start()
     assert not entered.wait(0.05)  # waits for the running batch
-    q.finish(1, 0)
+    q.finish(1, 1, 0)
     assert entered.wait(5)
     t.join(5)
     assert q.take(0, in_flight=False) == ([b], 1)  # after the gate, work flows again

@@ -174,3 +174,32 @@ async def test_backpressure_on_a_real_loop(on_full):
     finally:
         ex.gate.set()
         d.shutdown(wait=5)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("on_full", ["raise", "wait"])
+async def test_on_loop_a_full_queue_left_by_a_stalled_loop_is_drained(on_full):
+    """On-loop runs, max_queue 2: a loop whose thread stalls (its posts never run) fills the
+    queue; a caller on this loop is still served - its full queue schedules a run here (it
+    used to wait forever, or get QueueFullError every time)."""
+    ex = DoublingExecutor()
+    d = Dispatcher(ex, CPU, RuntimeOptions(max_queue=2, on_loop=True))
+    stalled = PlainLoop()  # nobody drains it: its scheduled run never comes
+    for i in range(2):
+        assert d.try_submit(request(torch.tensor(float(i)), stalled))
+    loop = current_loop()
+    req = Request([torch.tensor(5.0)], None, loop)
+    try:
+        with anyio.fail_after(5):
+            if on_full == "raise":
+                with pytest.raises(QueueFullError):
+                    await d.submit(req, wait=False)
+                await anyio.sleep(0.01)  # the run it scheduled takes the queue
+                req = Request([torch.tensor(5.0)], None, loop)
+                await d.submit(req, wait=False)
+            else:
+                await d.submit(req)
+            out = await req.waiter
+        assert torch.equal(out[0], torch.tensor(10.0))
+    finally:
+        d.shutdown(wait=5)
