@@ -15,13 +15,15 @@ from .errors import (
     QueueFullError,
     UnsupportedOperation,
 )
-from .model import AsyncModel, ModelLoader, load
+from .loader import ModelLoader, load
+from .model import AsyncModel
+from .pool import ReplicaPool
 from .runtime.batching import Batching
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AiotiError", "AsyncModel", "Backend", "BackendError", "Batching", "ClosedError",
-    "InputError", "ModelLoadError", "ModelLoader", "ModelRunError", "QueueFullError",
+    "InputError", "ModelLoadError", "ModelLoader", "ModelRunError", "QueueFullError", "ReplicaPool",
     "UnsupportedOperation", "backends", "load", "register_backend", "resolve_backend",
 ]

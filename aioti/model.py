@@ -1,4 +1,4 @@
-"""The async facade: `aioti.load(...)` and `AsyncModel`.
+"""The async facade: `AsyncModel`, what `aioti.load(...)` returns.
 
 `AsyncModel` flattens pytree calls by the model's call spec, checks inputs on the caller's loop
 (so a bad request fails at once and never reaches a worker), queues the request to the model's
@@ -16,9 +16,10 @@ Semantics in brief (docs/concurrency.md has the full statement):
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -28,21 +29,16 @@ import torch
 import torch.utils._pytree as pytree
 
 from .backends.base import Backend
-from .backends.registry import resolve_backend
-from .core.container import Container, open_container
-from .core.package import ModelFiles, discard, open_model
-from .core.threads import ThreadTeams
+from .core.container import Container
+from .core.package import ModelFiles
 from .errors import ClosedError, InputError
 from .loops import current_loop
 from .loops.lock import CrossLoopLock
+from .replica import Replica
 from .runtime import lifecycle
-from .runtime.batching import BatchExecutor, Batching, probe_batch_dim
-from .runtime.dispatch import Dispatcher
-from .runtime.executor import PlainExecutor
-from .runtime.options import RuntimeOptions
 from .runtime.request import Request
 
-__all__ = ["AsyncModel", "ModelLoader", "load"]
+__all__ = ["AsyncModel"]
 
 T = TypeVar("T")
 
@@ -59,30 +55,33 @@ async def _in_thread(fn: Callable[[], T]) -> T:
 
 
 class AsyncModel:
-    """A loaded model served by worker threads; await its calls from asyncio or trio."""
+    """A loaded model served by worker threads; await its calls from asyncio or trio. Loaded on
+    several devices, it is one model over a replica per device (`devices`)."""
 
     def __init__(
         self,
         files: ModelFiles,
-        container: Container,
-        backend: Backend,
+        replicas: Sequence[Replica],
         *,
-        workers: int,
-        max_queue: int,
         on_full: Literal["wait", "raise"],
         move_inputs: bool,
-        batching: Batching | None = None,
-        threads: ThreadTeams | None = None,
     ) -> None:
         self.files = files
-        self.backend = backend
-        self.device = backend.device
+        self._replicas = list(replicas)
+        first = self._replicas[0]
+        container = first.container
+        self.backend = first.backend
+        self.device = first.device
+        #: the device of each replica
+        self.devices = [r.device for r in self._replicas]
         self.check_inputs = container.check_inputs
         self._container = container
+        self._dispatcher = first.dispatcher
+        self._batcher = first.batcher
         self._on_full_wait = on_full == "wait"
         self._move_inputs = move_inputs
         # The base backend's prepare is the identity unless inputs are moved: skip the call.
-        self._plain_inputs = type(backend).prepare is Backend.prepare and not move_inputs
+        self._plain_inputs = type(self.backend).prepare is Backend.prepare and not move_inputs
         self._lock = CrossLoopLock()
         spec = container.call_spec
         self.in_spec = pytree.treespec_loads(spec[0]) if spec and spec[0] else None
@@ -95,25 +94,9 @@ class AsyncModel:
         self._positional = self.in_spec is not None and self.in_spec == pytree.tree_structure(
             (tuple(range(n)), {}))
         self._single_out = self.out_spec is not None and self.out_spec == leaf
-        # Workers must not reference the model, so that dropping it can be detected.
-        self._batcher: BatchExecutor | None = None
-        executor: BatchExecutor | PlainExecutor
-        if batching is not None:
-            executor = self._batcher = BatchExecutor(
-                batching, container.signature, container.run_many)
-            options = RuntimeOptions(
-                workers=workers, max_queue=max_queue, max_batch_size=executor.max_rows,
-                max_delay_ms=0.0 if batching.on_loop else batching.max_delay_ms,
-                on_loop=batching.on_loop, name=f"aioti-{files.name}")
-        else:
-            executor = PlainExecutor(container, backend.run_chunk)
-            options = RuntimeOptions(workers=workers, max_queue=max_queue,
-                                     name=f"aioti-{files.name}")
-        self._dispatcher = Dispatcher(executor, backend, options, teams=threads,
-                                      on_stopped=container.delete)
-        self.workers = workers
+        self.workers = first.workers
         #: native (OpenMP) threads per run, alone and shared (None: the threads' defaults)
-        self.threads = threads
+        self.threads = first.threads
         self._closed = False
 
     # --- what the model is -------------------------------------------------------------------
@@ -257,28 +240,31 @@ class AsyncModel:
         if self._closed or self._dispatcher.closing:
             raise ClosedError(self._dispatcher.closed_reason)
 
-    async def _mutate(self, fn: Callable[[], T], *, exclusive: bool = False) -> T:
-        """Run a blocking constant operation in a thread, under the mutation lock; `exclusive`
-        also holds off runs (for operations the native container does not synchronize)."""
+    async def _mutate(self, fn: Callable[[Container], T], *, exclusive: bool = False) -> list[T]:
+        """Run a blocking constant operation on each replica's container in turn, in a thread,
+        under the mutation lock; `exclusive` also holds off runs (for operations the native
+        container does not synchronize). Returns each replica's result."""
         self._check_open()
 
-        def call() -> T:
-            if self._dispatcher.stopped:
+        def call(replica: Replica) -> T:
+            if replica.dispatcher.stopped:
                 raise ClosedError("the model is closed")
             if not exclusive:
-                return fn()
-            with self._dispatcher.exclusive():
-                return fn()
+                return fn(replica.container)
+            with replica.dispatcher.exclusive():
+                return fn(replica.container)
 
         async with self._lock:
-            return await _in_thread(call)
+            return [await _in_thread(functools.partial(call, r)) for r in self._replicas]
 
     async def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
                                 ) -> dict[str, torch.Tensor]:
         """Copies of the active (or inactive) buffer's constants, by internal name (or FQN)."""
-        return await self._mutate(
-            lambda: self._container.buffers.extract_constants(inactive=inactive, by_fqn=by_fqn)
-        )
+        self._check_open()
+        c = self._container  # every replica holds the same constants: read the first's
+        async with self._lock:
+            return await _in_thread(
+                lambda: c.buffers.extract_constants(inactive=inactive, by_fqn=by_fqn))
 
     async def update_constants(
         self,
@@ -293,7 +279,7 @@ class AsyncModel:
         runs in flight and holds new ones until it is done; the inactive one does not."""
         loaded = await self._read(mapping)
         await self._mutate(
-            lambda: self._container.buffers.update_constants(
+            lambda c: c.buffers.update_constants(
                 loaded, inactive=inactive, validate_full=validate_full,
                 user_managed=user_managed,
             ),
@@ -308,22 +294,22 @@ class AsyncModel:
     async def fold_constants(self, *, inactive: bool = False) -> None:
         """Run constant folding on the active (or inactive) buffer; `InputError` for an inactive
         buffer that holds no complete weight set (empty after loading and after a free)."""
-        await self._mutate(lambda: self._container.buffers.fold_constants(inactive=inactive))
+        await self._mutate(lambda c: c.buffers.fold_constants(inactive=inactive))
 
     async def swap_constants(self) -> None:
         """Make the inactive buffer active; runs that started before finish on the old one."""
-        await self._mutate(self._container.buffers.swap_constants)
+        await self._mutate(lambda c: c.buffers.swap_constants())
 
     async def free_inactive_constants(self) -> None:
         """Release the inactive buffer's memory (a later swap needs a new update first).
         `UnsupportedOperation` on a model with runtime constant folding whose inactive buffer
         holds folded constants: torch's container would crash on its next update."""
-        await self._mutate(self._container.buffers.free_inactive_constants)
+        await self._mutate(lambda c: c.buffers.free_inactive_constants())
 
     async def load_constants_from_blob(self, path: str | os.PathLike[str]) -> None:
         """Load the active buffer from a weights blob file (`*_weights.blob` format)."""
         data = await anyio.Path(path).read_bytes()
-        await self._mutate(lambda: self._container.buffers.load_constants_from_blob(data), exclusive=True)
+        await self._mutate(lambda c: c.buffers.load_constants_from_blob(data), exclusive=True)
 
     async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
                        fold: bool = True) -> None:
@@ -361,12 +347,14 @@ class AsyncModel:
     async def aclose(self, *, cancel_queued: bool = False) -> None:
         """Stop admission, finish (or with `cancel_queued`, fail) queued requests, join the
         workers, delete the native container. Idempotent."""
-        if self._closed and self._dispatcher.stopped:
+        if self._closed and all(r.dispatcher.stopped for r in self._replicas):
             return
         self._closed = True
-        self._dispatcher.shutdown(cancel_queued=cancel_queued)
+        for r in self._replicas:
+            r.dispatcher.shutdown(cancel_queued=cancel_queued)
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._dispatcher.join)
+            for r in self._replicas:
+                await anyio.to_thread.run_sync(r.dispatcher.join)
 
     async def __aenter__(self) -> AsyncModel:
         return self
@@ -384,122 +372,9 @@ class AsyncModel:
             f"aioti model {self.files.name!r} was not closed; use 'async with' or 'await "
             "model.aclose()'", ResourceWarning, stacklevel=2, source=self,
         )
-        self._dispatcher.shutdown()  # the last worker to exit deletes the container
+        for r in self._replicas:
+            r.dispatcher.shutdown()  # the last worker to exit deletes the container
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.workers} workers"
         return f"<AsyncModel {self.files.name!r} on {self.device}, {state}>"
-
-
-class ModelLoader(Coroutine[Any, Any, AsyncModel]):
-    """What `load` returns: `await` it for the model, or `async with` it to close on exit. It is
-    a coroutine too, so `asyncio.run(aioti.load(...))` and task factories take it."""
-
-    def __init__(self, opener: Callable[[], Coroutine[Any, Any, AsyncModel]]) -> None:
-        self._opener = opener
-        self._coro: Coroutine[Any, Any, AsyncModel] | None = None
-        self._model: AsyncModel | None = None
-
-    def _started(self) -> Coroutine[Any, Any, AsyncModel]:
-        if self._coro is None:
-            self._coro = self._opener()
-        return self._coro
-
-    def __await__(self) -> Generator[Any, None, AsyncModel]:
-        return self._started().__await__()
-
-    def send(self, value: Any) -> Any:
-        return self._started().send(value)
-
-    def throw(self, *args: Any) -> Any:
-        return self._started().throw(*args)
-
-    def close(self) -> None:
-        if self._coro is not None:
-            self._coro.close()
-
-    async def __aenter__(self) -> AsyncModel:
-        self._model = await self._opener()
-        return self._model
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._model is not None:
-            await self._model.aclose()
-
-
-def load(
-    path: str | os.PathLike[str],
-    *,
-    device: str | torch.device = "cpu",
-    model_name: str | None = None,
-    workers: int | None = None,
-    max_queue: int = 1024,
-    on_full: Literal["wait", "raise"] = "wait",
-    check_inputs: bool = True,
-    move_inputs: bool = False,
-    batching: Batching | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    threads: int | None = None,
-) -> ModelLoader:
-    """Load a `.pt2` package (or a bare model `.so`) for async use.
-
-    `device` picks the backend from the registry; `workers` the number of worker threads (one
-    execution stream each; default from the backend: 1 on CPU, 4 on CUDA); `max_queue` bounds
-    queued requests, and `on_full` says whether callers then wait or get `QueueFullError`;
-    `check_inputs=False` skips the per-input checks (counts are always checked);
-    `move_inputs=True` copies inputs to the model's device; `batching` takes an
-    `aioti.Batching` to merge concurrent requests; `threads` fixes how many native (OpenMP)
-    threads a run uses (default from the backend: on CPU, every core for a run alone, the cores
-    shared among busy workers, one for small models). All blocking work runs off the event loop,
-    except the batches of `Batching(on_loop=True)`, which run on it by request.
-    """
-    if on_full not in ("wait", "raise"):
-        raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-
-    async def opener() -> AsyncModel:
-        backend = await resolve_backend(device)
-        if workers is not None and workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        n = workers or backend.default_workers()
-        num_models = n if workers is not None else max(n, backend.max_auto_workers)
-        made: list[Any] = []
-        team = ThreadTeams(threads, threads) if threads is not None else None
-
-        def blocking() -> None:
-            nonlocal n, team
-            files = open_model(path, model_name, cache_dir=cache_dir)
-            made.append(files)
-            made.append(open_container(files, device=str(backend.device), num_models=num_models,
-                                       check_inputs=check_inputs))
-            weights = sum(c.nbytes for c in made[1].constants)
-            if workers is None and num_models > n:
-                n = backend.auto_workers(weights) or n
-            if team is None and (sizes := backend.worker_threads(weights, n)) is not None:
-                team = ThreadTeams(*sizes)
-            if batching is not None:
-                if batching.on_loop and backend.device.type != "cpu":
-                    raise InputError(
-                        "on-loop batching runs batches on the event loop's thread, which suits "
-                        f"CPU models only; this model is on {backend.device}")
-                c = made[1]
-                reason = probe_batch_dim(c.run_tensors, c.signature, backend.device, batching.dim)
-                if reason:
-                    raise InputError(f"this model cannot be batched: {reason}")
-
-        try:
-            await anyio.to_thread.run_sync(blocking)
-            return AsyncModel(made[0], made[1], backend, workers=n, max_queue=max_queue,
-                              on_full=on_full, move_inputs=move_inputs, batching=batching,
-                              threads=team)
-        except BaseException:
-            if len(made) == 2:
-                made[1].delete()
-            if made:
-                discard(made[0])
-            raise
-
-    return ModelLoader(opener)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 __all__ = ["Latencies"]
 
@@ -13,6 +13,14 @@ class Latencies:
 
     def __init__(self, size: int = 8192) -> None:
         self._samples: deque[float] = deque(maxlen=size)
+
+    @classmethod
+    def merged(cls, parts: Sequence[Latencies]) -> Latencies:
+        """The samples of several, together (for a total over replicas)."""
+        out = cls(sum(p._samples.maxlen or 0 for p in parts) or 1)
+        for p in parts:
+            out._samples.extend(list(p._samples))
+        return out
 
     def extend(self, values: Iterable[float]) -> None:
         self._samples.extend(values)

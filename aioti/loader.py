@@ -1,0 +1,179 @@
+"""`aioti.load(...)`: open a package on one device or several, off the event loop, and hand
+back the model (`AsyncModel`, or `ReplicaPool` for several devices) - awaited, or as an async
+context manager that closes it.
+
+The blocking work (extraction, dlopen, container creation, the batching probe) runs in a
+thread. A load that fails closes what it made and removes what it extracted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Coroutine, Generator, Sequence
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import torch
+
+from .backends.base import Backend
+from .backends.registry import resolve_backend
+from .core.container import Container, open_container
+from .core.package import ModelFiles, discard, open_model
+from .core.threads import ThreadTeams
+from .errors import InputError
+from .loops.parking import ParkingLot
+from .model import AsyncModel
+from .pool import ReplicaPool
+from .replica import Replica, devices
+from .runtime.batching import Batching, probe_batch_dim
+
+__all__ = ["ModelLoader", "load"]
+
+
+class ModelLoader(Coroutine[Any, Any, AsyncModel]):
+    """What `load` returns: `await` it for the model, or `async with` it to close on exit. It is
+    a coroutine too, so `asyncio.run(aioti.load(...))` and task factories take it."""
+
+    def __init__(self, opener: Callable[[], Coroutine[Any, Any, AsyncModel]]) -> None:
+        self._opener = opener
+        self._coro: Coroutine[Any, Any, AsyncModel] | None = None
+        self._model: AsyncModel | None = None
+
+    def _started(self) -> Coroutine[Any, Any, AsyncModel]:
+        if self._coro is None:
+            self._coro = self._opener()
+        return self._coro
+
+    def __await__(self) -> Generator[Any, None, AsyncModel]:
+        return self._started().__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._started().send(value)
+
+    def throw(self, *args: Any) -> Any:
+        return self._started().throw(*args)
+
+    def close(self) -> None:
+        if self._coro is not None:
+            self._coro.close()
+
+    async def __aenter__(self) -> AsyncModel:
+        self._model = await self._opener()
+        return self._model
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._model is not None:
+            await self._model.aclose()
+
+
+def load(
+    path: str | os.PathLike[str],
+    *,
+    device: str | torch.device | Sequence[str | torch.device] = "cpu",
+    model_name: str | None = None,
+    workers: int | None = None,
+    max_queue: int = 1024,
+    on_full: Literal["wait", "raise"] = "wait",
+    check_inputs: bool = True,
+    move_inputs: bool = False,
+    batching: Batching | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
+) -> ModelLoader:
+    """Load a `.pt2` package (or a bare model `.so`) for async use.
+
+    `device` picks the backend from the registry; a list of devices (or `"cuda:*"`, every
+    visible GPU) loads a replica on each, behind one model (`aioti.ReplicaPool`); `workers`
+    the number of worker threads per replica (one execution stream each; default from the
+    backend: 1 on CPU, 4 on CUDA); `max_queue` bounds each replica's queued requests, and
+    `on_full` says whether callers then wait or get `QueueFullError`; `check_inputs=False`
+    skips the per-input checks (counts are always checked); `move_inputs=True` copies inputs to
+    the model's device; `batching` takes an `aioti.Batching` to merge concurrent requests;
+    `threads` fixes how many native (OpenMP) threads a run uses (default from the backend: on
+    CPU, every core for a run alone, the cores shared among busy workers and among replicas on
+    the CPU, one for small models). All blocking work runs off the event loop, except the
+    batches of `Batching(on_loop=True)`, which run on it by request.
+    """
+    if on_full not in ("wait", "raise"):
+        raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    wanted = devices(device)
+
+    async def opener() -> AsyncModel:
+        backends = [await resolve_backend(d) for d in wanted]
+        pool = len(backends) > 1
+        files: ModelFiles | None = None
+        made: list[Container] = []
+        replicas: list[Replica] = []
+        router_box: list[Any] = []
+        room = ParkingLot() if pool else None
+
+        def fault(index: int) -> Callable[[BaseException], None]:
+            return lambda exc: router_box[0].fault(index, exc) if router_box else None
+
+        def blocking() -> None:
+            nonlocal files
+            files = open_model(path, model_name, cache_dir=cache_dir)
+            for i, backend in enumerate(backends):
+                n = workers or backend.default_workers()
+                num_models = n if workers is not None else max(n, backend.max_auto_workers)
+                container = open_container(files, device=str(backend.device),
+                                           num_models=num_models, check_inputs=check_inputs)
+                made.append(container)
+                weights = sum(c.nbytes for c in container.constants)
+                if workers is None and num_models > n:
+                    n = backend.auto_workers(weights) or n
+                sharing = sum(b.device == backend.device for b in backends)
+                team = _teams(backend, threads, weights, n, sharing)
+                if i == 0 and batching is not None:
+                    if batching.on_loop and backend.device.type != "cpu":
+                        raise InputError(
+                            "on-loop batching runs batches on the event loop's thread, which "
+                            f"suits CPU models only; this model is on {backend.device}")
+                    reason = probe_batch_dim(container.run_tensors, container.signature,
+                                             backend.device, batching.dim)
+                    if reason:
+                        raise InputError(f"this model cannot be batched: {reason}")
+                name = f"aioti-{files.name}" + (f"-{i}" if pool else "")
+                replicas.append(Replica.build(
+                    i, name, container, backend, workers=n, max_queue=max_queue,
+                    batching=batching, threads=team, room=room,
+                    on_fault=fault(i) if pool else None))
+
+        try:
+            await anyio.to_thread.run_sync(blocking)
+        except BaseException:
+            for r in replicas:
+                r.dispatcher.shutdown()  # its last worker deletes the container
+            for c in made[len(replicas):]:
+                c.delete()
+            if files is not None:
+                discard(files)
+            raise
+        assert files is not None
+        if not pool:
+            return AsyncModel(files, replicas, on_full=on_full, move_inputs=move_inputs)
+        model = ReplicaPool(files, replicas, on_full=on_full, move_inputs=move_inputs,
+                            room=room)  # type: ignore[arg-type]
+        router_box.append(model.router)
+        return model
+
+    return ModelLoader(opener)
+
+
+def _teams(backend: Backend, threads: int | None, weight_bytes: int, workers: int,
+           sharing: int) -> ThreadTeams | None:
+    """A replica's native team sizes: `threads` if given, else the backend's choice for its
+    workers, divided among the `sharing` replicas on the same device."""
+    if threads is not None:
+        return ThreadTeams(threads, threads)
+    sizes = backend.worker_threads(weight_bytes, workers)
+    if sizes is None:
+        return None
+    return ThreadTeams(*(max(1, n // sharing) for n in sizes))

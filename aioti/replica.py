@@ -1,0 +1,89 @@
+"""A replica: one device's copy of a model - its native container, backend, executor and
+runtime - as the facade builds it. A model has one replica per device it was loaded on.
+
+`devices(...)` reads what `aioti.load(device=...)` accepts: one device, a list of them, or
+`"cuda:*"` for every visible device of that type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .backends.base import Backend
+from .core.container import Container
+from .core.threads import ThreadTeams
+from .errors import BackendError
+from .loops.parking import ParkingLot
+from .runtime.batching import BatchExecutor, Batching
+from .runtime.dispatch import Dispatcher
+from .runtime.executor import PlainExecutor
+from .runtime.options import RuntimeOptions
+
+__all__ = ["Replica", "devices"]
+
+
+
+def devices(spec: str | torch.device | Sequence[str | torch.device]) -> list[str | torch.device]:
+    """The devices a `device=` argument names; `"TYPE:*"` expands to every visible device of
+    that type (`torch.TYPE.device_count()`)."""
+    if isinstance(spec, (str, torch.device)):
+        spec = [spec]
+    out: list[str | torch.device] = []
+    for d in spec:
+        if isinstance(d, str) and d.endswith(":*"):
+            kind = d[:-2]
+            module = getattr(torch, kind, None)
+            count = getattr(module, "device_count", None)
+            n = count() if callable(count) else 0
+            if not n:
+                raise BackendError(f"{d!r}: no {kind} device is visible here")
+            out += [f"{kind}:{i}" for i in range(n)]
+        else:
+            out.append(d)
+    if not out:
+        raise BackendError("device=[]: name at least one device")
+    return out
+
+
+@dataclass
+class Replica:
+    """One device's share of a model."""
+
+    index: int
+    container: Container
+    backend: Backend
+    dispatcher: Dispatcher
+    #: the batched executor (None: each request runs alone)
+    batcher: BatchExecutor | None
+    workers: int
+    #: native (OpenMP) threads per run, alone and shared (None: the threads' defaults)
+    threads: ThreadTeams | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.backend.device
+
+    @staticmethod
+    def build(index: int, name: str, container: Container, backend: Backend, *, workers: int,
+              max_queue: int, batching: Batching | None, threads: ThreadTeams | None,
+              room: ParkingLot | None = None,
+              on_fault: Callable[[BaseException], None] | None = None) -> Replica:
+        """Wire a replica's runtime: the executor (plain or batched), its options, and the
+        dispatcher, which deletes the container once its workers are gone."""
+        batcher = None
+        executor: BatchExecutor | PlainExecutor
+        if batching is not None:
+            executor = batcher = BatchExecutor(batching, container.signature, container.run_many)
+            options = RuntimeOptions(
+                workers=workers, max_queue=max_queue, max_batch_size=executor.max_rows,
+                max_delay_ms=0.0 if batching.on_loop else batching.max_delay_ms,
+                on_loop=batching.on_loop, name=name)
+        else:
+            executor = PlainExecutor(container, backend.run_chunk)
+            options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name)
+        dispatcher = Dispatcher(executor, backend, options, teams=threads,
+                                on_stopped=container.delete, on_fault=on_fault, room=room)
+        return Replica(index, container, backend, dispatcher, batcher, workers, threads)
