@@ -255,6 +255,9 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--models", default="small_mlp,mid_mlp")
     ap.add_argument("--cuda", action="store_true", help="the CUDA section only")
+    ap.add_argument("--devices", action="store_true",
+                    help="the multi-device section only (two GPUs)")
+    ap.add_argument("--workers", type=int, default=2, help="workers per GPU (--devices)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # child mode: one row as JSON
     args = ap.parse_args()
     if args.quick:
@@ -263,10 +266,15 @@ def main() -> int:
         model, config, conc = json.loads(args.row)
         print("ROW " + json.dumps(run_row(model, config, conc, args.duration, args.repeats)))
         return 0
-    if args.cuda:
-        from cuda_section import run_cuda
+    if args.cuda or args.devices:
+        if args.cuda:
+            from cuda_section import run_cuda
 
-        rows = run_cuda(args.duration, args.repeats)
+            rows = run_cuda(args.duration, args.repeats)
+        else:
+            from multi_device import run_devices
+
+            rows = run_devices(args.duration, args.repeats, args.workers)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return 0

@@ -1,0 +1,242 @@
+"""A replica pool on two CPU replicas (as CI runs it): outputs, routing, hot swaps across
+replicas, a staging failure, a failing replica, closing; the multi-GPU case skips with fewer
+than two GPUs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+import torch
+
+import aioti
+from aioti.backends.cpu import CpuBackend
+from aioti.testing import eager_model
+
+pytestmark = pytest.mark.anyio
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+class SlowCpuBackend(CpuBackend):
+    """The CPU, 2 ms slower per batch: a replica on it should get less of the load."""
+
+    def begin_batch(self, ctx, readies):
+        time.sleep(0.002)
+        return super().begin_batch(ctx, readies)
+
+
+class FlakyCpuBackend(CpuBackend):
+    """The CPU, but every batch fails (as a lost device would) while `broken` is set."""
+
+    broken = threading.Event()
+
+    def begin_batch(self, ctx, readies):
+        if self.broken.is_set():
+            raise RuntimeError("device lost")
+        return super().begin_batch(ctx, readies)
+
+
+@pytest.fixture
+def other_backend():
+    """Register a backend class for device type privateuseone (a CPU underneath)."""
+    def register(cls):
+        aioti.register_backend("privateuseone", cls, replace=True)
+    yield register
+    aioti.register_backend("privateuseone", CpuBackend, replace=True)
+
+
+async def call_all(model, xs, rounds=1, callers=64):
+    results = [None] * len(xs)
+
+    async def caller(k):
+        for _ in range(rounds):
+            for i in range(k, len(xs), callers):
+                results[i] = await model(xs[i])
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for k in range(callers):
+                tg.start_soon(caller, k)
+    return results
+
+
+@pytest.mark.parametrize("batching", [None, aioti.Batching(16, 1.0)], ids=["plain", "batched"])
+async def test_two_replicas_match_eager_and_both_serve(models, batching):
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 4, 64) for i in range(640)]
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"], batching=batching) as model:
+        assert isinstance(model, aioti.ReplicaPool) and len(model.replicas) == 2
+        results = await call_all(model, xs, rounds=2)
+        stats = model.stats()
+    with torch.no_grad():
+        assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
+    served = [r["completed"] for r in stats["replicas"]]
+    assert min(served) > 0 and stats["completed"] == sum(served) == 1280
+    assert stats["failed"] == 0 and all(r["healthy"] for r in stats["replicas"])
+
+
+async def test_a_slow_replica_gets_less(models, other_backend):
+    other_backend(SlowCpuBackend)
+    xs = [torch.randn(2, 64) for _ in range(64)]
+    async with aioti.load(models["small_mlp"], device=["cpu", "privateuseone:0"]) as model:
+        await call_all(model, xs, rounds=20)
+        fast, slow = (r["completed"] for r in model.stats()["replicas"])
+    assert slow > 0 and fast > 2 * slow
+
+
+async def test_hot_swap_under_load_is_never_torn_across_replicas(models):
+    a, b = eager_model("small_mlp"), eager_model("small_mlp")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-0.5)
+    x = torch.randn(2, 64)
+    refs = [a(x).detach(), b(x).detach()]
+    outs: list[torch.Tensor] = []
+    done = False
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+
+        async def caller():
+            while not done:
+                outs.append(await model(x))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(32):
+                tg.start_soon(caller)
+            for i in range(20):
+                await model.hot_swap((b if i % 2 == 0 else a).state_dict())
+                await anyio.sleep(0.001)
+            done = True
+        # 20 swaps: back on a's weights; every replica serves them now
+        after = await call_all(model, [x] * 64)
+        served = [r["completed"] for r in model.stats()["replicas"]]
+    torn = [o for o in outs if not any(torch.allclose(o, r, atol=1e-5) for r in refs)]
+    assert not torn and len(outs) > 100 and min(served) > 0
+    assert all(torch.allclose(o, refs[0], atol=1e-5) for o in after)
+
+
+async def test_a_staging_failure_on_one_replica_swaps_nothing(models):
+    a, b = eager_model("small_mlp"), eager_model("small_mlp")
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(1.0)
+    x = torch.randn(3, 64)
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+        second = model.replicas[1].container.buffers
+
+        def refuse(mapping):
+            raise aioti.InputError("no room for these weights")
+
+        second.stage_constants = refuse
+        with pytest.raises(aioti.InputError, match=r"replica 1 \(cpu\): no room.*no replica"):
+            await model.hot_swap(b.state_dict())
+        outs = await call_all(model, [x] * 64)
+        del second.stage_constants
+        await model.hot_swap(b.state_dict())  # works again
+        swapped = await call_all(model, [x] * 64)
+    with torch.no_grad():
+        assert all(torch.allclose(o, a(x), atol=1e-5) for o in outs)
+        assert all(torch.allclose(o, b(x), atol=1e-5) for o in swapped)
+
+
+async def test_a_failing_replica_is_taken_out_and_the_rest_serve(models, other_backend):
+    """While replica 1's device fails every batch, requests that had not started there go to
+    replica 0: every caller gets its outputs. check_health puts it back once it recovers."""
+    other_backend(FlakyCpuBackend)
+    FlakyCpuBackend.broken.set()
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 3, 64) for i in range(256)]
+    try:
+        async with aioti.load(models["small_mlp"], device=["cpu", "privateuseone:0"]) as model:
+            results = await call_all(model, xs)
+            stats = model.stats()
+            assert [r["healthy"] for r in stats["replicas"]] == [True, False]
+            assert "device lost" in stats["replicas"][1]["fault"]
+            assert await model.check_health() == [True, False]  # still broken
+            FlakyCpuBackend.broken.clear()
+            assert await model.check_health() == [True, True]
+            await call_all(model, xs, rounds=4)
+            after = model.stats()["replicas"]
+    finally:
+        FlakyCpuBackend.broken.clear()
+    with torch.no_grad():
+        assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
+    assert stats["failed"] == 0 and stats["completed"] == 256
+    assert after[1]["completed"] > 0  # back in routing
+
+
+async def test_close_with_work_in_flight(models):
+    x = torch.randn(64, 1024)
+    model = await aioti.load(models["mid_mlp"], device=["cpu", "cpu"])
+    # the cores are split between the replicas on the CPU
+    cores = torch.get_num_threads()
+    assert all(r.threads.alone == max(1, cores // 2) for r in model.replicas)
+    got = []
+
+    async def caller():
+        try:
+            got.append(await model(x))
+        except aioti.ClosedError:
+            got.append(None)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(32):
+            tg.start_soon(caller)
+        await anyio.sleep(0.01)
+        with anyio.fail_after(60):
+            await model.aclose()
+    assert len(got) == 32 and all(g is None or g.shape == (64, 1024) for g in got)
+    assert all(r.dispatcher.stopped for r in model.replicas)
+    with pytest.raises(aioti.ClosedError):
+        await model(x)
+
+
+async def test_backpressure_is_the_pools(models):
+    """Each replica holds 2 queued requests: a caller is refused only when both are full."""
+    x = torch.randn(256, 1024)
+    async with aioti.load(models["mid_mlp"], device=["cpu", "cpu"], workers=1, max_queue=2,
+                          on_full="raise") as model:
+        outcomes: list[str] = []
+
+        async def caller():
+            try:
+                await model(x)
+                outcomes.append("ok")
+            except aioti.QueueFullError as exc:
+                assert "every replica" in str(exc)
+                outcomes.append("full")
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(caller)
+    assert outcomes.count("ok") >= 4 and "full" in outcomes
+
+
+def test_device_lists():
+    from aioti.replica import devices
+
+    assert devices("cpu") == ["cpu"]
+    assert devices(["cpu", torch.device("cpu")]) == ["cpu", torch.device("cpu")]
+    if torch.cuda.device_count() == 0:
+        with pytest.raises(aioti.BackendError, match="no cuda device is visible"):
+            devices("cuda:*")
+    with pytest.raises(aioti.BackendError, match="at least one"):
+        devices([])
+
+
+@two_gpus
+async def test_two_gpus_match_eager(models):
+    from aioti.testing import compile_model
+
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    xs = [torch.randn(1 + i % 4, 1024, device=f"cuda:{i % 2}") for i in range(256)]
+    async with aioti.load(path, device="cuda:*") as model:
+        results = await call_all(model, xs, rounds=2)
+        stats = model.stats()
+    with torch.no_grad():
+        for r, x in zip(results, xs):
+            assert r.device == x.device  # inputs on a device ran on that device's replica
+            assert torch.allclose(r, eager(x.to("cuda:0")).to(x.device), atol=1e-3)
+    assert all(r["completed"] > 0 for r in stats["replicas"])
