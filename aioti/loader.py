@@ -121,7 +121,10 @@ def load(
             nonlocal files
             files = open_model(path, model_name, cache_dir=cache_dir)
             for i, backend in enumerate(backends):
-                n = workers or backend.default_workers()
+                # A pool keeps about one replica's worker threads in all: every worker takes
+                # the GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs
+                # with four workers each ran at a sixth of one GPU's rate).
+                n = workers or max(1, backend.default_workers() // len(backends))
                 num_models = n if workers is not None else max(n, backend.max_auto_workers)
                 container = open_container(files, device=str(backend.device),
                                            num_models=num_models, check_inputs=check_inputs)

@@ -20,12 +20,27 @@ from aioti.harness import measure
 from aioti.testing import compile_model, eager_model
 
 
+class Spread:
+    """Requests whose inputs alternate between copies on each device, as a service's would
+    arrive from callers on both (inputs on a device go to that device's replica)."""
+
+    def __init__(self, model: Any, xs: list[torch.Tensor]) -> None:
+        self.model, self.xs, self.i = model, xs, 0
+
+    def run(self, inputs: list[torch.Tensor]) -> Any:
+        self.i += 1
+        return self.model.run([self.xs[self.i % len(self.xs)]])
+
+
 def pool_rate(path: Any, devices: list[str], x: torch.Tensor, tasks: int, duration: float,
               workers: int, batching: aioti.Batching | None) -> dict[str, Any]:
+    xs = [x.to(d) for d in devices]
+
     async def go() -> dict[str, Any]:
         async with aioti.load(path, device=devices, workers=workers, batching=batching) as model:
-            await model.run([x])
-            row = await measure(model, [x], tasks, duration)
+            for y in xs:
+                await model.run([y])
+            row = await measure(Spread(model, xs), [x], tasks, duration)
             stats = model.stats()
             row["per_replica"] = [r["completed"] for r in stats.get("replicas", [stats])]
             return row
@@ -42,17 +57,18 @@ def hot_swap_under_load(path: Any, devices: list[str], duration: float) -> dict[
     x = torch.randn(4, 1024, device="cuda:0")
     with torch.no_grad():
         refs = [a(x), b(x)]
+    xs = [x, x.to("cuda:1")]
     sets = [a.state_dict(), b.state_dict()]
-    counts = {"requests": 0, "torn": 0, "failed": 0, "swaps": 0}
+    counts = {"requests": 0, "torn": 0, "failed": 0, "swaps": 0, "per_replica": []}
 
     async def go() -> None:
         async with aioti.load(path, device=devices) as model:
             stop = False
 
-            async def caller() -> None:
+            async def caller(k: int) -> None:
                 while not stop:
                     try:
-                        out = await model(x)
+                        out = await model(xs[k % 2])
                     except Exception:
                         counts["failed"] += 1
                         continue
@@ -61,13 +77,14 @@ def hot_swap_under_load(path: Any, devices: list[str], duration: float) -> dict[
                         counts["torn"] += 1
 
             async with anyio.create_task_group() as tg:
-                for _ in range(128):
-                    tg.start_soon(caller)
+                for k in range(128):
+                    tg.start_soon(caller, k)
                 end = anyio.current_time() + duration
                 while anyio.current_time() < end:
                     await model.hot_swap(sets[(counts["swaps"] + 1) % 2])
                     counts["swaps"] += 1
                 stop = True
+            counts["per_replica"] = [r["completed"] for r in model.stats()["replicas"]]
 
     anyio.run(go)
     return {"config": "hot swap under load, two GPUs", **counts}

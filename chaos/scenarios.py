@@ -413,11 +413,11 @@ def several_loops(mode: str) -> Figures:
 EXIT_CHILD = """
 import sys, threading, time, random, anyio, torch, aioti
 from aioti.testing import compile_model, eager_model
-sets = [eager_model("small_mlp").state_dict(), {k: v * -0.5 for k, v in
-        eager_model("small_mlp").state_dict().items()}]
+sets = [eager_model("mid_mlp").state_dict(), {k: v * -0.5 for k, v in
+        eager_model("mid_mlp").state_dict().items()}]
 ready = threading.Event()
 async def main():
-    model = await aioti.load(compile_model("small_mlp"))
+    model = await aioti.load(compile_model("mid_mlp"))
     ready.set()
     i = 0
     while True:
@@ -426,7 +426,7 @@ async def main():
 threading.Thread(target=anyio.run, args=(main,), kwargs={"backend": sys.argv[1]},
                  daemon=True).start()
 ready.wait(60)
-time.sleep(random.random() * 0.05)
+time.sleep(random.random() * 0.1)
 """
 
 
