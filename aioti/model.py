@@ -158,6 +158,13 @@ class AsyncModel:
             out["batching"] = self._batcher.stats()
         return out
 
+    def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:
+        """Call `fn(latencies, queue_waits)` (seconds) for each batch of requests delivered,
+        on the loop they are delivered to: each request's time from its call to its result, and
+        from its call to the start of its batch (for metrics; keep `fn` quick)."""
+        for r in self._replicas:
+            r.dispatcher.delivery.observers.append(fn)
+
     # --- runs --------------------------------------------------------------------------------
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:

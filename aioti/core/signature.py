@@ -153,11 +153,12 @@ class Signature:
         try:
             if len(tensors) == 1:
                 t = tensors[0]
-                key: tuple[Any, ...] | None = (t.dtype, t.shape, t.stride(), t.device,  # type: ignore[attr-defined]
-                                               t.is_neg(), t.is_conj())  # type: ignore[attr-defined]
+                key: tuple[Any, ...] | None = (  # only a complex tensor can be conjugated
+                    t.dtype, t.shape, t.stride(), t.device, t.is_neg(),  # type: ignore[attr-defined]
+                    t.dtype.is_complex and t.is_conj())  # type: ignore[attr-defined]
             else:
-                key = tuple([(t.dtype, t.shape, t.stride(), t.device, t.is_neg(), t.is_conj())  # type: ignore[attr-defined]
-                             for t in tensors])
+                key = tuple([(t.dtype, t.shape, t.stride(), t.device, t.is_neg(),  # type: ignore[attr-defined]
+                              t.dtype.is_complex and t.is_conj()) for t in tensors])  # type: ignore[attr-defined]
         except (AttributeError, TypeError, RuntimeError):  # not tensors; sparse, nested: checked
             key = None
         if key is not None and (layout := self._accepted.get(key)) is not None:

@@ -9,6 +9,7 @@ Settling skips waiters whose task stopped waiting; a loop that has closed drops 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..loops import Loop
@@ -24,6 +25,8 @@ class Delivery:
         self._queue = queue
         #: from each request's creation to its delivery on its loop
         self.latency = Latencies()
+        #: called on the loop with each delivered batch's (latencies, queue waits) in seconds
+        self.observers: list[Callable[[list[float], list[float]], object]] = []
 
     def complete(self, batch: list[Request], here: Loop | None = None) -> None:
         """A taken batch's outcomes are set (or it failed): count it over, then deliver."""
@@ -74,4 +77,7 @@ class Delivery:
         """On the requests' loop (one loop per call)."""
         reqs[0].loop.settle_all(reqs)
         now = time.perf_counter()
-        self.latency.extend([now - req.t0 for req in reqs])
+        latencies = [now - req.t0 for req in reqs]
+        self.latency.extend(latencies)
+        for observe in self.observers:
+            observe(latencies, [req.began - req.t0 for req in reqs if req.began])

@@ -45,6 +45,8 @@ class Dispatcher:
         runner = BatchRunner(queue, self.delivery, executor, backend, teams, on_fault)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
+        if self._on_loop is None:
+            self.try_submit = queue.try_put  # type: ignore[method-assign]  # a call less
         lifecycle.track(self)
         self._workers = Workers(queue, runner, backend, options, self._stopped)
 

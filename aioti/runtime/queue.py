@@ -154,6 +154,7 @@ class RequestQueue:
         leaves out any whose caller left (its waiter is done: cancelled, its task not resumed
         yet), and all once closing with `cancel_queued` (they get `ClosedError`)."""
         live: list[Request] = []
+        now = time.perf_counter()
         with self._lock:
             if self._drop_queued:
                 for req in reqs:
@@ -167,6 +168,7 @@ class RequestQueue:
                         self.cancelled += 1
                         continue
                     req.state = RUNNING
+                    req.began = now
                     live.append(req)
         return live
 

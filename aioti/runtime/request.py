@@ -21,8 +21,8 @@ QUEUED, RUNNING, DONE, CANCELLED = range(4)
 class Request:
     """Inputs in; an outcome (`result` or `error`) out, delivered to `waiter` on `loop`."""
 
-    __slots__ = ("inputs", "ready", "loop", "waiter", "state", "result", "error", "t0", "key",
-                 "rows")
+    __slots__ = ("inputs", "ready", "loop", "waiter", "state", "result", "error", "t0", "began",
+                 "key", "rows")
 
     def __init__(self, inputs: list[Any], ready: Any, loop: Loop) -> None:
         #: the flat inputs, checked (released once the request has run)
@@ -35,6 +35,8 @@ class Request:
         self.result: Any = None
         self.error: BaseException | None = None
         self.t0 = time.perf_counter()
+        #: when its batch began (`time.perf_counter()`; 0.0 until then)
+        self.began = 0.0
         #: with batching: the group whose requests may run merged (None: every request alone)
         self.key: Hashable = None
         #: what the request counts toward a full batch: its rows with batching, else 1
