@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# Keep a torch the user already has in the venv; otherwise the pinned CPU build.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[test,cli]'
+	$(PY) -m pip install -q -e '.[test,cli,serve]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -16,12 +16,22 @@ from . import harness
 __all__ = ["main"]
 
 
+def _devices(text: str) -> str | list[str]:
+    """`--device`: one device, or several separated by commas (a replica pool); `cuda:*` too."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _info(args: argparse.Namespace) -> int:
     from .core import list_models, open_container, open_model, runmany
+    from .replica import devices
 
     names = list_models(args.path) if args.path.suffix != ".so" else [args.path.stem]
     files = open_model(args.path, args.model_name)
-    c = open_container(files)
+    where = [str(d) for d in devices(args.device)]
+    for d in where[1:]:  # each further device: the model must load there too
+        open_container(files, device=d).delete()
+    c = open_container(files, device=where[0])
     try:
         info: dict[str, Any] = {
             "package": str(args.path), "models": names, "model": files.name,
@@ -36,6 +46,7 @@ def _info(args: argparse.Namespace) -> int:
             "built_by": "torch >= 2.13 (full ABI)" if not c.library.missing else
                         "an older torch (e.g. 2.11): some functions are missing",
             "run_loop": runmany.status(),
+            "loaded_on": where,
         }
     finally:
         c.delete()
@@ -53,6 +64,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"ABI      {len(info['abi_present'])} functions; missing: "
           f"{', '.join(info['abi_missing']) or 'none'}")
     print(f"runs     {'a chunk per native call' if info['run_loop'] == 'native' else info['run_loop']}")
+    print(f"loads on {', '.join(where)}")
     return 0
 
 
@@ -125,8 +137,13 @@ def _bench(args: argparse.Namespace) -> int:
             await model.run(inputs)
             row = await harness.measure(model, inputs, args.concurrency, args.duration, progress=True)
             row["rows"] = args.rows
+            stats = model.stats()
             if batching is not None:
-                row["batch_rows"] = model.stats()["batching"]["batch_rows"]
+                row["batch_rows"] = (stats.get("batching") or stats["replicas"][0]["batching"]
+                                     )["batch_rows"]
+            if "replicas" in stats:
+                row["per_replica"] = {r["device"] + f" #{i}": r["completed"]
+                                      for i, r in enumerate(stats["replicas"])}
             return row
 
     row = anyio.run(go, backend=args.backend)
@@ -134,6 +151,8 @@ def _bench(args: argparse.Namespace) -> int:
            ["rows", "req/s", "p50 ms", "p90 ms", "p99 ms", "loop lag p99 ms", "errors"],
            [[args.rows, row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["loop_lag_p99_ms"], row["errors"]]])
+    if "per_replica" in row:
+        print("requests per replica: " + ", ".join(f"{k}: {v}" for k, v in row["per_replica"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(row, indent=2))
     return 0
@@ -189,6 +208,41 @@ def _with_status(message: str, fn: Any) -> Any:
         return fn()
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serving import app
+    except ImportError as exc:
+        print(f"aioti serve needs the serve extra (pip install 'aioti[serve]'): {exc}",
+              file=sys.stderr)
+        return 2
+    from . import Batching
+
+    names = list(args.name or [])
+    if len(names) > len(args.paths):
+        print("aioti serve: more --name than models", file=sys.stderr)
+        return 2
+    names += [p.stem for p in args.paths[len(names):]]
+    if len(set(names)) != len(names):
+        print(f"aioti serve: model names must differ, got {names} (use --name)", file=sys.stderr)
+        return 2
+    batching = Batching(max_batch_size=args.batching) if args.batching else None
+    server = app(dict(zip(names, args.paths)), device=args.device, batching=batching,
+                 workers=args.workers, max_queue=args.max_queue)
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    print(f"aioti {len(names)} model(s) on {args.device}; OIP at http://{args.host}:{args.port}/v2"
+          f", metrics at /metrics ({loop})", file=sys.stderr, flush=True)
+    uvicorn.run(server, host=args.host, port=args.port, loop=loop, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="aioti", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -196,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="what a compiled model expects and exports")
     p.add_argument("path", type=Path)
     p.add_argument("--model-name")
+    p.add_argument("--device", type=_devices, default="cpu",
+                   help="where to open it: a device, or several separated by commas")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_info)
     p = sub.add_parser("run", help="one run on inputs saved with torch.save")
@@ -209,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=_run)
     p = sub.add_parser("bench", help="load from N concurrent tasks with random inputs")
     p.add_argument("path", type=Path)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_devices, default="cpu",
+                   help="a device, or several separated by commas (a replica pool), or cuda:*")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
@@ -221,6 +278,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="run batches on the event loop's thread (Batching(on_loop=True))")
     p.add_argument("--json", type=Path)
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("serve", help="serve packages over the Open Inference Protocol (HTTP)")
+    p.add_argument("paths", type=Path, nargs="+", metavar="MODEL.pt2")
+    p.add_argument("--name", action="append",
+                   help="the name of a model, in order (default: its file's stem)")
+    p.add_argument("--device", type=_devices, default="cpu",
+                   help="a device, or several separated by commas (a replica pool), or cuda:*")
+    p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--max-queue", type=int, default=1024,
+                   help="requests waiting per model before 503 (default 1024)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--drain", type=float, default=30.0,
+                   help="seconds to finish requests in flight on SIGTERM/SIGINT (default 30)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(fn=_serve)
     p = sub.add_parser("demo", help="compile the demo model once and compare with to_thread")
     p.add_argument("--duration", type=float, default=2.0)
     p.set_defaults(fn=_demo)

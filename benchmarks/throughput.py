@@ -258,6 +258,8 @@ def main() -> int:
     ap.add_argument("--devices", action="store_true",
                     help="the multi-device section only (two GPUs)")
     ap.add_argument("--workers", type=int, default=2, help="workers per GPU (--devices)")
+    ap.add_argument("--serving", action="store_true",
+                    help="the serving section only (aioti serve over HTTP; LitServe if installed)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # child mode: one row as JSON
     args = ap.parse_args()
     if args.quick:
@@ -266,8 +268,12 @@ def main() -> int:
         model, config, conc = json.loads(args.row)
         print("ROW " + json.dumps(run_row(model, config, conc, args.duration, args.repeats)))
         return 0
-    if args.cuda or args.devices:
-        if args.cuda:
+    if args.cuda or args.devices or args.serving:
+        if args.serving:
+            from serving import run_serving
+
+            rows = run_serving(args.duration)
+        elif args.cuda:
             from cuda_section import run_cuda
 
             rows = run_cuda(args.duration, args.repeats)

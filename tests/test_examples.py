@@ -170,3 +170,10 @@ def test_cli(models, tmp_path):
     assert row["errors"] == 0 and row["rows"] == 1
     assert row["batch_rows"] and all(1 <= int(n) <= 16 for n in row["batch_rows"])
     assert "needs --batching" in cli("bench", str(models["small_mlp"]), "--on-loop").stderr
+    pool = cli("bench", str(models["small_mlp"]), "--device", "cpu,cpu", "--duration", "0.5",
+               "--concurrency", "16", "--json", str(tmp_path / "d.json"))
+    assert pool.returncode == 0, pool.stderr
+    per = json.loads((tmp_path / "d.json").read_text())["per_replica"]
+    assert len(per) == 2 and all(n > 0 for n in per.values())
+    both = cli("info", str(models["small_mlp"]), "--device", "cpu,cpu", "--json")
+    assert json.loads(both.stdout)["loaded_on"] == ["cpu", "cpu"]

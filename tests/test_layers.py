@@ -12,7 +12,7 @@ import aioti
 ROOT = Path(aioti.__file__).parent
 
 #: layer of each module by its dotted name's first part below `aioti`; the facade is the rest
-LAYERS = {"errors": 0, "core": 1, "loops": 1, "backends": 2, "runtime": 3}
+LAYERS = {"errors": 0, "core": 1, "loops": 1, "backends": 2, "runtime": 3}  # serving: facade
 FACADE = 4
 
 

@@ -1,0 +1,395 @@
+"""The Open Inference Protocol (KServe v2) over HTTP, as an ASGI app: `aioti.serving.app(...)`.
+
+Run it by itself (`aioti serve MODEL.pt2`, uvicorn) or mount it in another ASGI app (a Ray
+Serve ingress). Endpoints, as the KServe v2 REST specification and Triton's extensions define
+them (all bodies JSON; errors are `{"error": "..."}`):
+
+- `GET /v2/health/live`, `GET /v2/health/ready`, `GET /v2` (server metadata);
+- `GET /v2/models/{name}[/versions/{v}]` (metadata), `.../ready`, `POST .../infer`, with
+  JSON tensors and Triton's binary tensor data extension (`Inference-Header-Content-Length`);
+- the model repository extension: `POST /v2/repository/index`,
+  `POST /v2/repository/models/{name}/load` (a new package with `{"parameters": {"path": P}}`),
+  `POST /v2/repository/models/{name}/unload`: a model is loaded or replaced without a restart,
+  and requests already in flight on the old one finish;
+- aioti's own `POST /v2/models/{name}/weights` (`{"path": P}`: a weights file on the server),
+  a hot swap that never drops a request;
+- `GET /metrics` (Prometheus text).
+
+Status codes: 400 for a bad request (the `InputError` text), 404 for an unknown model, 413 for a
+body over `max_body_bytes`, 503 with `Retry-After` when the model's queue is full (or it is
+closing), 500 for a failed run. A client that disconnects cancels its request: if still queued,
+it never runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import AiotiError, ClosedError, InputError, ModelLoadError, QueueFullError
+from ..loader import load
+from ..model import AsyncModel
+from ..runtime.batching import Batching
+from .metrics import Metrics
+from .protocol import (
+    HEADER_LENGTH,
+    BadRequest,
+    datatype,
+    decode_request,
+    encode_response,
+    input_names,
+    output_names,
+)
+
+__all__ = ["ModelRepository", "app"]
+
+VERSION = "1"
+
+
+@dataclass
+class Served:
+    """One model of the repository: where its package is, and the model once loaded."""
+
+    name: str
+    path: Path
+    model: AsyncModel | None = None
+    state: str = "UNAVAILABLE"
+    reason: str = ""
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelRepository:
+    """The models a server serves, by name. `load` opens (or replaces) one, `unload` closes
+    it; a replaced or unloaded model finishes the requests it has before it closes."""
+
+    def __init__(self, packages: Mapping[str, str | os.PathLike[str]], *,
+                 load_options: Mapping[str, Any], metrics: Metrics,
+                 log: Callable[[str], None]) -> None:
+        self.entries = {name: Served(name, Path(p)) for name, p in packages.items()}
+        self._options = dict(load_options)
+        self._metrics = metrics
+        self._log = log
+        self._lock = anyio.Lock()
+        self._closing: set[anyio.abc.TaskGroup] = set()
+
+    def models(self) -> dict[str, AsyncModel]:
+        return {n: e.model for n, e in self.entries.items() if e.model is not None}
+
+    def get(self, name: str) -> Served:
+        entry = self.entries.get(name)
+        if entry is None or entry.model is None:
+            raise _NotFound(name)
+        return entry
+
+    async def load(self, name: str, path: str | os.PathLike[str] | None = None) -> None:
+        async with self._lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                if path is None:
+                    raise _NotFound(name)
+                entry = self.entries[name] = Served(name, Path(path))
+            target = Path(path) if path is not None else entry.path
+            self._log(f"loading {name} from {target} ...")
+            try:
+                model = await load(target, **self._options)
+                names = (input_names(model.in_spec, len(model.signature.inputs)),
+                         output_names(model.out_spec, len(model.output_names)))
+                meta = await _metadata(name, model, *names)
+            except BaseException as exc:
+                if entry.model is None:
+                    entry.state, entry.reason = "UNAVAILABLE", str(exc)
+                if isinstance(exc, Exception):
+                    self._log(f"{name}: not loaded: {exc}")
+                raise
+            model.observe(self._metrics.observer(name))
+            old = entry.model
+            entry.path, entry.model, entry.state, entry.reason = target, model, "READY", ""
+            entry.inputs, entry.outputs, entry.metadata = names[0], names[1], meta
+            self._log(_describe(meta))
+            if old is not None:
+                await old.aclose()  # its requests in flight finish first
+
+    async def unload(self, name: str) -> None:
+        async with self._lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                raise _NotFound(name)
+            model, entry.model = entry.model, None
+            entry.state, entry.reason = "UNAVAILABLE", "unloaded"
+        if model is not None:
+            await model.aclose()
+
+    async def aclose(self) -> None:
+        for name in list(self.entries):
+            await self.unload(name)
+
+
+class _NotFound(AiotiError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unknown model {name!r} (not in the repository, or not loaded)")
+
+
+async def _metadata(name: str, model: AsyncModel, ins: list[str], outs: list[str]
+                    ) -> dict[str, Any]:
+    """The model's metadata: inputs from its signature (-1 for dynamic dims); outputs from two
+    example runs (a dim that differs between them is dynamic)."""
+    inputs = []
+    for n, spec in zip(ins, model.signature.inputs):
+        shape = [-1 if not isinstance(s, int) else s for s in (spec.sizes or ())]
+        inputs.append({"name": n, "datatype": datatype(spec.dtype), "shape": shape})
+    outputs = [{"name": n, "datatype": "UNKNOWN", "shape": []} for n in outs]
+    try:
+        runs = [await model.run(model.signature.example(model.device, rows=r)) for r in (2, 3)]
+    except (InputError, RuntimeError, AiotiError):
+        runs = []
+    if runs:
+        outputs = [{"name": n, "datatype": datatype(a.dtype),
+                    "shape": [s if s == t else -1 for s, t in zip(a.shape, b.shape)]}
+                   for n, a, b in zip(outs, *runs)]
+    return {"name": name, "versions": [VERSION], "platform": "aioti_pt2",
+            "inputs": inputs, "outputs": outputs}
+
+
+def _describe(meta: dict[str, Any]) -> str:
+    def side(items: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{i['name']}: {i['datatype']}{i['shape']}" for i in items)
+
+    return f"{meta['name']} ready - inputs {side(meta['inputs'])} -> outputs {side(meta['outputs'])}"
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes (as it arrives, not after)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _TooLarge(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _TooLarge(Exception):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"the request body has {size} bytes or more; this server takes at most "
+                         f"{limit} (max_body_bytes)")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def app(
+    models: Mapping[str, str | os.PathLike[str]] | Sequence[str | os.PathLike[str]],
+    *,
+    device: str | torch.device | Sequence[str | torch.device] = "cpu",
+    batching: Batching | None = None,
+    workers: int | None = None,
+    max_queue: int = 1024,
+    max_body_bytes: int = 64 << 20,
+    log: Callable[[str], None] | None = None,
+) -> Starlette:
+    """The Open Inference Protocol app over `models` (name -> package path, or paths named by
+    their file's stem). Models load when the app starts (its lifespan) and close, draining
+    their requests, when it stops. `device`, `batching`, `workers` and `max_queue` are
+    `aioti.load`'s; a full queue answers 503."""
+    packages = (dict(models) if isinstance(models, Mapping)
+                else {Path(p).stem: p for p in models})
+    say = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    repo_box: list[ModelRepository] = []
+    metrics = Metrics(lambda: repo_box[0].models() if repo_box else {})
+    repo = ModelRepository(packages, metrics=metrics, log=say, load_options={
+        "device": device, "batching": batching, "workers": workers, "max_queue": max_queue,
+        "on_full": "raise"})
+    repo_box.append(repo)
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        for name in list(repo.entries):
+            await repo.load(name)
+        try:
+            yield
+        finally:
+            say("closing: finishing the requests in flight")
+            with anyio.CancelScope(shield=True):
+                await repo.aclose()
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        ok = all(e.model is not None for e in repo.entries.values())
+        return Response(status_code=200 if ok else 400)
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "aioti", "version": __version__,
+                             "extensions": ["binary_tensor_data", "model_repository"]})
+
+    async def model_metadata(request: Request) -> Response:
+        try:
+            entry = repo.get(request.path_params["name"])
+        except _NotFound as exc:
+            return _error(404, str(exc))
+        return JSONResponse(entry.metadata)
+
+    async def model_ready(request: Request) -> Response:
+        entry = repo.entries.get(request.path_params["name"])
+        if entry is None:
+            return _error(404, str(_NotFound(request.path_params["name"])))
+        return Response(status_code=200 if entry.model is not None else 400)
+
+    async def infer(request: Request) -> Response:
+        name = request.path_params["name"]
+        t0 = anyio.current_time()
+        outcome = "error"
+        try:
+            entry = repo.get(name)
+            model = entry.model
+            assert model is not None
+            body = await _body(request, max_body_bytes)
+            header = request.headers.get(HEADER_LENGTH)
+            if header is not None and not header.isdigit():
+                raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {header!r}")
+            decoded = decode_request(body, int(header) if header else None, entry.inputs)
+            del body
+            result: list[list[torch.Tensor]] = []
+            async with anyio.create_task_group() as tg:
+                async def run() -> None:
+                    result.append(await model.run(decoded.inputs))
+                    tg.cancel_scope.cancel()
+
+                async def watch() -> None:
+                    await _until_disconnected(request)
+                    tg.cancel_scope.cancel()  # the client left: so does its request
+
+                tg.start_soon(run)
+                tg.start_soon(watch)
+            if not result:
+                outcome = "cancelled"
+                return Response(status_code=499)
+            payload, head = encode_response(name, VERSION, decoded, entry.outputs, result[0])
+            outcome = "ok"
+            if head is None:
+                return Response(payload, media_type="application/json")
+            return Response(payload, media_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(head)})
+        except _NotFound as exc:
+            outcome = "not_found"
+            return _error(404, str(exc))
+        except _TooLarge as exc:
+            outcome = "bad_request"
+            return _error(413, str(exc))
+        except InputError as exc:
+            outcome = "bad_request"
+            return _error(400, str(exc))
+        except QueueFullError as exc:
+            outcome = "queue_full"
+            return _error(503, str(exc), **{"Retry-After": "1"})
+        except ClosedError as exc:
+            outcome = "unavailable"
+            return _error(503, f"model {name!r} is closing: {exc}", **{"Retry-After": "1"})
+        except Exception as exc:  # noqa: BLE001 - a failed run answers 500, the server goes on
+            return _error(500, f"{type(exc).__name__}: {exc}")
+        finally:
+            if name in repo.entries:
+                metrics.requests.labels(name, outcome).inc()
+                metrics.duration.labels(name).observe(anyio.current_time() - t0)
+
+    async def repository_index(request: Request) -> Response:
+        return JSONResponse([{"name": e.name, "version": VERSION, "state": e.state,
+                              "reason": e.reason} for e in repo.entries.values()])
+
+    async def repository_load(request: Request) -> Response:
+        name = request.path_params["name"]
+        path = None
+        body = await request.body()
+        if body:
+            try:
+                params = (await request.json()).get("parameters") or {}
+            except (ValueError, AttributeError):
+                return _error(400, "the load request body must be JSON")
+            unknown = set(params) - {"path"}
+            if unknown:
+                return _error(400, f"unsupported load parameters {sorted(unknown)}: aioti loads "
+                              "a package from the server's disk ({'path': ...})")
+            path = params.get("path")
+        try:
+            await repo.load(name, path)
+        except _NotFound as exc:
+            return _error(404, str(exc))
+        except (ModelLoadError, InputError, OSError) as exc:
+            return _error(400, f"cannot load {name!r}: {exc}")
+        return Response(status_code=200)
+
+    async def repository_unload(request: Request) -> Response:
+        try:
+            await repo.unload(request.path_params["name"])
+        except _NotFound as exc:
+            return _error(404, str(exc))
+        return Response(status_code=200)
+
+    async def weights(request: Request) -> Response:
+        name = request.path_params["name"]
+        try:
+            entry = repo.get(name)
+            body = await request.json()
+            path = body.get("path") if isinstance(body, dict) else None
+            if not isinstance(path, str):
+                raise BadRequest("the body must be {\"path\": \"<a weights file on the server>\"}")
+            assert entry.model is not None
+            await entry.model.hot_swap(path)
+        except _NotFound as exc:
+            return _error(404, str(exc))
+        except (InputError, OSError, ValueError) as exc:
+            metrics.hot_swaps.labels(name, "failed").inc()
+            return _error(400, f"hot swap of {name!r} failed, the old weights serve on: {exc}")
+        metrics.hot_swaps.labels(name, "ok").inc()
+        return JSONResponse({"model_name": name, "swapped": True})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = [
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+        Route("/v2", server_metadata),
+        Route("/v2/models/{name}", model_metadata),
+        Route("/v2/models/{name}/versions/{version}", model_metadata),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/weights", weights, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),
+        Route("/metrics", prometheus),
+    ]
+    server = Starlette(routes=routes, lifespan=lifespan)
+    server.state.repository = repo
+    server.state.metrics = metrics
+    return server

@@ -1,0 +1,159 @@
+"""The serving section (`throughput.py --serving`): requests/s and p50/p99 over HTTP on
+loopback at concurrency 1/16/64, for the small and mid MLP (batch 8 rows each):
+
+- `aioti serve` (the Open Inference Protocol, JSON), dynamic batching on;
+- the peer: LitServe with its batching (`max_batch_size=64`, `batch_timeout` 2 ms) over torch's
+  own loader (`aoti_load_package`), as a LitServe user writes it; skipped, and said so, where
+  `litserve` is not installed (it is not one of aioti's dependencies: `pip install litserve`);
+- aioti in-process (`AsyncModel.run` from as many tasks), the floor that HTTP adds to.
+
+The same client drives both servers: an httpx.AsyncClient with as many tasks, each request's
+JSON body prepared once. Each server runs in a child process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import torch
+
+import aioti
+from aioti.harness import measure, percentile
+from aioti.testing import compile_model
+
+LITSERVE = """
+import sys, torch, litserve as ls
+path, port = sys.argv[1], int(sys.argv[2])
+class API(ls.LitAPI):
+    def setup(self, device):
+        torch.set_num_threads(1)
+        self.model = torch._inductor.aoti_load_package(path)
+    def decode_request(self, request):
+        return torch.tensor(request["input"])
+    def batch(self, inputs):
+        self.rows = [x.shape[0] for x in inputs]
+        return torch.cat(inputs)
+    def predict(self, x):
+        with torch.no_grad():
+            return self.model(x)
+    def unbatch(self, output):
+        return list(output.split(self.rows))
+    def encode_response(self, output):
+        return {"output": output.tolist()}
+if __name__ == "__main__":
+    ls.LitServer(API(), max_batch_size=64, batch_timeout=0.002, accelerator="cpu",
+                 workers_per_device=1).run(port=port, generate_client_file=False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], ready_url: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited with {proc.returncode}")
+        try:
+            if httpx.get(ready_url, timeout=1).status_code < 500:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not start")
+
+
+def load_http(url: str, body: bytes, conc: int, duration: float) -> dict[str, Any]:
+    lat: list[float] = []
+    errors = 0
+
+    async def go() -> float:
+        nonlocal errors
+        limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            for _ in range(3):  # warm
+                await client.post(url, content=body, headers={"content-type": "application/json"})
+            stop = time.perf_counter() + duration
+
+            async def one() -> None:
+                nonlocal errors
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    r = await client.post(url, content=body,
+                                          headers={"content-type": "application/json"})
+                    if r.status_code != 200:
+                        errors += 1
+                    lat.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(conc):
+                    tg.start_soon(one)
+            return time.perf_counter() - t0
+
+    elapsed = anyio.run(go)
+    return {"requests_per_s": len(lat) / elapsed, "p50_ms": percentile(lat, 50) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3, "errors": errors}
+
+
+def in_process(path: Path, x: torch.Tensor, conc: int, duration: float) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        async with aioti.load(path, batching=aioti.Batching(64, 2.0)) as model:
+            await model.run([x])
+            return await measure(model, [x], conc, duration)
+
+    return anyio.run(go)
+
+
+def run_serving(duration: float) -> list[dict[str, Any]]:
+    rows = []
+    for name, width in (("small_mlp", 64), ("mid_mlp", 1024)):
+        path = compile_model(name, verbose=True)
+        x = torch.randn(8, width)
+        oip = json.dumps({"inputs": [{"name": "input0", "shape": [8, width], "datatype": "FP32",
+                                      "data": x.flatten().tolist()}]}).encode()
+        port = free_port()
+        aioti_proc = start([sys.executable, "-m", "aioti", "serve", str(path), "--name", "m",
+                            "--batching", "64", "--port", str(port)],
+                           f"http://127.0.0.1:{port}/v2/health/ready")
+        servers = [("aioti serve (OIP JSON, batching 64)", aioti_proc,
+                    f"http://127.0.0.1:{port}/v2/models/m/infer", oip)]
+        try:
+            import litserve  # noqa: F401
+        except ImportError:
+            rows.append({"model": name, "config": "LitServe", "skipped": "litserve not installed"})
+        else:
+            lport = free_port()
+            lit = start([sys.executable, "-c", LITSERVE, str(path), str(lport)],
+                        f"http://127.0.0.1:{lport}/health")
+            servers.append(("LitServe (batching 64, 2 ms) over aoti_load_package", lit,
+                            f"http://127.0.0.1:{lport}/predict",
+                            json.dumps({"input": x.tolist()}).encode()))
+        try:
+            for conc in (1, 16, 64):
+                for config, _, url, body in servers:
+                    row = load_http(url, body, conc, duration)
+                    rows.append({"model": name, "config": config, "concurrency": conc, **row})
+                    print(rows[-1], flush=True)
+                row = in_process(path, x, conc, duration)
+                rows.append({"model": name, "config": "aioti in-process (batching 64)",
+                             "concurrency": conc, **row})
+                print(rows[-1], flush=True)
+        finally:
+            for _, proc, _, _ in servers:
+                proc.terminate()
+                proc.wait(60)
+    return rows
