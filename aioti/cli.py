@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -238,6 +239,10 @@ def _serve(args: argparse.Namespace) -> int:
         loop = "asyncio"
     print(f"aioti {len(names)} model(s) on {args.device}; OIP at http://{args.host}:{args.port}/v2"
           f", metrics at /metrics ({loop})", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again to the handler it found:
+    # this one, so that a drained server exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(server, host=args.host, port=args.port, loop=loop, log_level=args.log_level,
                 timeout_graceful_shutdown=args.drain)
     return 0

@@ -402,21 +402,28 @@ def test_sigterm_drains_requests_in_flight(models, tmp_path):
             except httpx.TransportError:
                 time.sleep(0.1)
         x = np.random.rand(256, 1024).astype(np.float32)
-        body = {"inputs": [{"name": "input0", "shape": [256, 1024], "datatype": "FP32",
-                            "data": x.flatten().tolist()}]}
-        codes: list[int] = []
-
-        def call():
-            codes.append(httpx.post(f"{base}/v2/models/mid/infer", json=body,
-                                    timeout=120).status_code)
-
-        threads = [threading.Thread(target=call) for _ in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(1.5)  # in flight (JSON bodies of 1 MB take a while)
+        head = json.dumps({"inputs": [{"name": "input0", "shape": [256, 1024],
+                                       "datatype": "FP32",
+                                       "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+        body = head + x.tobytes()
+        request = (f"POST /v2/models/mid/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                   f"Inference-Header-Content-Length: {len(head)}\r\n"
+                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        socks = []
+        for _ in range(8):  # all sent, queued behind one worker, before the signal
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(request)
+            socks.append(sock)
+        time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join(120)
+        codes = []
+        for sock in socks:
+            sock.settimeout(120)
+            reply = b""
+            while chunk := sock.recv(1 << 16):
+                reply += chunk
+            sock.close()
+            codes.append(int(reply.split(b" ", 2)[1]) if reply else 0)
         assert proc.wait(120) == 0
         err = proc.stderr.read()
     finally:

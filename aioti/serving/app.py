@@ -278,9 +278,13 @@ def app(
             decoded = decode_request(body, int(header) if header else None, entry.inputs)
             del body
             result: list[list[torch.Tensor]] = []
+            failed: list[Exception] = []
             async with anyio.create_task_group() as tg:
                 async def run() -> None:
-                    result.append(await model.run(decoded.inputs))
+                    try:
+                        result.append(await model.run(decoded.inputs))
+                    except Exception as exc:  # raised below, outside the task group
+                        failed.append(exc)
                     tg.cancel_scope.cancel()
 
                 async def watch() -> None:
@@ -289,6 +293,8 @@ def app(
 
                 tg.start_soon(run)
                 tg.start_soon(watch)
+            if failed:
+                raise failed[0]
             if not result:
                 outcome = "cancelled"
                 return Response(status_code=499)
