@@ -90,7 +90,9 @@ def hot_swap_under_load(path: Any, devices: list[str], duration: float) -> dict[
     return {"config": "hot swap under load, two GPUs", **counts}
 
 
-def run_devices(duration: float, repeats: int, workers: int = 2) -> list[dict[str, Any]]:
+def run_devices(duration: float, repeats: int, workers: int = 2, per_gpu: bool = False
+                ) -> list[dict[str, Any]]:
+    """`per_gpu`: 256 tasks per GPU (512 on two) instead of 256 on either."""
     path = compile_model("mid_mlp", "cuda", verbose=True)
     two = ["cuda:0", "cuda:1"]
     med = statistics.median
@@ -103,10 +105,12 @@ def run_devices(duration: float, repeats: int, workers: int = 2) -> list[dict[st
         for batching in plans:
             tasks = 256
             pairs = [(pool_rate(path, ["cuda:0"], x, tasks, duration, workers, batching),
-                      pool_rate(path, two, x, tasks, duration, workers, batching))
+                      pool_rate(path, two, x, tasks * (2 if per_gpu else 1), duration, workers,
+                                batching))
                      for _ in range(repeats)]
             ratios = [p[1]["requests_per_s"] / p[0]["requests_per_s"] for p in pairs]
             row = {"batch": batch, "batching": batching is not None, "tasks": tasks,
+                   "tasks_two": tasks * (2 if per_gpu else 1),
                    "workers_per_gpu": workers,
                    "one_gpu_req_s": med(p[0]["requests_per_s"] for p in pairs),
                    "two_gpus_req_s": med(p[1]["requests_per_s"] for p in pairs),

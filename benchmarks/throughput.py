@@ -258,6 +258,8 @@ def main() -> int:
     ap.add_argument("--devices", action="store_true",
                     help="the multi-device section only (two GPUs)")
     ap.add_argument("--workers", type=int, default=2, help="workers per GPU (--devices)")
+    ap.add_argument("--per-gpu", action="store_true",
+                    help="--devices: 256 tasks per GPU (512 on two) instead of 256 on either")
     ap.add_argument("--serving", action="store_true",
                     help="the serving section only (aioti serve over HTTP; LitServe if installed)")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # child mode: one row as JSON
@@ -280,7 +282,7 @@ def main() -> int:
         else:
             from multi_device import run_devices
 
-            rows = run_devices(args.duration, args.repeats, args.workers)
+            rows = run_devices(args.duration, args.repeats, args.workers, args.per_gpu)
         if args.json:
             args.json.write_text(json.dumps(rows, indent=2))
         return 0

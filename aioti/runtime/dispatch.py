@@ -26,7 +26,7 @@ from .delivery import Delivery
 from .executor import Executor
 from .inline import OnLoop
 from .options import RuntimeOptions
-from .queue import ACCEPTED, SCHEDULE, RequestQueue
+from .queue import RequestQueue
 from .request import NotStarted, Request
 from .worker import BatchRunner, Workers
 
@@ -45,8 +45,12 @@ class Dispatcher:
         runner = BatchRunner(queue, self.delivery, executor, backend, teams, on_fault)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
-        if self._on_loop is None:
-            self.try_submit = queue.try_put  # type: ignore[method-assign]  # a call less
+        if self._on_loop is not None:
+            queue.on_loop_run = self._on_loop.run
+        #: queue a request if there is room (with `on_loop`, scheduling a run on its loop);
+        #: the queue's own method, a call less per request than one that picks
+        self.try_submit: Callable[[Request], bool] = (
+            queue.try_put if self._on_loop is None else queue.put_here)
         lifecycle.track(self)
         self._workers = Workers(queue, runner, backend, options, self._stopped)
 
@@ -62,15 +66,6 @@ class Dispatcher:
     def stopped(self) -> bool:
         """Every worker has exited and the native container is gone."""
         return self._workers.stopped
-
-    def try_submit(self, req: Request) -> bool:
-        """Queue `req` if there is room (with `on_loop`, scheduling a run on its loop)."""
-        if self._on_loop is None:
-            return self.queue.try_put(req)
-        put = self.queue.put_here(req)
-        if put & SCHEDULE:
-            req.loop.soon(self._on_loop.run, req.loop)
-        return bool(put & ACCEPTED)
 
     async def submit(self, req: Request, *, wait: bool = True) -> None:
         """Queue `req`, waiting for room while the queue is full (or raising `QueueFullError`

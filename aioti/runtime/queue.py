@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,13 +32,11 @@ from .lifecycle import FORKED
 from .options import RuntimeOptions
 from .request import CANCELLED, QUEUED, RUNNING, Request
 
-__all__ = ["ACCEPTED", "SCHEDULE", "STOP", "RequestQueue"]
+__all__ = ["STOP", "RequestQueue"]
 
 #: what `take` returns to a worker that should exit (closing, nothing queued or in flight)
 STOP: Any = object()
 
-#: `put_here`'s answer, as flags: the request was accepted (queued); the caller's loop must schedule a run
-ACCEPTED, SCHEDULE = 1, 2
 
 
 class RequestQueue:
@@ -64,8 +62,10 @@ class RequestQueue:
         self._own = [threading.Condition(self._lock) for _ in range(options.workers)]
         self._lingering = 0  # workers waiting for a fuller batch: notified once it is full
         self._last_take = 0
-        #: on-loop runs: the loop that has one scheduled (a loop schedules its own unless so)
+        #: on-loop runs: the loop that has one scheduled (a loop schedules its own unless so),
+        #: and what runs there (set by the runtime that has them)
         self._scheduled_on: Loop | None = None
+        self.on_loop_run: Callable[[Loop], object] | None = None
         self._alive = options.workers
         self.completed = self.failed = self.cancelled = 0
 
@@ -86,21 +86,23 @@ class RequestQueue:
                 self._cond.notify()
         return True
 
-    def put_here(self, req: Request) -> int:
-        """On-loop mode's `try_put`: `ACCEPTED` if there was room, plus `SCHEDULE` when
-        `req.loop` must schedule a run (none of its own is pending). Workers are not woken:
-        they are the fallback. A full queue also asks for a run: what fills it may belong to a
+    def put_here(self, req: Request) -> bool:
+        """On-loop mode's `try_put`: queue `req` if there is room, and have `req.loop` run
+        `on_loop_run` soon unless a run of its own is pending there. Workers are not woken:
+        they are the fallback. A full queue also schedules a run: what fills it may belong to a
         loop that stalled or closed, and a run on this loop takes it."""
         with self._lock:
             if self.closing:
                 raise ClosedError(self.closed_reason)
-            schedule = SCHEDULE if self._scheduled_on is not req.loop else 0
+            schedule = self._scheduled_on is not req.loop
             self._scheduled_on = req.loop
-            if len(self._items) >= self.max_queue:
-                return schedule
-            self._items.append(req)
-            self._rows += req.rows
-        return ACCEPTED | schedule
+            accepted = len(self._items) < self.max_queue
+            if accepted:
+                self._items.append(req)
+                self._rows += req.rows
+        if schedule:
+            req.loop.soon(self.on_loop_run, req.loop)  # type: ignore[arg-type]
+        return accepted
 
     async def wait_for_room(self) -> None:
         """Park until a request leaves the queue, or closing begins (returns at once if there
