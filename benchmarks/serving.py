@@ -1,10 +1,13 @@
 """The serving section (`throughput.py --serving`): requests/s and p50/p99 over HTTP on
 loopback at concurrency 1/16/64, for the small and mid MLP (batch 8 rows each):
 
-- `aioti serve` (the Open Inference Protocol, JSON), dynamic batching on;
+- `aioti serve` (the Open Inference Protocol, JSON; and with Triton's binary tensor data
+  extension, as tritonclient sends it for speed), dynamic batching on;
 - the peer: LitServe with its batching (`max_batch_size=64`, `batch_timeout` 2 ms) over torch's
   own loader (`aoti_load_package`), as a LitServe user writes it; skipped, and said so, where
-  `litserve` is not installed (it is not one of aioti's dependencies: `pip install litserve`);
+  `litserve` cannot be imported (it is not one of aioti's dependencies: `pip install litserve`,
+  or `pip install --target DIR litserve` and `LITSERVE_PATH=DIR` to keep it out of this
+  environment);
 - aioti in-process (`AsyncModel.run` from as many tasks), the floor that HTTP adds to.
 
 The same client drives both servers: an httpx.AsyncClient with as many tasks, each request's
@@ -14,9 +17,11 @@ JSON body prepared once. Each server runs in a child process of its own.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -60,8 +65,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start(cmd: list[str], ready_url: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(cmd: list[str], ready_url: str, env: dict[str, str] | None = None
+          ) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -76,24 +82,25 @@ def start(cmd: list[str], ready_url: str) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"{cmd[:4]} did not start")
 
 
-def load_http(url: str, body: bytes, conc: int, duration: float) -> dict[str, Any]:
+def load_http(url: str, body: bytes, conc: int, duration: float,
+              headers: dict[str, str] | None = None) -> dict[str, Any]:
     lat: list[float] = []
     errors = 0
+    headers = {"content-type": "application/json", **(headers or {})}
 
     async def go() -> float:
         nonlocal errors
         limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
         async with httpx.AsyncClient(timeout=60, limits=limits) as client:
             for _ in range(3):  # warm
-                await client.post(url, content=body, headers={"content-type": "application/json"})
+                await client.post(url, content=body, headers=headers)
             stop = time.perf_counter() + duration
 
             async def one() -> None:
                 nonlocal errors
                 while time.perf_counter() < stop:
                     t0 = time.perf_counter()
-                    r = await client.post(url, content=body,
-                                          headers={"content-type": "application/json"})
+                    r = await client.post(url, content=body, headers=headers)
                     if r.status_code != 200:
                         errors += 1
                     lat.append(time.perf_counter() - t0)
@@ -129,23 +136,38 @@ def run_serving(duration: float) -> list[dict[str, Any]]:
         aioti_proc = start([sys.executable, "-m", "aioti", "serve", str(path), "--name", "m",
                             "--batching", "64", "--port", str(port)],
                            f"http://127.0.0.1:{port}/v2/health/ready")
-        servers = [("aioti serve (OIP JSON, batching 64)", aioti_proc,
-                    f"http://127.0.0.1:{port}/v2/models/m/infer", oip)]
-        try:
-            import litserve  # noqa: F401
-        except ImportError:
+        head = json.dumps({"inputs": [{"name": "input0", "shape": [8, width],
+                                       "datatype": "FP32",
+                                       "parameters": {"binary_data_size": 32 * width}}],
+                           "parameters": {"binary_data_output": True}}).encode()
+        binary = head + x.numpy().tobytes()
+        infer = f"http://127.0.0.1:{port}/v2/models/m/infer"
+        servers = [("aioti serve (OIP JSON, batching 64)", aioti_proc, infer, oip, None),
+                   ("aioti serve (OIP binary, batching 64)", aioti_proc, infer, binary,
+                    {"Inference-Header-Content-Length": str(len(head)),
+                     "content-type": "application/octet-stream"})]
+        env = dict(os.environ)
+        if os.environ.get("LITSERVE_PATH"):
+            env["PYTHONPATH"] = os.pathsep.join([os.environ["LITSERVE_PATH"],
+                                                 env.get("PYTHONPATH", "")])
+        if subprocess.run([sys.executable, "-c", "import litserve"], env=env,
+                          capture_output=True).returncode:
             rows.append({"model": name, "config": "LitServe", "skipped": "litserve not installed"})
+            print(rows[-1], flush=True)
         else:
             lport = free_port()
-            lit = start([sys.executable, "-c", LITSERVE, str(path), str(lport)],
-                        f"http://127.0.0.1:{lport}/health")
+            # a file, not -c: LitServe's worker processes are spawned and import __main__
+            script = Path(tempfile.mkdtemp()) / "litserve_peer.py"
+            script.write_text(LITSERVE)
+            lit = start([sys.executable, str(script), str(path), str(lport)],
+                        f"http://127.0.0.1:{lport}/health", env)
             servers.append(("LitServe (batching 64, 2 ms) over aoti_load_package", lit,
                             f"http://127.0.0.1:{lport}/predict",
-                            json.dumps({"input": x.tolist()}).encode()))
+                            json.dumps({"input": x.tolist()}).encode(), None))
         try:
             for conc in (1, 16, 64):
-                for config, _, url, body in servers:
-                    row = load_http(url, body, conc, duration)
+                for config, _, url, body, extra in servers:
+                    row = load_http(url, body, conc, duration, extra)
                     rows.append({"model": name, "config": config, "concurrency": conc, **row})
                     print(rows[-1], flush=True)
                 row = in_process(path, x, conc, duration)
@@ -153,7 +175,7 @@ def run_serving(duration: float) -> list[dict[str, Any]]:
                              "concurrency": conc, **row})
                 print(rows[-1], flush=True)
         finally:
-            for _, proc, _, _ in servers:
+            for proc in {id(sv[1]): sv[1] for sv in servers}.values():
                 proc.terminate()
                 proc.wait(60)
     return rows
