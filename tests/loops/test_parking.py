@@ -35,7 +35,8 @@ async def test_unpark_wakes_fifo_from_another_thread():
         with anyio.fail_after(5):
             while len(woken) < 2:
                 await anyio.sleep(0.001)
-        assert woken == [(0, "go"), (1, "go")] and len(lot) == 1
+        # the two parked first are woken (trio runs woken tasks in an order of its own)
+        assert sorted(woken) == [(0, "go"), (1, "go")] and len(lot) == 1
         assert lot.unpark_all(error=KeyError("boom")) == 1
     assert woken[2][0] == 2 and isinstance(woken[2][1], KeyError)
 
