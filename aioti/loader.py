@@ -70,7 +70,7 @@ class ModelLoader(Coroutine[Any, Any, AsyncModel]):
 
 
 def load(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | bytes | Any,
     *,
     device: str | torch.device | Sequence[str | torch.device] = "cpu",
     model_name: str | None = None,
@@ -83,7 +83,8 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
 ) -> ModelLoader:
-    """Load a `.pt2` package (or a bare model `.so`) for async use.
+    """Load a `.pt2` package (or a bare model `.so`) for async use: a path, or the package's
+    bytes or a binary file object (as torch's loader takes), cached under their hash.
 
     `device` picks the backend from the registry; a list of devices (or `"cuda:*"`, every
     visible GPU) loads a replica on each, behind one model (`aioti.ReplicaPool`); `workers`

@@ -98,6 +98,7 @@ class AsyncModel:
         #: native (OpenMP) threads per run, alone and shared (None: the threads' defaults)
         self.threads = first.threads
         self._closed = False
+        self._warned_specialized = False
 
     # --- what the model is -------------------------------------------------------------------
 
@@ -212,7 +213,16 @@ class AsyncModel:
             raise InputError(f"arguments do not match the model's signature: {exc}") from exc
         if len(leaves) != self._container.num_inputs:
             # Non-tensor leaves were specialized into the model at export: drop them, as torch.
+            dropped = [x for x in leaves if not isinstance(x, torch.Tensor)]
             leaves = [x for x in leaves if isinstance(x, torch.Tensor)]
+            if dropped and not self._warned_specialized:
+                self._warned_specialized = True
+                warnings.warn(
+                    f"non-tensor arguments ({', '.join(map(repr, dropped))}) were specialized "
+                    "into this model at export: it computes with the values it was exported "
+                    "with, whatever is passed (the package does not record them, so aioti "
+                    "cannot check; pass tensors, or export once per value)",
+                    RuntimeWarning, stacklevel=3)
         elif spec != self.in_spec:
             raise InputError(f"arguments have structure {spec}, the model expects {self.in_spec}")
         return leaves

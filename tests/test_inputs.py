@@ -126,3 +126,33 @@ def test_conjugate_bit_rejected():
     with pytest.raises(aioti.InputError, match="conjugate bit.*resolve_conj"):
         sig.check([z.conj()], torch.device("cpu"))
     sig.check([z.conj().resolve_conj()], torch.device("cpu"))
+
+
+class Scaled(torch.nn.Module):
+    """A model with a non-tensor argument, which export specializes."""
+
+    def forward(self, x: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+        return x * alpha
+
+
+async def test_a_specialized_non_tensor_argument_warns_once():
+    """torch's loader, too, computes with the exported value of a non-tensor argument whatever
+    is passed; aioti says so once per model instead of staying silent."""
+    import warnings
+
+    from torch.export import Dim
+
+    from aioti.testing import MODELS, ModelSpec, compile_model
+
+    MODELS.setdefault("scaled_v1", ModelSpec(
+        Scaled, lambda b: ((torch.randn(b, 4), 0.5), {}),
+        lambda: ({0: Dim("batch", min=1, max=64)}, None)))
+    x = torch.randn(3, 4)
+    async with aioti.load(compile_model("scaled_v1")) as model:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = await model(x, 2.0)
+            again = await model(x, 3.0)
+        warned = [w for w in caught if "specialized" in str(w.message)]
+        assert len(warned) == 1 and "2.0" in str(warned[0].message)
+        assert torch.allclose(out, x * 0.5) and torch.allclose(again, x * 0.5)

@@ -461,3 +461,26 @@ def test_exit_waits_for_a_constant_operation_and_refuses_new_ones(models):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert ("['hook waiting', 'operation done', 'exit hook done', 'refused: the model is closed', "
             "'refused: the interpreter is exiting") in proc.stdout, proc.stdout
+
+
+async def test_load_from_bytes_and_binary_file_objects(models, tmp_path):
+    """As torch's loader: the package's bytes, a BytesIO or an open file load like its path
+    (written once into the cache under their hash); anything else is a ModelLoadError."""
+    import io
+
+    data = open(models["small_mlp"], "rb").read()
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        ref = eager_model("small_mlp")(x)
+    with open(models["small_mlp"], "rb") as f:
+        for source in (data, io.BytesIO(data), f):
+            async with aioti.load(source, cache_dir=tmp_path) as model:
+                assert torch.allclose(await model(x), ref, atol=1e-5)
+    assert len(list((tmp_path / "bytes").glob("*.pt2"))) == 1  # one copy, by content
+    with pytest.raises(aioti.ModelLoadError, match="a path, bytes or a binary file object, "
+                                                   "got int"):
+        await aioti.load(42)
+    with open(models["small_mlp"], errors="ignore") as text, \
+            pytest.raises(aioti.ModelLoadError, match="binary mode"):
+        await aioti.load(text, cache_dir=tmp_path)
+

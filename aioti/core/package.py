@@ -21,10 +21,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelLoadError
 
-__all__ = ["ModelFiles", "cpu_flags", "default_cache_dir", "discard", "list_models", "open_model"]
+__all__ = ["ModelFiles", "cpu_flags", "default_cache_dir", "discard", "list_models", "open_model",
+           "package_path"]
 
 _MARK = "/data/aotinductor/"
 
@@ -202,18 +204,45 @@ def _files_in(directory: Path, name: str, package: Path | None) -> ModelFiles:
     return files
 
 
+def package_path(source: object, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A package given as a path, or as its bytes (`bytes`, `bytearray`, a binary file object
+    such as `io.BytesIO` or an open file): bytes are written once into the cache, under their
+    own hash, and read from there like a path."""
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif callable(getattr(source, "read", None)):
+        data = source.read()  # type: ignore[attr-defined]
+        if not isinstance(data, bytes):
+            raise ModelLoadError(f"the file object gave {type(data).__name__}, not bytes: open "
+                                 "the package in binary mode ('rb')")
+    else:
+        raise ModelLoadError(f"expected a package: a path, bytes or a binary file object, got "
+                             f"{type(source).__name__}")
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = root / "bytes" / (hashlib.sha256(data).hexdigest() + ".pt2")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as tmp:
+            tmp.write(data)
+        os.replace(tmp.name, path)  # atomic: concurrent writers each install a whole file
+    return path
+
+
 def open_model(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | bytes | Any,
     model_name: str | None = None,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> ModelFiles:
     """Locate (extracting once, into the cache) the files of one model of a package or `.so`.
 
+    `path` may also be the package's bytes or a binary file object (`package_path`).
     `model_name` picks a model of a multi-model package; by default the package's only model,
     or the one named "model" (what `aoti_compile_and_package` writes).
     """
-    path = Path(path)
+    path = package_path(path, cache_dir)
     if path.suffix == ".so":
         if not path.is_file():
             raise ModelLoadError(f"{str(path)!r} does not exist or is not a file")

@@ -121,7 +121,7 @@ class Signature:
 
     def example(self, device: torch.device | str = "cpu", rows: int = 8) -> list[torch.Tensor]:
         """Inputs that fit: random floats (zeros for other dtypes), each dynamic dim at `rows`
-        clipped to its exported range. Raises `InputError` when the signature is unknown."""
+        clipped to its compiled range. Raises `InputError` when the signature is unknown."""
         out = []
         for s in self.inputs:
             if s.sizes is None or s.dtype is None:
@@ -212,8 +212,10 @@ def _check_one(
         lo, hi = spec.ranges.get(d, (None, None))
         if (lo is not None and got < lo) or (hi is not None and got > hi):
             raise InputError(
-                f"{where}: size {got} at dim {d} is outside the exported range "
-                f"{'' if lo is None else lo}..{'' if hi is None else hi} ({spec.describe()})"
+                f"{where}: size {got} at dim {d} is outside the compiled range "
+                f"{'' if lo is None else lo}..{'' if hi is None else hi} ({spec.describe()}; "
+                "the model's compiled code checks this range, which inductor may have narrowed "
+                "from the exported one)"
             )
         prev = bound.setdefault(want, (got, f"{spec.label} dim {d}"))
         if prev[0] != got:

@@ -217,7 +217,7 @@ def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device,
         except InputError as exc:
             return str(exc)
         if [t.shape[dim] for t, c in zip(inputs, carries) if c] != [rows] * sum(carries):
-            return f"dim {dim} cannot be {rows} within the exported range"
+            return f"dim {dim} cannot be {rows} within the compiled range"
         runs.append((inputs, _synced(run_one(inputs, None), device)))
     for i, (a, b) in enumerate(zip(runs[0][1], runs[1][1])):
         if a.dim() <= dim or (a.shape[dim], b.shape[dim]) != (2, 3):
