@@ -101,22 +101,23 @@ async def test_batch_dim_maximum_respected(models, on_loop):
 
 async def test_full_batch_counts_rows_not_requests(models):
     # max_batch_size counts rows: two 4-row requests fill a batch of 8 and are dispatched at
-    # once. Were fullness counted in requests (8), every batch of these 4 tasks would wait out
-    # the 60 s delay, and the bound below would fail the test.
+    # once. Were fullness counted in requests (8), every batch of these pairs would wait out the
+    # 60 s delay, and the bound below would fail the test. Rounds of exactly one full batch:
+    # a request left alone after a merged batch would (rightly) wait out the delay.
     eager = eager_model("small_mlp")
-    xs = [torch.randn(4, 64) for _ in range(4)]
+    xs = [torch.randn(4, 64) for _ in range(2)]
     async with aioti.load(models["small_mlp"], workers=1,
                           batching=aioti.Batching(max_batch_size=8, max_delay_ms=60_000)) as model:
         got: list[torch.Tensor] = []
 
         async def client(x: torch.Tensor) -> None:
-            for _ in range(20):
-                got.append(await model(x))
+            got.append(await model(x))
 
         with anyio.fail_after(20):
-            async with anyio.create_task_group() as tg:
-                for x in xs:
-                    tg.start_soon(client, x)
+            for _ in range(40):
+                async with anyio.create_task_group() as tg:
+                    for x in xs:
+                        tg.start_soon(client, x)
         rows = model.stats()["batching"]["batch_rows"]
     assert len(got) == 80 and max(rows) == 8
     assert all(any(torch.allclose(g, eager(x), atol=1e-5) for x in xs) for g in got)
@@ -382,3 +383,45 @@ async def test_on_loop_refused_on_cuda(models):
     with pytest.raises(aioti.InputError, match="CPU models only"):
         await aioti.load(compile_model("small_mlp", "cuda"), device="cuda",
                          batching=aioti.Batching(on_loop=True))
+
+
+class PositionTable(torch.nn.Module):
+    """x[B, S, 16], mask[B, S] and pos[S, 16]: an input without the batch dim (S at its dim 0)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return (x + pos) * mask[..., None]
+
+
+async def test_an_input_without_the_batch_dim_passes_through(models):
+    """The batch symbol is the one at dim 0 that no other dim uses (B, not S): requests that
+    share the same `pos` tensor merge, and every caller gets its own rows."""
+    from torch.export import Dim
+
+    from aioti.testing import MODELS, ModelSpec, compile_model
+
+    def inputs(b):
+        return (torch.randn(b, 5, 16), torch.ones(b, 5), torch.randn(5, 16)), {}
+
+    def dims():
+        batch, seq = Dim("batch", min=1, max=64), Dim("seq", min=2, max=32)
+        return ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: seq})
+
+    MODELS.setdefault("position_table_v1", ModelSpec(PositionTable, inputs, dims))
+    path = compile_model("position_table_v1")
+    eager = PositionTable()
+    pos = torch.randn(5, 16)
+    xs = [(torch.randn(1 + i % 3, 5, 16), (torch.rand(1 + i % 3, 5) > 0.5).float())
+          for i in range(96)]
+    async with aioti.load(path, batching=aioti.Batching(32, 2.0)) as model:
+        outs = [None] * len(xs)
+
+        async def call(i):
+            outs[i] = await model(xs[i][0], xs[i][1], pos)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(xs)):
+                tg.start_soon(call, i)
+        stats = model.stats()["batching"]
+    assert all(torch.allclose(o, eager(x, m, pos), atol=1e-5) for o, (x, m) in zip(outs, xs))
+    assert max(stats["batch_rows"]) > 3  # requests sharing `pos` merged
+

@@ -107,14 +107,20 @@ class Signature:
     _accepted: dict[tuple[Any, ...], Layout] = field(default_factory=dict, repr=False)
 
     def batch_range(self, dim: int = 0) -> tuple[str, int | None, tuple[bool, ...]] | None:
-        """The symbol and upper bound of dynamic dim `dim`, and which inputs carry it: every
-        input dynamic at `dim` must share one symbol; the others are passed through unbatched."""
-        carries = tuple(bool(s.sizes and len(s.sizes) > dim and isinstance(s.sizes[dim], str))
-                        for s in self.inputs)
-        syms = {s.sizes[dim] for s, c in zip(self.inputs, carries) if c}  # type: ignore[index]
+        """The batch symbol of dim `dim`, its upper bound, and which inputs carry it; None when
+        there is none, or no single one. The batch symbol is the dynamic symbol at `dim` that
+        appears at no other dim of any input (`x[B, S, 16]`, `mask[B, S]`, `pos[S, 16]`: B, not
+        S); inputs without it at `dim` are passed through unbatched."""
+        at_dim = {s.sizes[dim] for s in self.inputs
+                  if s.sizes and len(s.sizes) > dim and isinstance(s.sizes[dim], str)}
+        elsewhere = {size for s in self.inputs for d, size in enumerate(s.sizes or ())
+                     if d != dim and isinstance(size, str)}
+        syms = at_dim - elsewhere if len(at_dim) > 1 else at_dim
         if len(syms) != 1:
             return None
         (sym,) = syms
+        carries = tuple(bool(s.sizes and len(s.sizes) > dim and s.sizes[dim] == sym)
+                        for s in self.inputs)
         highs = [s.ranges.get(dim, (None, None))[1] for s, c in zip(self.inputs, carries) if c]
         known = [h for h in highs if h is not None]
         return str(sym), (min(known) if known else None), carries

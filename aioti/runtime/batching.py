@@ -69,8 +69,9 @@ class BatchExecutor:
         found = signature.batch_range(config.dim)
         if found is None:
             raise InputError(
-                f"batching needs every input to share one dynamic dim {config.dim}; this model's "
-                f"inputs are {[s.describe() for s in signature.inputs]}"
+                f"batching needs one batch size at dim {config.dim}: a dynamic size there that "
+                f"no other dim uses; this model's inputs are "
+                f"{[s.describe() for s in signature.inputs]}"
             )
         _, dim_max, self.carries = found
         self._all_carry = all(self.carries)
@@ -208,7 +209,8 @@ def probe_batch_dim(run_one: RunOne, signature: Signature, device: torch.device,
     each other."""
     found = signature.batch_range(dim)
     if found is None:
-        return f"the inputs share no dynamic dim {dim}"
+        return (f"no single batch size at dim {dim} (a dynamic size there that no other dim "
+                "uses)")
     _, _, carries = found
     runs = []
     for rows in (2, 3):
