@@ -67,7 +67,7 @@ def run_one(name: str, loop: str, mode: str, timeout: float) -> tuple[bool, str]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", help="comma-separated scenario names")
-    ap.add_argument("--exit-runs", type=int, default=50,
+    ap.add_argument("--exit-runs", type=int, default=30,
                     help="interpreter exits per loop kind in exit_during_swaps")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None

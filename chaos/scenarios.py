@@ -154,10 +154,7 @@ async def close_under_load(mode: str) -> Figures:
             except aioti.ClosedError:
                 f["failed"] += 1
                 return
-            if close_to(out, ref):
-                f["completed"] += 1
-            else:
-                f["wrong"] += 1
+            f["completed" if close_to(out, ref) else "wrong"] += 1
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
@@ -188,10 +185,7 @@ async def backpressure(mode: str) -> Figures:
                         f["failed"] += 1
                         await anyio.sleep(0)
                         continue
-                    if close_to(out, ref):
-                        f["completed"] += 1
-                    else:
-                        f["wrong"] += 1
+                    f["completed" if close_to(out, ref) else "wrong"] += 1
 
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:

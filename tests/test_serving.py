@@ -72,6 +72,21 @@ def batched(models):
     s.stop()
 
 
+def binary_body(x: np.ndarray) -> tuple[bytes, bytes]:
+    """An infer request's JSON header and whole body, with `x` as input0's binary data."""
+    head = json.dumps({"inputs": [{"name": "input0", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()
+    return head, head + x.tobytes()
+
+
+def raw_request(host: str, model: str, x: np.ndarray, close: bool = False) -> bytes:
+    """A whole HTTP/1.1 infer request, to send on a socket of one's own."""
+    head, body = binary_body(x)
+    return (f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: {host}\r\n"
+            f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
 def multi_inputs(batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 16, generator=g), torch.randn(batch, 8, generator=g), \
@@ -328,14 +343,8 @@ def test_a_client_that_disconnects_cancels_its_request(models):
     s = Server(app({"mid": models["mid_mlp"]}, workers=1, log=lambda line: None))
     try:
         x = np.random.rand(256, 1024).astype(np.float32)
-        head = json.dumps({"inputs": [{"name": "input0", "shape": [256, 1024],
-                                       "datatype": "FP32",
-                                       "parameters": {"binary_data_size": x.nbytes}}]}).encode()
-        body = head + x.tobytes()
-        request = (f"POST /v2/models/mid/infer HTTP/1.1\r\nHost: {s.url}\r\n"
-                   f"Content-Type: application/octet-stream\r\n"
-                   f"Inference-Header-Content-Length: {len(head)}\r\n"
-                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        head, body = binary_body(x)
+        request = raw_request(s.url, "mid", x)
         host, port = s.url.split(":")
         socks = []
         for _ in range(12):
@@ -401,14 +410,8 @@ def test_sigterm_drains_requests_in_flight(models, tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        x = np.random.rand(256, 1024).astype(np.float32)
-        head = json.dumps({"inputs": [{"name": "input0", "shape": [256, 1024],
-                                       "datatype": "FP32",
-                                       "parameters": {"binary_data_size": x.nbytes}}]}).encode()
-        body = head + x.tobytes()
-        request = (f"POST /v2/models/mid/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                   f"Inference-Header-Content-Length: {len(head)}\r\n"
-                   f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+        request = raw_request(f"127.0.0.1:{port}", "mid",
+                              np.random.rand(256, 1024).astype(np.float32), close=True)
         socks = []
         for _ in range(8):  # all sent, queued behind one worker, before the signal
             sock = socket.create_connection(("127.0.0.1", port))
