@@ -78,6 +78,7 @@ class AsyncModel:
         self._container = container
         self._dispatcher = first.dispatcher
         self._batcher = first.batcher
+        self._idle_on_loop = first.dispatcher.options.idle_on_loop
         self._on_full_wait = on_full == "wait"
         self._move_inputs = move_inputs
         # The base backend's prepare is the identity unless inputs are moved: skip the call.
@@ -239,7 +240,9 @@ class AsyncModel:
         req = Request(tensors, ready, current_loop())
         if self._batcher is not None:
             self._batcher.admit(req, layout)
-        if not dispatcher.try_submit(req):
+        if self._idle_on_loop and dispatcher.run_here_if_idle(req):
+            pass  # ran here, settled: the await below returns at once
+        elif not dispatcher.try_submit(req):
             await dispatcher.submit(req, wait=self._on_full_wait)
         if boxed:
             flat.clear()

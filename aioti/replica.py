@@ -83,7 +83,11 @@ class Replica:
                 on_loop=batching.on_loop, name=name)
         else:
             executor = PlainExecutor(container, backend.run_chunk)
-            options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name)
+            # A lone request may run on its caller's thread (CPU, one native thread a run: no
+            # OpenMP team is woken on the loop's thread), while its runs are measured short.
+            idle = backend.device.type == "cpu" and threads is not None and threads.alone == 1
+            options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name,
+                                     idle_on_loop=idle)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,
                                 on_stopped=container.delete, on_fault=on_fault, room=room)
         return Replica(index, container, backend, dispatcher, batcher, workers, threads)

@@ -484,3 +484,54 @@ async def test_load_from_bytes_and_binary_file_objects(models, tmp_path):
             pytest.raises(aioti.ModelLoadError, match="binary mode"):
         await aioti.load(text, cache_dir=tmp_path)
 
+
+async def test_a_lone_request_to_an_idle_fast_model_runs_on_the_callers_thread(models,
+                                                                               monkeypatch):
+    """A small CPU model, idle, its runs measured short: a lone request runs on the caller's
+    thread (no hand-off to a worker), and the caller still yields to the loop's other tasks;
+    under load, requests go to the worker; a slow model never runs on the loop. (The bound on
+    a run's time is lifted here: on a loaded machine a run of this model can take longer.)"""
+    from aioti.runtime import dispatch
+
+    monkeypatch.setattr(dispatch, "IDLE_RUN_MAX_S", 1.0)
+    x = torch.randn(2, 64)
+    async with aioti.load(models["small_mlp"]) as model:
+        runner = model._dispatcher.runner
+        run_many = runner._executor._run_many
+        threads: list[int] = []
+
+        def recording(batch, stream):
+            threads.append(threading.get_ident())
+            return run_many(batch, stream)
+
+        runner._executor._run_many = recording
+        for _ in range(5):  # the worker measures the model's runs first
+            await model(x)
+        threads.clear()
+        others = 0
+        done = False
+
+        async def other_task() -> None:
+            nonlocal others
+            while not done:
+                others += 1
+                await anyio.sleep(0)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_task)
+            for _ in range(50):
+                out = await model(x)
+            done = True
+        with torch.no_grad():
+            assert torch.allclose(out, eager_model("small_mlp")(x), atol=1e-5)
+        assert set(threads) == {threading.get_ident()} and len(threads) == 50
+        assert others >= 25  # the loop's other task ran between the requests
+        threads.clear()
+        async with anyio.create_task_group() as tg:
+            for _ in range(64):
+                tg.start_soon(model, x)
+        assert any(t != threading.get_ident() for t in threads)  # the worker took the load
+        assert model.stats()["completed"] == 5 + 50 + 64
+    async with aioti.load(models["mid_mlp"]) as slow:
+        assert not slow._idle_on_loop  # its runs use every core: never on the loop's thread
+

@@ -28,8 +28,10 @@ class Delivery:
         #: called on the loop with each delivered batch's (latencies, queue waits) in seconds
         self.observers: list[Callable[[list[float], list[float]], object]] = []
 
-    def complete(self, batch: list[Request], here: Loop | None = None) -> None:
-        """A taken batch's outcomes are set (or it failed): count it over, then deliver."""
+    def complete(self, batch: list[Request], here: Loop | None = None,
+                 soon: bool = False) -> None:
+        """A taken batch's outcomes are set (or it failed): count it over, then deliver
+        (`soon`: those of `here` once its ready tasks have run, rather than at once)."""
         done = []
         bad = handed = rows = 0
         for req in batch:
@@ -46,7 +48,7 @@ class Delivery:
                 else:
                     bad += 1
         self._queue.finish(rows, len(done) - bad - handed, bad)
-        self.deliver(done, here)
+        self.deliver(done, here, soon)
 
     def fail(self, reqs: list[Request], error: BaseException) -> None:
         """Deliver `error` to requests that never ran (not counted: they were not taken)."""
@@ -54,9 +56,10 @@ class Delivery:
             req.error, req.inputs = error, None
         self.deliver(reqs)
 
-    def deliver(self, reqs: list[Request], here: Loop | None = None) -> None:
+    def deliver(self, reqs: list[Request], here: Loop | None = None, soon: bool = False
+                ) -> None:
         """Hand requests with an outcome to their loops, one post per loop; those of `here`,
-        the loop whose thread this is, are settled at once."""
+        the loop whose thread this is, are settled at once (`soon`: after its ready tasks)."""
         if not reqs:
             return
         loop = reqs[0].loop
@@ -69,7 +72,10 @@ class Delivery:
             groups = by_loop.values()
         for group in groups:
             if group[0].loop is here:
-                self._settle(group)
+                if soon:
+                    here.soon(self._settle, group)
+                else:
+                    self._settle(group)
             else:
                 group[0].loop.post(self._settle, group)  # a closed loop: outputs dropped
 

@@ -20,6 +20,7 @@ from typing import Any
 from ..backends.base import Backend
 from ..core.threads import ThreadTeams
 from ..errors import ClosedError, QueueFullError
+from ..loops import Loop
 from ..loops.parking import ParkingLot
 from . import lifecycle
 from .delivery import Delivery
@@ -30,7 +31,11 @@ from .queue import RequestQueue
 from .request import NotStarted, Request
 from .worker import BatchRunner, Workers
 
-__all__ = ["Dispatcher"]
+__all__ = ["IDLE_RUN_MAX_S", "Dispatcher"]
+
+#: a lone request runs on its caller's thread only while the model's runs take less than this
+#: per request (measured): longer would hold the event loop
+IDLE_RUN_MAX_S = 100e-6
 
 
 class Dispatcher:
@@ -42,9 +47,11 @@ class Dispatcher:
         self.options = options
         self.queue = queue = RequestQueue(options, room)
         self.delivery = Delivery(queue)
-        runner = BatchRunner(queue, self.delivery, executor, backend, teams, on_fault)
+        self.runner = runner = BatchRunner(queue, self.delivery, executor, backend, teams,
+                                           on_fault)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
+        self._ran_here_on: Loop | None = None  # the loop that ran a request this iteration
         if self._on_loop is not None:
             queue.on_loop_run = self._on_loop.run
         #: queue a request if there is room (with `on_loop`, scheduling a run on its loop);
@@ -66,6 +73,30 @@ class Dispatcher:
     def stopped(self) -> bool:
         """Every worker has exited and the native container is gone."""
         return self._workers.stopped
+
+    def run_here_if_idle(self, req: Request) -> bool:
+        """With `options.idle_on_loop`: run a lone request right here, on its caller's thread,
+        when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, and
+        this loop ran none so in its current iteration: no thread hand-off, no worker to wake. Its outcome is delivered once the loop's ready tasks
+        have run (awaiting it still yields to them). False, doing nothing, otherwise."""
+        loop = req.loop
+        if (self.runner.per_request_s > IDLE_RUN_MAX_S or self._ran_here_on is loop
+                or not self.queue.claim_idle(req)):
+            return False
+        # One such run per loop iteration: the next requests of a burst go to the workers.
+        self._ran_here_on = loop
+        loop.soon(self._next_iteration, loop)
+        batch = [req]
+        token = self.runner.run(None, batch, 1, here=req.loop)
+        if token is not None:
+            self.runner.land(token, batch, loop, soon=True)
+        else:
+            self.delivery.complete(batch, loop, soon=True)
+        return True
+
+    def _next_iteration(self, loop: Loop) -> None:
+        if self._ran_here_on is loop:
+            self._ran_here_on = None
 
     async def submit(self, req: Request, *, wait: bool = True) -> None:
         """Queue `req`, waiting for room while the queue is full (or raising `QueueFullError`

@@ -24,6 +24,8 @@ class RuntimeOptions:
     max_delay_ms: float = 0.0
     #: batches run on the submitting event loop's thread instead of a worker's
     on_loop: bool = False
+    #: a lone request to an idle model whose runs take microseconds runs on its caller's thread
+    idle_on_loop: bool = False
     #: worker threads are named after it
     name: str = "aioti"
 

@@ -213,6 +213,19 @@ class RequestQueue:
                 self.running += 1
                 return batch, self.running + (1 if items else 0)
 
+    def claim_idle(self, req: Request) -> bool:
+        """For a lone request run on its caller's thread: True, counting it as a running batch,
+        when nothing is queued or running, no pause is on and the model is open (it then
+        starts no later than it would have on a worker: ordering holds)."""
+        if self._items or self.running:  # the busy case decides without the lock
+            return False
+        with self._lock:
+            if self._items or self.running or self._paused or self.closing or not self._alive:
+                return False
+            self.running += 1
+            self._running_rows += req.rows
+            return True
+
     def take_here(self, loop: Loop) -> tuple[list[Request], int, bool] | None:
         """For an on-loop run on `loop`'s thread: (batch, busy, more) with `more` True when
         the loop must schedule another run for what is left; None when nothing may run now

@@ -51,6 +51,8 @@ class BatchRunner:
         # A replica of a pool: a batch that fails as a whole hands its requests that had not
         # begun back (`NotStarted`, to run elsewhere), and reports the fault.
         self._on_fault = on_fault
+        #: recent run time per request (s): a moving average over batches; inf until measured
+        self.per_request_s = float("inf")
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
         self._readies = type(backend).begin_batch is not Backend.begin_batch
 
@@ -82,22 +84,28 @@ class BatchRunner:
         backend, executor, begin = self._backend, self._executor, self._queue.begin
         stream = backend.begin_batch(ctx, [r.ready for r in batch] if self._readies else [])
         chunk = executor.chunk
+        t0 = time.perf_counter()
         for i in range(0, len(batch), chunk):
             live = begin(batch[i:i + chunk] if len(batch) > chunk else batch)
             if live:
                 executor.run(live, stream)
+        took = (time.perf_counter() - t0) / len(batch)
+        last = self.per_request_s
+        self.per_request_s = took if last == float("inf") else 0.8 * last + 0.2 * took
         return backend.finish(ctx)
 
-    def land(self, token: Any, batch: list[Request], here: Loop | None = None) -> None:
-        """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it;
-        a readiness failure is the batch's outcome."""
+    def land(self, token: Any, batch: list[Request], here: Loop | None = None,
+             soon: bool = False) -> None:
+        """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it
+        (`Delivery.complete`'s `here` and `soon`); a readiness failure is the batch's
+        outcome."""
         try:
             self._backend.wait_ready(token)
         except Exception as exc:
             for req in batch:
                 req.error, req.result = exc, None
             self.fault(exc)
-        self.delivery.complete(batch, here)
+        self.delivery.complete(batch, here, soon)
 
     def fault(self, error: BaseException) -> None:
         """A batch failed as a whole (the backend's step, not one request's run)."""

@@ -203,3 +203,39 @@ async def test_on_loop_a_full_queue_left_by_a_stalled_loop_is_drained(on_full):
         assert torch.equal(out[0], torch.tensor(10.0))
     finally:
         d.shutdown(wait=5)
+
+
+def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
+    """`run_here_if_idle`: never before a run was measured, never while another batch runs or
+    requests wait, never once runs are slower than the bound; its outcome is delivered soon
+    (posted to its loop), not settled before its task yields."""
+    ex = DoublingExecutor()
+    d = Dispatcher(ex, CPU, RuntimeOptions(idle_on_loop=True))
+    loop = PlainLoop()
+    try:
+        first = request(torch.tensor(1.0), loop)
+        assert not d.run_here_if_idle(first)  # not measured yet
+        assert d.try_submit(first) and loop.drain(1) == [[first]]
+        assert d.runner.per_request_s < 1.0  # measured by the worker's run
+        d.runner.per_request_s = 0.0  # (this machine's timing aside)
+        here = request(torch.tensor(2.0), loop)
+        assert d.run_here_if_idle(here)
+        assert ex.runs[-1] == [here] and here.waiter.outcome is None  # ran, not yet settled
+        # within the same loop iteration, a second request goes to the workers
+        assert not d.run_here_if_idle(request(torch.tensor(9.0), loop))
+        loop.drain(1)  # the loop's next iteration begins
+        assert loop.drain(1) == [[here]] and torch.equal(here.waiter.outcome[0][0],
+                                                         torch.tensor(4.0))
+        d.runner.per_request_s = 1.0  # slower than the bound
+        assert not d.run_here_if_idle(request(torch.tensor(3.0), loop))
+        d.runner.per_request_s = 0.0
+        ex.gate = threading.Event()
+        busy = request(torch.tensor(4.0), loop)
+        d.try_submit(busy)
+        assert ex.started.wait(5)
+        assert not d.run_here_if_idle(request(torch.tensor(5.0), loop))  # a batch runs
+        ex.gate.set()
+        loop.drain(1)
+    finally:
+        d.shutdown(wait=5)
+
