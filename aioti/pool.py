@@ -12,6 +12,7 @@ that had not started go to the others, and `check_health` probes whether it reco
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -121,7 +122,8 @@ class ReplicaPool(AsyncModel):
             self.router.recovered(i)
         return list(self.router.healthy)
 
-    async def hot_swap(self, mapping: Mapping[str, Any] | Any, *, fold: bool = True) -> None:
+    async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
+                       fold: bool = True) -> None:
         """`AsyncModel.hot_swap` across the replicas: stage and fold on each, then swap all of
         them while no batch runs anywhere. A replica that fails to stage is named in the error,
         and no replica is swapped."""

@@ -56,6 +56,20 @@ def close_to(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+async def counted_call(f: Figures, model: Any, x: torch.Tensor, ref: torch.Tensor,
+                       refused: type[Exception]) -> bool:
+    """One call, counted in `f` (completed, wrong, or failed with the expected `refused`);
+    True when it was refused."""
+    f["sent"] += 1
+    try:
+        out = await model(x)
+    except refused:
+        f["failed"] += 1
+        return True
+    f["completed" if close_to(out, ref) else "wrong"] += 1
+    return False
+
+
 # --- scenarios ------------------------------------------------------------------------------
 
 async def cancel_storm(mode: str) -> Figures:
@@ -147,14 +161,8 @@ async def close_under_load(mode: str) -> Figures:
     model = await aioti.load(compile_model("small_mlp"), batching=batching_for(mode))
 
     async def caller() -> None:
-        while True:
-            f["sent"] += 1
-            try:
-                out = await model(x)
-            except aioti.ClosedError:
-                f["failed"] += 1
-                return
-            f["completed" if close_to(out, ref) else "wrong"] += 1
+        while not await counted_call(f, model, x, ref, aioti.ClosedError):
+            pass
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
@@ -178,14 +186,8 @@ async def backpressure(mode: str) -> Figures:
 
             async def caller() -> None:
                 for _ in range(100):
-                    f["sent"] += 1
-                    try:
-                        out = await model(x)
-                    except aioti.QueueFullError:
-                        f["failed"] += 1
+                    if await counted_call(f, model, x, ref, aioti.QueueFullError):
                         await anyio.sleep(0)
-                        continue
-                    f["completed" if close_to(out, ref) else "wrong"] += 1
 
             with anyio.fail_after(60):
                 async with anyio.create_task_group() as tg:

@@ -48,7 +48,7 @@ class Dispatcher:
         self.queue = queue = RequestQueue(options, room)
         self.delivery = Delivery(queue)
         self.runner = runner = BatchRunner(queue, self.delivery, executor, backend, teams,
-                                           on_fault)
+                                           on_fault, timed=options.idle_on_loop)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
         self._ran_here_on: Loop | None = None  # the loop that ran a request this iteration
@@ -77,8 +77,9 @@ class Dispatcher:
     def run_here_if_idle(self, req: Request) -> bool:
         """With `options.idle_on_loop`: run a lone request right here, on its caller's thread,
         when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, and
-        this loop ran none so in its current iteration: no thread hand-off, no worker to wake. Its outcome is delivered once the loop's ready tasks
-        have run (awaiting it still yields to them). False, doing nothing, otherwise."""
+        this loop ran none so in its current iteration: no thread hand-off, no worker to wake.
+        Its outcome is delivered once the loop's ready tasks have run (awaiting it still yields
+        to them). False, doing nothing, otherwise."""
         loop = req.loop
         if (self.runner.per_request_s > IDLE_RUN_MAX_S or self._ran_here_on is loop
                 or not self.queue.claim_idle(req)):
@@ -86,12 +87,7 @@ class Dispatcher:
         # One such run per loop iteration: the next requests of a burst go to the workers.
         self._ran_here_on = loop
         loop.soon(self._next_iteration, loop)
-        batch = [req]
-        token = self.runner.run(None, batch, 1, here=req.loop)
-        if token is not None:
-            self.runner.land(token, batch, loop, soon=True)
-        else:
-            self.delivery.complete(batch, loop, soon=True)
+        self.runner.run_here([req], 1, loop, soon=True)
         return True
 
     def _next_iteration(self, loop: Loop) -> None:

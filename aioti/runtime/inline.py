@@ -43,11 +43,7 @@ class OnLoop:
         if more:  # more than a batch was queued: go on after this loop's ready tasks
             loop.soon(self.run, loop)
         t0 = time.perf_counter()
-        token = self._runner.run(None, batch, busy, here=loop)
-        if token is not None:
-            self._runner.land(token, batch, loop)
-        else:
-            self._runner.delivery.complete(batch, loop)
+        self._runner.run_here(batch, busy, loop)
         took = time.perf_counter() - t0
         if took < ON_LOOP_WARN_S:
             self._slow_before = None

@@ -41,12 +41,10 @@ STOP: Any = object()
 
 class RequestQueue:
     def __init__(self, options: RuntimeOptions, room: ParkingLot | None = None) -> None:
-        self.options = options
         self.max_queue = options.max_queue
         self._max_rows = options.max_batch_size
         self._linger = options.max_delay_s
         self._workers = options.workers
-        self._on_loop = options.on_loop
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
         self._items: deque[Request] = deque()

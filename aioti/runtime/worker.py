@@ -18,6 +18,7 @@ Neither part knows an event loop: delivery is a callback's business, and a worke
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -42,7 +43,8 @@ class BatchRunner:
 
     def __init__(self, queue: RequestQueue, delivery: Delivery, executor: Executor,
                  backend: Backend, teams: ThreadTeams | None = None,
-                 on_fault: Callable[[BaseException], None] | None = None) -> None:
+                 on_fault: Callable[[BaseException], None] | None = None,
+                 timed: bool = False) -> None:
         self._queue = queue
         self.delivery = delivery
         self._executor = executor
@@ -51,8 +53,10 @@ class BatchRunner:
         # A replica of a pool: a batch that fails as a whole hands its requests that had not
         # begun back (`NotStarted`, to run elsewhere), and reports the fault.
         self._on_fault = on_fault
-        #: recent run time per request (s): a moving average over batches; inf until measured
-        self.per_request_s = float("inf")
+        #: with `timed`: recent run time per request (s), a moving average over batches (inf
+        #: until measured; kept only where a policy reads it)
+        self.per_request_s = math.inf
+        self._timed = timed
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
         self._readies = type(backend).begin_batch is not Backend.begin_batch
 
@@ -84,15 +88,26 @@ class BatchRunner:
         backend, executor, begin = self._backend, self._executor, self._queue.begin
         stream = backend.begin_batch(ctx, [r.ready for r in batch] if self._readies else [])
         chunk = executor.chunk
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if self._timed else 0.0
         for i in range(0, len(batch), chunk):
             live = begin(batch[i:i + chunk] if len(batch) > chunk else batch)
             if live:
                 executor.run(live, stream)
-        took = (time.perf_counter() - t0) / len(batch)
-        last = self.per_request_s
-        self.per_request_s = took if last == float("inf") else 0.8 * last + 0.2 * took
+        if self._timed:
+            took = (time.perf_counter() - t0) / len(batch)
+            last = self.per_request_s
+            self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
         return backend.finish(ctx)
+
+    def run_here(self, batch: list[Request], busy: int, loop: Loop, soon: bool = False
+                 ) -> None:
+        """Run a batch on `loop`'s thread and deliver it (`Delivery.complete`'s `soon`): waits
+        for its readiness right there if the backend hands a token."""
+        token = self.run(None, batch, busy, here=loop)
+        if token is not None:
+            self.land(token, batch, loop, soon)
+        else:
+            self.delivery.complete(batch, loop, soon)
 
     def land(self, token: Any, batch: list[Request], here: Loop | None = None,
              soon: bool = False) -> None:

@@ -86,7 +86,6 @@ class ModelRepository:
         self._metrics = metrics
         self._log = log
         self._lock = anyio.Lock()
-        self._closing: set[anyio.abc.TaskGroup] = set()
 
     def models(self) -> dict[str, AsyncModel]:
         return {n: e.model for n, e in self.entries.items() if e.model is not None}

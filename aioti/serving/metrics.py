@@ -79,7 +79,7 @@ class _ModelsCollector:
                     hist[int(rows)] = hist.get(int(rows), 0) + n
             if hist:
                 bounds = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
-                buckets, total = [], 0
+                buckets = []
                 for b in bounds:
                     buckets.append((str(b), sum(n for rows, n in hist.items() if rows <= b)))
                 total = sum(hist.values())
