@@ -23,6 +23,15 @@ def _devices(text: str) -> str | list[str]:
     return parts[0] if len(parts) == 1 else parts
 
 
+def _specialized(c: Any) -> int:
+    """How many of the model's arguments are non-tensors, specialized into it at export."""
+    if not c.call_spec or not c.call_spec[0]:
+        return 0
+    import torch.utils._pytree as pytree
+
+    return max(0, pytree.treespec_loads(c.call_spec[0]).num_leaves - c.num_inputs)
+
+
 def _info(args: argparse.Namespace) -> int:
     from .core import list_models, open_container, open_model, runmany
     from .replica import devices
@@ -48,6 +57,12 @@ def _info(args: argparse.Namespace) -> int:
                         "an older torch (e.g. 2.11): some functions are missing",
             "run_loop": runmany.status(),
             "loaded_on": where,
+            "weights": ("in the library" if files.blob is None and files.weights_config is None
+                        and c.buffers.loaded else
+                        f"stored in the package ({'blob' if files.blob else 'torch.save files'})"
+                        if c.buffers.loaded else "none: pass weights= to aioti.load"),
+            "proxy_operators": c.proxy.targets if c.proxy is not None else [],
+            "specialized_arguments": _specialized(c),
         }
     finally:
         c.delete()
@@ -58,10 +73,21 @@ def _info(args: argparse.Namespace) -> int:
     print(f"model    {info['model']}  built for {info['device']} by {info['built_by']}")
     for i in info["inputs"]:
         print(f"input    {i['name']}: {i['spec']}")
+    if any(".." in i["spec"] for i in info["inputs"]):
+        print("ranges   as compiled: inductor may narrow a dim's exported range (the package "
+              "does not record that one)")
     print(f"outputs  {', '.join(info['outputs'])}")
     for k in info["constants"]:
         print(f"constant {k['name']} ({k['fqn']}): {k['dtype']}, {k['bytes']} bytes"
               + (", folded" if k["folded"] else ""))
+    print(f"weights  {info['weights']}")
+    if info["specialized_arguments"]:
+        print(f"non-tensor {info['specialized_arguments']} argument(s) specialized at export: the "
+              "model computes with the exported values whatever is passed (the package does not "
+              "record them, so aioti cannot check them; it warns once)")
+    if info["proxy_operators"]:
+        print(f"proxy    operators without a C shim, run from Python: "
+              f"{', '.join(info['proxy_operators'])}")
     print(f"ABI      {len(info['abi_present'])} functions; missing: "
           f"{', '.join(info['abi_missing']) or 'none'}")
     print(f"runs     {'a chunk per native call' if info['run_loop'] == 'native' else info['run_loop']}")

@@ -9,7 +9,8 @@ thread. A load that fails closes what it made and removes what it extracted.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
@@ -21,6 +22,7 @@ from .backends.registry import resolve_backend
 from .core.container import Container, open_container
 from .core.package import ModelFiles, discard, open_model
 from .core.threads import ThreadTeams
+from .core.weights import read_state_dict
 from .errors import InputError
 from .loops.parking import ParkingLot
 from .model import AsyncModel
@@ -82,6 +84,7 @@ def load(
     batching: Batching | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
+    weights: Mapping[str, torch.Tensor] | str | os.PathLike[str] | None = None,
 ) -> ModelLoader:
     """Load a `.pt2` package (or a bare model `.so`) for async use: a path, or the package's
     bytes or a binary file object (as torch's loader takes), cached under their hash.
@@ -97,6 +100,14 @@ def load(
     CPU, every core for a run alone, the cores shared among busy workers and among replicas on
     the CPU, one for small models). All blocking work runs off the event loop, except the
     batches of `Batching(on_loop=True)`, which run on it by request.
+
+    `weights` (a state dict by constant name or FQN, or a `.safetensors` or `torch.save` file)
+    updates the model's constants before it serves: how a package compiled without weights
+    (`package_constants_in_so=False` and none stored) gets them, every constant then required;
+    for other packages, the constants named are replaced. Packages that store their weights
+    outside the library (a blob, `torch.save`d tensors) are loaded with them; C++-only packages
+    are compiled once (on the "aioti" logger: what is built, where, how long); operators without
+    a C shim run through aioti's proxy executor, from Python.
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
@@ -121,6 +132,8 @@ def load(
         def blocking() -> None:
             nonlocal files
             files = open_model(path, model_name, cache_dir=cache_dir)
+            given = (read_state_dict(Path(weights)) if isinstance(weights, (str, os.PathLike))
+                     else weights)
             for i, backend in enumerate(backends):
                 # A pool keeps about one replica's worker threads in all: every worker takes
                 # the GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs
@@ -130,16 +143,20 @@ def load(
                 container = open_container(files, device=str(backend.device),
                                            num_models=num_models, check_inputs=check_inputs)
                 made.append(container)
-                weights = sum(c.nbytes for c in container.constants)
+                if given is not None:
+                    container.buffers.update_constants(given)
+                size = sum(c.nbytes for c in container.constants)
                 if workers is None and num_models > n:
-                    n = backend.auto_workers(weights) or n
+                    n = backend.auto_workers(size) or n
                 sharing = sum(b.device == backend.device for b in backends)
-                team = _teams(backend, threads, weights, n, sharing)
+                team = _teams(backend, threads, size, n, sharing)
                 if i == 0 and batching is not None:
                     if batching.on_loop and backend.device.type != "cpu":
                         raise InputError(
                             "on-loop batching runs batches on the event loop's thread, which "
                             f"suits CPU models only; this model is on {backend.device}")
+                    if not container.buffers.loaded:
+                        raise container.buffers.unloaded_error()  # the probe runs the model
                     reason = probe_batch_dim(container.run_tensors, container.signature,
                                              backend.device, batching.dim)
                     if reason:

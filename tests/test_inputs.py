@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -156,3 +159,7 @@ async def test_a_specialized_non_tensor_argument_warns_once():
         warned = [w for w in caught if "specialized" in str(w.message)]
         assert len(warned) == 1 and "2.0" in str(warned[0].message)
         assert torch.allclose(out, x * 0.5) and torch.allclose(again, x * 0.5)
+    info = subprocess.run([sys.executable, "-m", "aioti", "info", str(compile_model("scaled_v1"))],
+                          capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "non-tensor 1 argument(s) specialized at export" in info.stdout

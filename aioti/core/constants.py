@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
-from ..errors import InputError, UnsupportedOperation
+from ..errors import InputError, ModelRunError, UnsupportedOperation
 from .library import (
     ConstantEntry,
     free_handles,
@@ -72,6 +72,21 @@ class ConstantBuffers:
         self._folds = any(c.from_folded for c in container.constants) or not container.library.has(
             "GetConstantFromFolded")
         self._holds_folded = [self._folds, False]
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the active buffer holds a complete weight set. Not so for a package that
+        holds no weights (compiled with `package_constants_in_so=False` and none stored on
+        disk) until one arrives: the model's runs would read constants that do not exist."""
+        return self._constants_loaded
+
+    def unloaded_error(self) -> ModelRunError:
+        """What a run, a probe or a fold of a model without weights raises."""
+        return ModelRunError(
+            "this model has no weights yet: its package holds none (compiled with "
+            "aot_inductor.package_constants_in_so=False, and no weights stored on disk); pass "
+            "weights= to aioti.load, or give every constant to update_constants (it needs: "
+            f"{', '.join(self.missing_constants(set()))})")
 
     @property
     def folds(self) -> bool:
@@ -160,6 +175,10 @@ class ConstantBuffers:
         missing = self.missing_constants(set(resolved))
         if validate_full and missing:
             raise InputError(f"validate_full: constants missing from the mapping: {missing}")
+        if missing and not self._constants_loaded and (not inactive or not self._inactive_complete):
+            raise InputError(
+                "this model has no weights yet (its package holds none), so the first update "
+                f"must give every constant; missing: {missing}")
         if inactive and not self._inactive_complete and missing:
             # The inactive buffer holds no complete weight set yet: complete it from the active
             # one, so that a later swap never activates missing constants.
@@ -199,6 +218,8 @@ class ConstantBuffers:
         free_handles(replaced)
         if inactive:
             self._inactive_complete = True  # complete by now: checked or completed above
+        else:
+            self._constants_loaded = True  # complete: a partial update needs it loaded
 
     def update_inactive_constants(self, mapping: Mapping[str, object]) -> None:
         """Update the inactive buffer (a shorthand for `update_constants(..., inactive=True)`).
@@ -284,6 +305,8 @@ class ConstantBuffers:
         self._c._need("RunConstantFolding", "constant folding")
         if not self._folds:
             return  # nothing to fold (natively: a warning printed to stderr, nothing else)
+        if not inactive and not self._constants_loaded:
+            raise self.unloaded_error()
         if inactive and not self._inactive_complete:
             raise InputError(
                 "fold refused: the inactive buffer holds no complete weight set "
@@ -303,6 +326,7 @@ class ConstantBuffers:
             )
         self._c.library.call("SwapConstantBuffer", self._c._live())
         self._active ^= 1
+        self._inactive_complete, self._constants_loaded = self._constants_loaded, True
         self._holds_folded[self._active] = self._folds  # the next run folds it, if not yet
 
     @_holding

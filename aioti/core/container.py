@@ -32,7 +32,9 @@ from .library import (
     handles_from_tensors,
     tensors_from_handles,
 )
-from .signature import Signature, constant_shapes, input_labels, parse_signature
+from .proxy import ProxyExecutor, extern_nodes
+from .signature import Signature, constant_shapes, embeds_weights, input_labels, parse_signature
+from .weights import read_package_weights
 
 __all__ = ["ConstantInfo", "Container", "scalar_type"]
 
@@ -69,7 +71,10 @@ class Container:
 
     `device` is a device string ("cpu", "cuda:1"); `num_models` the number of model instances
     that may run at once; `single_threaded` uses `RunSingleThreaded`, for callers that never
-    run concurrently; `check_inputs` makes `run` validate inputs against the model's signature.
+    run concurrently; `check_inputs` makes `run` validate inputs against the model's signature;
+    `proxy` runs the operators the model calls without a C shim (`proxy.ProxyExecutor`; the
+    container owns it); `constants_loaded=False` says that the model's constants are not in
+    its library: runs are refused until a complete weight set arrives (`ConstantBuffers`).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class Container:
         check_inputs: bool = True,
         source: str | None = None,
         constants_loaded: bool = True,
+        proxy: ProxyExecutor | None = None,
     ) -> None:
         if num_models < 1:
             raise ValueError(f"num_models must be >= 1, got {num_models}")
@@ -90,6 +96,8 @@ class Container:
         self.device = torch.device(device)
         self.num_models = num_models
         self.check_inputs = check_inputs
+        self.proxy = proxy
+        self._proxy_address = proxy.address if proxy is not None else None
         handle = c_void_p()
         cubin = str(cubin_dir).encode() if cubin_dir is not None else None
         library.call("CreateWithDevice", byref(handle), num_models, str(self.device).encode(), cubin)
@@ -252,15 +260,17 @@ class Container:
         Handles are made and taken back for the whole batch at once, and with the native helper
         (`runmany`) every run goes in one GIL-free call."""
         handle = self._live()  # a closed container raises before any handle is made
+        if not self.buffers.loaded:
+            raise self.buffers.unloaded_error()
         n_in, n_out = self.num_inputs, self.num_outputs
         if len(batch) == 1 and len(batch[0]) == n_in and not self._native_checks:
             # One run (a merged batch, a lone request): one ctypes call, no helper arrays.
             outs1 = self._out_array()
             code = self._run_fn(handle, self._in_array(*handles_from_tensors(batch[0])), n_in,
-                                outs1, n_out, stream, None)
+                                outs1, n_out, stream, self._proxy_address)
             if code:
                 free_handles(list(outs1))  # its outputs may be partly written
-                return [ModelRunError(self.library.describe_failure("Run", code))]
+                return [self._failure(code)]
             return [tensors_from_handles(list(outs1))]
         results: list[Any] = [None] * len(batch)
         runs = []
@@ -284,7 +294,7 @@ class Container:
             if not code:
                 break
             bad = start + done  # its outputs may be partly written
-            failed[bad] = ModelRunError(self.library.describe_failure("Run", code))
+            failed[bad] = self._failure(code)
             free_handles(outs[bad * n_out:(bad + 1) * n_out])
             if self._native_checks:
                 free_handles([ins[j] for j in range(bad * n_in, (bad + 1) * n_in)
@@ -312,15 +322,26 @@ class Container:
             code = native(self._run_address, self._live(),
                           ctypes.addressof(ins) + start * n_in * width, n_in,
                           ctypes.addressof(outs) + start * n_out * width, n_out,
-                          count - start, stream, byref(done))
+                          count - start, stream, self._proxy_address, byref(done))
             return code, done.value
         for k in range(start, count):
             code = self._run_fn(
                 self._live(), self._in_array.from_buffer(ins, k * n_in * width), n_in,
-                self._out_array.from_buffer(outs, k * n_out * width), n_out, stream, None)
+                self._out_array.from_buffer(outs, k * n_out * width), n_out, stream,
+                self._proxy_address)
             if code:
                 return code, k - start
         return 0, count - start
+
+    def _failure(self, code: int) -> ModelRunError:
+        """The error of a run that returned `code`, read on the thread that ran it: the
+        library's message, or the exception of an operator the proxy executor ran."""
+        failed = self.proxy.take_error() if self.proxy is not None else None
+        if failed is None:
+            return ModelRunError(self.library.describe_failure("Run", code))
+        error = ModelRunError(f"the run failed: {failed[0]}")
+        error.__cause__ = failed[1]
+        return error
 
     # --- lifetime ----------------------------------------------------------------------------
 
@@ -333,22 +354,38 @@ class Container:
                 return
             self.library.call("Delete", handle)
             self.buffers.release()
+            if self.proxy is not None:
+                self.proxy.close()
 
 
 def open_container(files: object, **kwargs: Any) -> Container:
-    """A container over `ModelFiles` (see `package.open_model`), weights blob loaded."""
+    """A container over `ModelFiles` (see `package.open_model`): with a proxy executor when the
+    model calls operators through one, and the package's weights loaded when it stores them
+    outside the library (a blob, or `torch.save`d tensors). A package that holds no weights
+    gives a container that refuses to run until a complete weight set arrives."""
     from .package import ModelFiles
 
     if not isinstance(files, ModelFiles):
         raise ModelLoadError(f"expected ModelFiles, got {type(files).__name__}")
     lib = ModelLibrary(files.library, torch_version=files.metadata.get("torch_version"))
     kwargs.setdefault("cubin_dir", files.cubin_dir)
-    container = Container(lib, source=files.read_source(), constants_loaded=files.blob is None,
-                          **kwargs)
-    if files.blob is not None:
-        try:
+    source = files.read_source()
+    nodes = extern_nodes(files.extern_json)
+    proxy = ProxyExecutor(nodes, torch.device(kwargs.get("device", "cpu"))) if nodes else None
+    try:
+        container = Container(lib, source=source, proxy=proxy, constants_loaded=(
+            files.blob is None and embeds_weights(source)), **kwargs)
+    except BaseException:
+        if proxy is not None:
+            proxy.close()
+        raise
+    try:
+        if files.blob is not None:
             container.buffers.load_constants_from_blob(files.blob)
-        except BaseException:
-            container.delete()
-            raise
+        elif files.weights_config is not None:
+            container.buffers.update_constants(read_package_weights(files.weights_config),
+                                               validate_full=True)
+    except BaseException:
+        container.delete()
+        raise
     return container

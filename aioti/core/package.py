@@ -2,8 +2,11 @@
 
 A package is a zip archive holding, per model, `<prefix>/data/aotinductor/<model>/` with the
 model library (`*.wrapper.so`), its source (`*.wrapper.cpp`, from which input checks are read),
-metadata (`*_metadata.json`), and optionally constants kept outside the library
-(`*_weights.blob`) and kernel binaries (`*.cubin`). Only the standard library reads it.
+metadata (`*_metadata.json`), and optionally: constants kept outside the library (a
+`*_weights.blob`, or `weights_config.json` naming `torch.save`d tensors in
+`<prefix>/data/weights/`), kernel binaries (`*.cubin`), the operator calls of a proxy executor
+(`*.wrapper.json`), or - in a C++-only package - sources and build options instead of the library
+(`build.py` builds it). Only the standard library reads it.
 
 Extraction goes to `<cache>/<sha256 of the package>/`: a second load of the same bytes reuses
 it, and concurrent extractions (threads or processes) each write a private temporary directory
@@ -24,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
+from .build import build_library, is_cpp_only
 
 __all__ = ["ModelFiles", "cpu_flags", "default_cache_dir", "discard", "list_models", "open_model",
            "package_path"]
 
 _MARK = "/data/aotinductor/"
+_WEIGHTS = "/data/weights/"
 
 
 def default_cache_dir() -> Path:
@@ -52,6 +57,10 @@ class ModelFiles:
     package: Path | None = None
     #: the cache directory this load extracted (None: it was there already, or a bare library)
     extracted: Path | None = None
+    #: the operator calls the library makes through a proxy executor (`proxy.extern_nodes`)
+    extern_json: Path | None = None
+    #: `weights_config.json`: constants stored as `torch.save`d tensors (`weights/` beside it)
+    weights_config: Path | None = None
 
     def read_source(self) -> str | None:
         return self.source.read_text(errors="replace") if self.source else None
@@ -68,13 +77,21 @@ def _open_zip(path: Path) -> zipfile.ZipFile:
         ) from exc
 
 
-def _models_in(zf: zipfile.ZipFile) -> dict[str, list[zipfile.ZipInfo]]:
-    models: dict[str, list[zipfile.ZipInfo]] = {}
+def _models_in(zf: zipfile.ZipFile) -> dict[str, list[tuple[zipfile.ZipInfo, str]]]:
+    """Per model, its archive members and their names in its cache directory."""
+    models: dict[str, list[tuple[zipfile.ZipInfo, str]]] = {}
     for info in zf.infolist():
         _, mark, rest = info.filename.partition(_MARK)
         if mark and "/" in rest and not info.is_dir():
-            models.setdefault(rest.split("/", 1)[0], []).append(info)
+            model, name = rest.split("/", 1)
+            models.setdefault(model, []).append((info, name))
     return models
+
+
+def _weights_in(zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, str]]:
+    """The package's stored weights (`data/weights/*`), shared by its models."""
+    return [(info, info.filename.partition(_WEIGHTS)[2]) for info in zf.infolist()
+            if _WEIGHTS in info.filename and not info.is_dir()]
 
 
 def list_models(path: str | os.PathLike[str]) -> list[str]:
@@ -91,8 +108,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path) -> None:
-    if dest.is_dir():
+def _extract(zf: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, str]], dest: Path
+             ) -> None:
+    """Write `members` (archive entry, name under `dest`) into `dest`, unless it exists."""
+    if dest.is_dir() or not members:
         return
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +122,7 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path) -> N
             "AIOTI_CACHE_DIR, or cache_dir=, at a writable directory)"
         ) from exc
     try:
-        for info in infos:
-            name = info.filename.partition(_MARK)[2].split("/", 1)[1]
+        for info, name in members:
             target = tmp / name
             if ".." in Path(name).parts:
                 raise ModelLoadError(f"package entry {info.filename!r} escapes its directory")
@@ -117,7 +135,7 @@ def _extract(zf: zipfile.ZipFile, infos: list[zipfile.ZipInfo], dest: Path) -> N
             if not dest.is_dir():  # lost a race only if the winner's copy is there
                 raise
     except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        raise ModelLoadError(f"cannot extract {infos[0].filename!r}: {exc}") from exc
+        raise ModelLoadError(f"cannot extract {members[0][0].filename!r}: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -176,18 +194,25 @@ def _check_cpu_isa(meta: dict[str, str], where: str) -> None:
 
 
 def _files_in(directory: Path, name: str, package: Path | None) -> ModelFiles:
-    libs = sorted(directory.rglob("*.so"))
+    libs = sorted(p for p in directory.rglob("*.so") if not p.parent.name.startswith("build-"))
+    cpp_only = is_cpp_only(directory) if not libs else None
+    if cpp_only is not None:
+        libs = [build_library(cpp_only)]
     if not libs:
-        raise ModelLoadError(f"model {name!r} in {str(package or directory)!r} has no library")
+        raise ModelLoadError(f"model {name!r} in {str(package or directory)!r} has no library "
+                             "(nor the sources and build options of a C++-only package)")
     lib = next((p for p in libs if p.name.endswith(".wrapper.so")), libs[0])
     stem = lib.name.removesuffix(".so")
+    from_dir = cpp_only.parent if cpp_only is not None else lib.parent
     meta: dict[str, str] = {}
     for mpath in sorted(directory.rglob("*metadata.json")):
         try:
             meta.update({k: str(v) for k, v in json.loads(mpath.read_text()).items()})
         except (ValueError, AttributeError) as exc:
             raise ModelLoadError(f"bad metadata {str(mpath)!r}: {exc}") from exc
-    source = lib.with_name(stem + ".cpp")
+    source = from_dir / (stem + ".cpp")
+    extern = from_dir / (stem + ".json")
+    config = directory / "weights_config.json"
     blobs = sorted(directory.rglob("*_weights.blob")) or sorted(directory.rglob("*.blob"))
     cubins = sorted(directory.rglob("*.cubin")) + sorted(directory.rglob("*.fatbin"))
     files = ModelFiles(
@@ -198,6 +223,8 @@ def _files_in(directory: Path, name: str, package: Path | None) -> ModelFiles:
         cubin_dir=cubins[0].parent if cubins else None,
         metadata=meta,
         package=package,
+        extern_json=extern if extern.is_file() else None,
+        weights_config=config if config.is_file() else None,
     )
     _check_platform(meta, f"model {name!r} in {str(package or lib)!r}")
     _check_cpu_isa(meta, f"model {name!r} in {str(package or lib)!r}")
@@ -269,6 +296,8 @@ def open_model(
         dest = root / _sha256(path) / model_name
         fresh = not dest.is_dir()
         _extract(zf, models[model_name], dest)
+        if (dest / "weights_config.json").is_file():
+            _extract(zf, _weights_in(zf), dest / "weights")
     try:
         files = _files_in(dest, model_name, path)
     except BaseException:
@@ -302,7 +331,9 @@ def _bare(lib: Path) -> ModelFiles:
     blob = lib.with_name(stem + "_weights.blob")
     meta_path = lib.with_name(stem + "_metadata.json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    extern = lib.with_name(stem + ".json")
     files = ModelFiles(
+        extern_json=extern if extern.is_file() else None,
         name=stem,
         library=lib,
         source=source if source.is_file() else None,

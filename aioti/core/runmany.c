@@ -13,14 +13,15 @@ typedef int (*aioti_run_fn)(void *container, void **inputs, size_t num_inputs, v
 /* Runs i = 0 .. count-1 on inputs[i*num_inputs ...] and outputs[i*num_outputs ...], in order,
  * stopping at the first that fails: returns its code (0 if none failed) and sets *done to the
  * number of runs that completed before it. Run takes over each run's input handles, the
- * failed one's included; the runs after a failed one are not started. */
+ * failed one's included; the runs after a failed one are not started. `proxy_executor` (may
+ * be null) is what the model calls for operators without a C shim (aioti.core.proxy). */
 int aioti_run_many(aioti_run_fn run, void *container, void **inputs, size_t num_inputs,
                    void **outputs, size_t num_outputs, size_t count, void *stream,
-                   size_t *done)
+                   void *proxy_executor, size_t *done)
 {
     for (size_t i = 0; i < count; i++) {
         int code = run(container, inputs + i * num_inputs, num_inputs,
-                       outputs + i * num_outputs, num_outputs, stream, (void *)0);
+                       outputs + i * num_outputs, num_outputs, stream, proxy_executor);
         if (code != 0) {
             *done = i;
             return code;

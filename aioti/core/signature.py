@@ -28,7 +28,8 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["InputSpec", "Layout", "Signature", "constant_shapes", "input_labels", "parse_signature"]
+__all__ = ["InputSpec", "Layout", "Signature", "constant_shapes", "embeds_weights", "input_labels",
+           "parse_signature"]
 
 _NAME = re.compile(r'inputs_info_\[(\d+)\]\.name = "(\w+)";')
 _CHECK = re.compile(r"static void check_input_(\d+)\(")
@@ -372,3 +373,17 @@ def constant_shapes(source: str | None) -> dict[str, tuple[int, ...]]:
         if i in names:
             out[names[i]] = shape
     return out
+
+
+# The model's base class is constructed with `include_weights` last: false when the package was
+# compiled with aot_inductor.package_constants_in_so=False.
+_INCLUDE_WEIGHTS = re.compile(
+    r"AOTInductorModelBase\(\s*\d+,\s*\d+,\s*\d+,\s*device_str,\s*[^,]*cubin_dir[^,]*,\s*"
+    r"(true|false)\s*\)")
+
+
+def embeds_weights(source: str | None) -> bool:
+    """Whether the library holds the model's weights, read off the wrapper source (assumed
+    when there is no source, or the source does not say)."""
+    m = _INCLUDE_WEIGHTS.search(source or "")
+    return m is None or m.group(1) == "true"

@@ -133,7 +133,8 @@ class BatchExecutor:
         with self._lock:
             hist = dict(sorted(self._sizes.items()))
             runs = self._runs
-        return {"runs": runs, "batch_rows": hist, "queue_wait_s": self.queue_wait.percentiles(50, 99)}
+        return {"runs": runs, "batch_rows": hist, "max_rows": self.max_rows,
+                "queue_wait_s": self.queue_wait.percentiles(50, 99)}
 
     def run(self, live: list[Request], stream: int | None) -> None:
         """Group, merge, run, split."""

@@ -152,7 +152,7 @@ async def _metadata(name: str, model: AsyncModel, ins: list[str], outs: list[str
     for n, spec in zip(ins, model.signature.inputs):
         shape = [-1 if not isinstance(s, int) else s for s in (spec.sizes or ())]
         inputs.append({"name": n, "datatype": datatype(spec.dtype), "shape": shape})
-    outputs = [{"name": n, "datatype": "UNKNOWN", "shape": []} for n in outs]
+    outputs: list[dict[str, Any]] = [{"name": n, "datatype": "UNKNOWN", "shape": []} for n in outs]
     try:
         runs = [await model.run(model.signature.example(model.device, rows=r)) for r in (2, 3)]
     except (InputError, RuntimeError, AiotiError):
