@@ -19,11 +19,12 @@ from .loader import ModelLoader, load
 from .model import AsyncModel
 from .pool import ReplicaPool
 from .runtime.batching import Batching
+from .runtime.graphs import CudaGraphs
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AiotiError", "AsyncModel", "Backend", "BackendError", "Batching", "ClosedError",
+    "AiotiError", "AsyncModel", "Backend", "BackendError", "Batching", "ClosedError", "CudaGraphs",
     "InputError", "ModelLoadError", "ModelLoader", "ModelRunError", "QueueFullError", "ReplicaPool",
     "UnsupportedOperation", "backends", "load", "register_backend", "resolve_backend",
 ]

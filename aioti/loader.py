@@ -29,6 +29,7 @@ from .model import AsyncModel
 from .pool import ReplicaPool
 from .replica import Replica, devices
 from .runtime.batching import Batching, probe_batch_dim
+from .runtime.graphs import CudaGraphs
 
 __all__ = ["ModelLoader", "load"]
 
@@ -85,6 +86,7 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     threads: int | None = None,
     weights: Mapping[str, torch.Tensor] | str | os.PathLike[str] | None = None,
+    cuda_graphs: CudaGraphs | None = None,
 ) -> ModelLoader:
     """Load a `.pt2` package (or a bare model `.so`) for async use: a path, or the package's
     bytes or a binary file object (as torch's loader takes), cached under their hash.
@@ -108,6 +110,9 @@ def load(
     outside the library (a blob, `torch.save`d tensors) are loaded with them; C++-only packages
     are compiled once (on the "aioti" logger: what is built, where, how long); operators without
     a C shim run through aioti's proxy executor, from Python.
+
+    `cuda_graphs` takes an `aioti.CudaGraphs`: on a CUDA device, each worker captures the run
+    at the batch sizes listed, at load, and replays them (docs/devices.md#cuda-graphs).
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
@@ -165,7 +170,7 @@ def load(
                 replicas.append(Replica.build(
                     i, name, container, backend, workers=n, max_queue=max_queue,
                     batching=batching, threads=team, room=room,
-                    on_fault=fault(i) if pool else None))
+                    on_fault=fault(i) if pool else None, cuda_graphs=cuda_graphs))
 
         try:
             await anyio.to_thread.run_sync(blocking)

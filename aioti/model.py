@@ -36,6 +36,7 @@ from .loops import current_loop
 from .loops.lock import CrossLoopLock
 from .replica import Replica
 from .runtime import lifecycle
+from .runtime.graphs import GraphRunner
 from .runtime.request import Request
 
 __all__ = ["AsyncModel"]
@@ -158,6 +159,8 @@ class AsyncModel:
         out = self._dispatcher.stats()
         if self._batcher is not None:
             out["batching"] = self._batcher.stats()
+        if self._replicas[0].graphs is not None:
+            out["cuda_graphs"] = self._replicas[0].graphs.stats()
         return out
 
     def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:
@@ -275,7 +278,22 @@ class AsyncModel:
                 return fn(replica.container)
 
         async with self._lock:
-            return [await _in_thread(functools.partial(call, r)) for r in self._replicas]
+            try:
+                return [await _in_thread(functools.partial(call, r)) for r in self._replicas]
+            finally:
+                await self._recapture()
+
+    async def _recapture(self) -> None:
+        """Recapture the CUDA graphs of replicas whose constants moved (their graphs are not
+        replayed meanwhile), with the replica's runs held off. Under the mutation lock."""
+        for r in self._replicas:
+            graphs = r.graphs
+            if graphs is not None and graphs.stale and not r.dispatcher.stopped:
+                def recapture(r: Replica = r, graphs: GraphRunner = graphs) -> None:
+                    with r.dispatcher.exclusive():
+                        graphs.capture()
+
+                await _in_thread(recapture)
 
     async def extract_constants(self, *, inactive: bool = False, by_fqn: bool = False
                                 ) -> dict[str, torch.Tensor]:
@@ -350,7 +368,10 @@ class AsyncModel:
             await _in_thread(lambda: c.buffers.stage_constants(loaded))
             if folds:
                 await _in_thread(lambda: c.buffers.fold_constants(inactive=True))
-            await _in_thread(c.buffers.swap_constants)
+            try:
+                await _in_thread(c.buffers.swap_constants)
+            finally:
+                await self._recapture()
 
     @staticmethod
     async def _read(mapping: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:

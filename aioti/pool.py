@@ -95,6 +95,8 @@ class ReplicaPool(AsyncModel):
             s = r.dispatcher.stats()
             if r.batcher is not None:
                 s["batching"] = r.batcher.stats()
+            if r.graphs is not None:
+                s["cuda_graphs"] = r.graphs.stats()
             per.append({"device": str(r.device), "healthy": healthy, "fault": fault, **s})
         total: dict[str, Any] = {k: sum(p[k] for p in per) for k in (
             "queued", "running", "completed", "failed", "cancelled", "workers", "max_queue")}
@@ -150,13 +152,19 @@ class ReplicaPool(AsyncModel):
                 r, exc = min(errors, key=lambda e: e[0].index)
                 raise type(exc)(f"replica {r.index} ({r.device}): {exc}; no replica was "
                                 "swapped") from exc
-            await _in_thread(self._swap_all)
+            try:
+                await _in_thread(self._swap_all)
+            finally:
+                await self._recapture()
 
     async def swap_constants(self) -> None:
         """Make every replica's inactive buffer active, all while no batch runs anywhere."""
         self._check_open()
         async with self._lock:
-            await _in_thread(self._swap_all)
+            try:
+                await _in_thread(self._swap_all)
+            finally:
+                await self._recapture()
 
     def _swap_all(self) -> None:
         with contextlib.ExitStack() as gates:

@@ -20,6 +20,7 @@ from .loops.parking import ParkingLot
 from .runtime.batching import BatchExecutor, Batching
 from .runtime.dispatch import Dispatcher
 from .runtime.executor import PlainExecutor
+from .runtime.graphs import CudaGraphs, GraphRunner
 from .runtime.options import RuntimeOptions
 
 __all__ = ["Replica", "devices"]
@@ -61,6 +62,8 @@ class Replica:
     workers: int
     #: native (OpenMP) threads per run, alone and shared (None: the threads' defaults)
     threads: ThreadTeams | None
+    #: CUDA graph replay (None: off)
+    graphs: GraphRunner | None = None
 
     @property
     def device(self) -> torch.device:
@@ -70,19 +73,27 @@ class Replica:
     def build(index: int, name: str, container: Container, backend: Backend, *, workers: int,
               max_queue: int, batching: Batching | None, threads: ThreadTeams | None,
               room: ParkingLot | None = None,
-              on_fault: Callable[[BaseException], None] | None = None) -> Replica:
-        """Wire a replica's runtime: the executor (plain or batched), its options, and the
-        dispatcher, which deletes the container once its workers are gone."""
+              on_fault: Callable[[BaseException], None] | None = None,
+              cuda_graphs: CudaGraphs | None = None) -> Replica:
+        """Wire a replica's runtime: CUDA graphs (captured here) if asked for, the executor
+        (plain or batched), its options, and the dispatcher, which deletes the container once
+        its workers are gone."""
+        graphs = None
+        run_many = container.run_many
+        if cuda_graphs is not None:
+            graphs = GraphRunner(container, cuda_graphs, workers)
+            graphs.capture()
+            run_many = graphs.run_many  # type: ignore[assignment]
         batcher = None
         executor: BatchExecutor | PlainExecutor
         if batching is not None:
-            executor = batcher = BatchExecutor(batching, container.signature, container.run_many)
+            executor = batcher = BatchExecutor(batching, container.signature, run_many)
             options = RuntimeOptions(
                 workers=workers, max_queue=max_queue, max_batch_size=executor.max_rows,
                 max_delay_ms=0.0 if batching.on_loop else batching.max_delay_ms,
                 on_loop=batching.on_loop, name=name)
         else:
-            executor = PlainExecutor(container, backend.run_chunk)
+            executor = PlainExecutor(run_many, backend.run_chunk)
             # A lone request may run on its caller's thread (CPU, one native thread a run: no
             # OpenMP team is woken on the loop's thread), while its runs are measured short.
             idle = backend.device.type == "cpu" and threads is not None and threads.alone == 1
@@ -90,4 +101,4 @@ class Replica:
                                      idle_on_loop=idle)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,
                                 on_stopped=container.delete, on_fault=on_fault, room=room)
-        return Replica(index, container, backend, dispatcher, batcher, workers, threads)
+        return Replica(index, container, backend, dispatcher, batcher, workers, threads, graphs)

@@ -1,6 +1,6 @@
 """Throughput and latency of aioti against the synchronous loop and naive thread offloading.
 
-    python benchmarks/throughput.py [--quick] [--json PATH] [--cuda]
+    python benchmarks/throughput.py [--quick] [--json PATH] [--cuda | --cuda-graphs | ...]
 
 One command; every ratio is against the synchronous loop over torch's own loader measured in the
 same run. Each row runs in a child process of its own: threads a row leaves behind (OpenMP teams
@@ -12,6 +12,9 @@ trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching o
 `on_loop`, each paired with a sync torch loop on the same requests); naive
 `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream of hot swaps
 against steady state (mid MLP). Each row is the median of `--repeats` runs.
+
+The JSON is `{"machine": {...}, "rows": [...]}`: the CPU model, cores, torch, Python (and the
+GPU, where one is used) with the rows measured on it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import aioti  # noqa: E402
 from aioti.harness import measure  # noqa: E402
 from aioti.testing import compile_model, eager_model  # noqa: E402
+
+
+def machine() -> dict[str, Any]:
+    """What the rows were measured on."""
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(),
+                           "usable_cores": len(os.sched_getaffinity(0))
+                           if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                           "torch": torch.__version__, "python": platform.python_version(),
+                           "platform": platform.platform()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def write_json(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
 
 
 def sync_loop(fn: Any, x: torch.Tensor, duration: float) -> dict[str, Any]:
@@ -255,6 +286,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--models", default="small_mlp,mid_mlp")
     ap.add_argument("--cuda", action="store_true", help="the CUDA section only")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="the CUDA graphs section only (graphs.py; includes the GPU c1 row)")
     ap.add_argument("--devices", action="store_true",
                     help="the multi-device section only (two GPUs)")
     ap.add_argument("--workers", type=int, default=2, help="workers per GPU (--devices)")
@@ -270,8 +303,12 @@ def main() -> int:
         model, config, conc = json.loads(args.row)
         print("ROW " + json.dumps(run_row(model, config, conc, args.duration, args.repeats)))
         return 0
-    if args.cuda or args.devices or args.serving:
-        if args.serving:
+    if args.cuda or args.devices or args.serving or args.cuda_graphs:
+        if args.cuda_graphs:
+            from graphs import run_graphs
+
+            rows = run_graphs(args.duration, args.repeats)
+        elif args.serving:
             from serving import run_serving
 
             rows = run_serving(args.duration)
@@ -284,7 +321,7 @@ def main() -> int:
 
             rows = run_devices(args.duration, args.repeats, args.workers, args.per_gpu)
         if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
+            write_json(args.json, rows)
         return 0
 
     for model in args.models.split(","):
@@ -319,8 +356,7 @@ def main() -> int:
                   f"p99 {row['p99_ms']:7.3f} ms  lag p99 "
                   f"{'-' if lag is None else f'{lag:.2f}'} ms{extra}", flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+        write_json(args.json, rows)
     return 0
 
 

@@ -357,3 +357,24 @@ def test_info_says_where_the_weights_are(tmp_path):
             env={**os.environ, "AIOTI_CACHE_DIR": str(tmp_path)})
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"weights  {says}" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.anyio
+async def test_custom_operators_on_cuda(anyio_backend):
+    """The operators run on the worker's stream (its current stream), as the model's kernels."""
+    eager = eager_model("custom_ops_v1", "cuda")
+    xs = [torch.randn(1 + i % 5, 8, device="cuda") for i in range(32)]
+    got: list[object] = [None] * len(xs)
+    async with aioti.load(compile_model("custom_ops_v1", "cuda"), device="cuda",
+                          workers=2) as model:
+
+        async def call(i: int) -> None:
+            got[i] = await model(xs[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(xs)):
+                tg.start_soon(call, i)
+    with torch.no_grad():
+        assert all(all(close(g, w) for g, w in zip(out, eager(x)))  # type: ignore[arg-type]
+                   for out, x in zip(got, xs))

@@ -1,4 +1,5 @@
-"""The CUDA driver's event and stream calls that a CUDA worker makes per batch, GIL held.
+"""The CUDA driver's event, stream, copy and graph-launch calls that a CUDA worker makes per
+batch (or per replayed request), GIL held.
 
 A worker records an event after each batch, polls it, and makes its stream wait on callers'
 streams. torch's `Event.record` and `Event.wait` release the GIL around their driver call, and
@@ -23,6 +24,7 @@ __all__ = ["Driver", "driver"]
 
 _NOT_READY = 600  # CUDA_ERROR_NOT_READY
 _DISABLE_TIMING = 0x2  # CU_EVENT_DISABLE_TIMING: recording one is then cheaper
+_NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING: no implicit order with the legacy stream
 
 
 class Driver:
@@ -46,6 +48,15 @@ class Driver:
         for fn in (self._create, self._destroy, self._record, self._wait, self._query,
                    self._stream_query, self._sync):
             fn.restype = c_int
+        self._copy = held.cuMemcpyDtoDAsync_v2
+        self._copy.argtypes = [c_void_p, c_void_p, ctypes.c_size_t, c_void_p]
+        self._copy.restype = c_int
+        self._launch = held.cuGraphLaunch
+        self._launch.argtypes = [c_void_p, c_void_p]
+        self._launch.restype = c_int
+        self._stream_create = held.cuStreamCreate
+        self._stream_create.argtypes = [ctypes.POINTER(c_void_p), c_uint]
+        self._stream_create.restype = c_int
         self._error_name = held.cuGetErrorName
         self._error_name.argtypes = [c_int, ctypes.POINTER(c_char_p)]
         self._error_name.restype = c_int
@@ -56,6 +67,22 @@ class Driver:
             self._error_name(code, byref(name))
             label = name.value.decode() if name.value else "unknown error"
             raise BackendError(f"CUDA {what} failed: {label} (code {code})")
+
+    def create_stream(self) -> int:
+        """A new non-blocking stream of the calling thread's current context (device), never
+        destroyed: one that nothing else uses, for as long as the process lives."""
+        stream = c_void_p()
+        self._check(self._stream_create(byref(stream), _NON_BLOCKING), "cuStreamCreate")
+        return stream.value or 0
+
+    def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
+        """Queue a copy of `nbytes` from device address `src` to `dst` on `stream`."""
+        if nbytes:
+            self._check(self._copy(dst, src, nbytes, stream), "cuMemcpyDtoDAsync")
+
+    def launch_graph(self, graph_exec: int, stream: int) -> None:
+        """Queue an instantiated CUDA graph (`cudaGraphExec_t`) on `stream`."""
+        self._check(self._launch(graph_exec, stream), "cuGraphLaunch")
 
     def create_event(self) -> int:
         """A new event without timing, on the calling thread's current context."""

@@ -66,6 +66,10 @@ class ConstantBuffers:
         self._inactive_complete = False
         self._blobs: list[object] = []
         self._constants_loaded = constants_loaded
+        #: counts the operations that may have moved the active constants (a swap, a fold,
+        #: an update that is not an in-place copy): what was recorded against their addresses
+        #: (CUDA graphs) is stale once it changes
+        self.generation = 0
         # Per buffer: may it hold runtime-folded constants? The active one does once a run has
         # folded it (the first run does). See `free_inactive_constants`.
         # (A library that cannot say which constants are folded is taken to fold.)
@@ -219,6 +223,8 @@ class ConstantBuffers:
         if inactive:
             self._inactive_complete = True  # complete by now: checked or completed above
         else:
+            if not copying or not self._constants_loaded:
+                self.generation += 1  # new tensors (or a first fill), not a copy in place
             self._constants_loaded = True  # complete: a partial update needs it loaded
 
     def update_inactive_constants(self, mapping: Mapping[str, object]) -> None:
@@ -312,8 +318,11 @@ class ConstantBuffers:
                 "fold refused: the inactive buffer holds no complete weight set "
                 "(update it first; it is empty after loading and after free_inactive)"
             )
-        self._c.library.call("RunConstantFolding", self._c._live(), inactive, stream, None)
+        self._c.library.call("RunConstantFolding", self._c._live(), inactive, stream,
+                             self._c._proxy_address)
         self._holds_folded[self._active ^ int(inactive)] = True
+        if not inactive:
+            self.generation += 1
 
     @_holding
     def swap_constants(self) -> None:
@@ -327,6 +336,7 @@ class ConstantBuffers:
         self._c.library.call("SwapConstantBuffer", self._c._live())
         self._active ^= 1
         self._inactive_complete, self._constants_loaded = self._constants_loaded, True
+        self.generation += 1
         self._holds_folded[self._active] = self._folds  # the next run folds it, if not yet
 
     @_holding
@@ -379,6 +389,7 @@ class ConstantBuffers:
             self._c.library.call("AOTInductorModelUpdateConstantsFromBlob", self._c._live(), buf)
             self._blobs.append(buf)
             self._constants_loaded = True
+            self.generation += 1
             return
         shapes: dict[str, tuple[int, ...]] = dict(self._c.constant_shapes)
         if any(c.name not in shapes for c in self._c.constants if not c.from_folded):

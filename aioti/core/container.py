@@ -252,6 +252,22 @@ class Container:
             raise out
         return out
 
+    def capture_run(self, tensors: Sequence[torch.Tensor], stream: int | None
+                    ) -> list[torch.Tensor]:
+        """One run through `RunSingleThreaded`, the only run a CUDA graph can capture (`Run`
+        queries events to pick a model instance). No other run may be in flight."""
+        self._need("RunSingleThreaded", "capturing a CUDA graph")
+        if not self.buffers.loaded:
+            raise self.buffers.unloaded_error()
+        outs = self._out_array()
+        code = self.library.functions["RunSingleThreaded"](
+            self._live(), self._in_array(*handles_from_tensors(tensors)), self.num_inputs, outs,
+            self.num_outputs, stream, self._proxy_address)
+        if code:
+            free_handles(list(outs))
+            raise self._failure(code)
+        return tensors_from_handles(list(outs))
+
     def run_many(self, batch: Sequence[Sequence[torch.Tensor]], stream: int | None = None
                  ) -> list[list[torch.Tensor] | Exception]:
         """Run once per entry of `batch` (already checked inputs), in order, on one stream: each

@@ -27,6 +27,7 @@ import torch
 
 from ..core.signature import Layout, Signature
 from ..errors import InputError
+from .executor import RunMany
 from .request import Request
 from .stats import Latencies
 
@@ -55,7 +56,6 @@ class Batching:
             raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
 
 
-RunMany = Callable[[list[list[torch.Tensor]], "int | None"], list[Any]]
 RunOne = Callable[[list[torch.Tensor], "int | None"], list[torch.Tensor]]
 
 

@@ -9,13 +9,18 @@ outputs, or `error`) and never raises for one request's failure.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from ..core.container import Container
+    import torch
+
     from .request import Request
 
-__all__ = ["Executor", "PlainExecutor"]
+#: `Container.run_many`, or what stands in for it (`graphs.GraphRunner.run_many`)
+RunMany = Callable[[Sequence[Sequence["torch.Tensor"]], "int | None"], list[Any]]
+
+__all__ = ["Executor", "PlainExecutor", "RunMany"]
 
 
 class Executor(Protocol):
@@ -31,9 +36,9 @@ class Executor(Protocol):
 class PlainExecutor:
     """Each request its own run, a chunk of them in one native call (`Container.run_many`)."""
 
-    def __init__(self, container: Container, chunk: int) -> None:
+    def __init__(self, run_many: RunMany, chunk: int) -> None:
         self.chunk = chunk
-        self._run_many = container.run_many
+        self._run_many = run_many
 
     def run(self, live: list[Request], stream: int | None) -> None:
         for req, out in zip(live, self._run_many([req.inputs for req in live], stream)):  # type: ignore[misc]

@@ -1,0 +1,308 @@
+"""CUDA graph replay: a model's run captured once per batch size and worker, then replayed with
+one launch instead of one per kernel (launch-bound models run several times faster).
+
+`GraphRunner.run_many` stands in for `Container.run_many` under either executor (plain or
+batched): a run whose inputs fit a captured graph is copied into the graph's static inputs on
+the worker's stream, replayed, and its outputs copied out (the caller owns them); any other run
+goes to the container as before.
+
+- Capture: at load, and again after a constant operation that may move the constants (a swap,
+  a fold, a user-managed or blob update: `ConstantBuffers.generation`), with runs held off. Each
+  worker gets its own set of graphs (its own static tensors, one memory pool per graph); sizes
+  are captured smallest first until `max_memory_mb` would be passed. A capture runs through the
+  container's `RunSingleThreaded`, after warm-up runs; the ordinary `Run` queries events and
+  cannot be captured. Each set is captured on a stream of its own that nothing else uses:
+  cuBLAS keeps a workspace per stream, which the captured kernels use whichever stream replays
+  them, so graphs captured on one stream and replayed by two workers at once would share it.
+- Padding: a run of n rows replays the smallest captured size >= n when the model's rows are
+  independent (the batching probe says so), its outputs sliced back to n; otherwise only runs of
+  exactly a captured size replay.
+- Safety: graphs captured for an older constant generation are never replayed (those runs go
+  to the container until the recapture). A capture that fails (a model that synchronizes, or a
+  library without `RunSingleThreaded`) turns graphs off with a warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..backends.cuda_driver import driver
+from ..errors import InputError
+from .batching import probe_batch_dim
+
+if TYPE_CHECKING:
+    from ..core.container import Container
+
+__all__ = ["CudaGraphs", "GraphRunner"]
+
+
+@dataclass(frozen=True)
+class CudaGraphs:
+    """Options of CUDA graph replay (off unless passed to `aioti.load(..., cuda_graphs=...)`).
+
+    `batch_sizes`: the sizes of the batch dim (`dim`) captured, per worker; `max_memory_mb`
+    bounds the memory of all captured graphs (None: no bound); `warmup`: runs before each
+    capture."""
+
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    max_memory_mb: float | None = None
+    dim: int = 0
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.batch_sizes or any(int(n) < 1 for n in self.batch_sizes):
+            raise ValueError(f"batch_sizes must be sizes >= 1, got {self.batch_sizes!r}")
+        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
+            raise ValueError(f"max_memory_mb must be > 0, got {self.max_memory_mb}")
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (capture needs a run before it), "
+                             f"got {self.warmup}")
+
+
+class _Graph:
+    """One captured run: the graph, its static inputs and outputs, its memory; and for a
+    replay through the driver (`direct`), the instantiated graph's handle and the static
+    tensors' addresses."""
+
+    __slots__ = ("graph", "inputs", "outputs", "nbytes", "size", "direct", "in_ptrs",
+                 "out_ptrs")
+
+    def __init__(self, graph: Any, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
+                 nbytes: int, size: int, dim: int) -> None:
+        self.graph, self.inputs, self.outputs, self.nbytes = graph, inputs, outputs, nbytes
+        self.size = size
+        handle = getattr(graph, "raw_cuda_graph_exec", None)
+        # Rows are whole bytes ranges of contiguous tensors batched at dim 0: a replay is then
+        # copies, a launch and copies, each one driver call.
+        self.direct: int | None = handle() if handle is not None and dim == 0 and all(
+            t.is_contiguous() for t in inputs + outputs) else None
+        self.in_ptrs = [t.data_ptr() for t in inputs]
+        self.out_ptrs = [t.data_ptr() for t in outputs]
+
+
+class GraphRunner:
+    """Graph replay for one replica's container and its `workers` worker streams."""
+
+    def __init__(self, container: Container, options: CudaGraphs, workers: int) -> None:
+        self.container = container
+        self.options = options
+        self.device = container.device
+        if self.device.type != "cuda":
+            raise InputError(f"cuda_graphs needs a CUDA device; this model is on {self.device}")
+        sig = container.signature
+        found = sig.batch_range(options.dim)
+        if found is None or not sig.known:
+            raise InputError(
+                f"cuda_graphs needs one dynamic batch size at dim {options.dim} and inputs "
+                f"of known shapes; this model's inputs are "
+                f"{[s.describe() for s in sig.inputs]}")
+        symbol, high, self._carries = found
+        others = {size for s in sig.inputs for size in (s.sizes or ())
+                  if isinstance(size, str) and size != symbol}
+        if others:
+            raise InputError(
+                f"cuda_graphs captures static shapes: every dim but the batch dim must be "
+                f"static, and this model has other dynamic sizes ({', '.join(sorted(others))})")
+        self.sizes = sorted({int(n) for n in options.batch_sizes if high is None or n <= high})
+        self.workers = workers
+        self._sets: list[dict[int, _Graph]] = []
+        self._by_stream: dict[int, dict[int, _Graph]] = {}
+        self._lock = threading.Lock()
+        self._generation = -1
+        self._capture_streams: list[torch.cuda.ExternalStream] = []
+        self._driver = driver()
+        self.pad = False
+        self.disabled: str | None = None
+        self.replays = 0
+        self.fallbacks = 0
+        self.captures = 0
+
+    # --- capture -------------------------------------------------------------------------------
+
+    @property
+    def stale(self) -> bool:
+        """Whether the constants moved since the graphs were captured (they are not replayed)."""
+        return self.disabled is None and self._generation != self.container.buffers.generation
+
+    def capture(self) -> None:
+        """(Re)capture every worker's graphs. No run of the container may be in flight: at
+        load, or with the replica's runs held off."""
+        torch.cuda.synchronize(self.device)  # replays in flight still read the old graphs
+        self._drop()
+        if self.disabled is not None:
+            return
+        if not self.container.buffers.loaded:
+            self._disable("the model has no weights yet")
+            return
+        if self._generation == -1:  # first capture: may a run be padded to a larger size?
+            reason = probe_batch_dim(self.container.run_tensors, self.container.signature,
+                                     self.device, self.options.dim)
+            self.pad = reason is None
+        budget = (self.options.max_memory_mb * 2**20 if self.options.max_memory_mb is not None
+                  else None)
+        used = 0
+        skipped: list[int] = []
+        generation = self.container.buffers.generation
+        try:
+            while len(self._capture_streams) < self.workers:
+                with torch.cuda.device(self.device):
+                    raw = self._driver.create_stream()
+                self._capture_streams.append(torch.cuda.ExternalStream(raw, device=self.device))
+            for side in self._capture_streams:
+                graphs: dict[int, _Graph] = {}
+                for n in self.sizes:
+                    if budget is not None and used >= budget:
+                        skipped.append(n)
+                        continue
+                    g = self._capture_one(n, side)
+                    if budget is not None and used + g.nbytes > budget:
+                        skipped.append(n)
+                        del g
+                        continue
+                    graphs[n] = g
+                    used += g.nbytes
+                self._sets.append(graphs)
+        except Exception as exc:  # not capturable: plain runs from here on
+            self._drop()
+            self._disable(f"{type(exc).__name__}: {exc}")
+            return
+        finally:
+            torch.cuda.synchronize(self.device)
+        self._generation = generation
+        if skipped:
+            warnings.warn(
+                f"cuda_graphs: sizes {sorted(set(skipped))} not captured for every worker: "
+                f"max_memory_mb={self.options.max_memory_mb} reached ({used / 2**20:.1f} MiB "
+                "captured); those runs go without graphs", RuntimeWarning, stacklevel=2)
+
+    def _capture_one(self, n: int, side: torch.cuda.Stream) -> _Graph:
+        """Warm up, then capture a run of `n` rows on `side` (this set's own stream)."""
+        c = self.container
+        before = torch.cuda.memory_reserved(self.device)
+        inputs = self._static_inputs(n)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.options.warmup):
+                c.capture_run(inputs, side.cuda_stream)
+        side.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), stream=side,
+                              capture_error_mode="thread_local"):
+            outputs = c.capture_run(inputs, side.cuda_stream)
+        self.captures += 1
+        return _Graph(graph, inputs, outputs, torch.cuda.memory_reserved(self.device) - before, n,
+                      self.options.dim)
+
+    def _static_inputs(self, n: int) -> list[torch.Tensor]:
+        d = self.options.dim
+        out = []
+        for spec, carries in zip(self.container.signature.inputs, self._carries):
+            assert spec.sizes is not None and spec.dtype is not None
+            shape = [n if carries and i == d else int(s)  # type: ignore[call-overload]
+                     for i, s in enumerate(spec.sizes)]
+            out.append(torch.zeros(shape, dtype=spec.dtype, device=self.device))
+        return out
+
+    def _disable(self, reason: str) -> None:
+        self.disabled = reason
+        warnings.warn(f"cuda_graphs turned off, runs go without graphs: {reason}",
+                      RuntimeWarning, stacklevel=3)
+
+    def _drop(self) -> None:
+        with self._lock:
+            self._sets.clear()
+            self._by_stream.clear()
+        torch.cuda.empty_cache()  # the dropped graphs' pools
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def run_many(self, batch: Sequence[Sequence[torch.Tensor]], stream: int | None
+                 ) -> list[list[torch.Tensor] | Exception]:
+        """`Container.run_many`, replaying graphs where a run fits one."""
+        graphs = self._graphs(stream) if self._generation == self.container.buffers.generation \
+            else None
+        if graphs is None:
+            self.fallbacks += len(batch)
+            return self.container.run_many(batch, stream)
+        out: list[list[torch.Tensor] | Exception | None] = [
+            self._replay(graphs, inputs, stream) for inputs in batch]  # type: ignore[arg-type]
+        rest = [i for i, o in enumerate(out) if o is None]
+        if rest:
+            self.fallbacks += len(rest)
+            for i, ran in zip(rest, self.container.run_many([batch[i] for i in rest], stream)):
+                out[i] = ran
+        return out  # type: ignore[return-value]
+
+    def _graphs(self, stream: int | None) -> dict[int, _Graph] | None:
+        """This worker stream's graphs (a free set is claimed by a stream on first use)."""
+        if stream is None:
+            return None
+        graphs = self._by_stream.get(stream)
+        if graphs is not None:
+            return graphs
+        with self._lock:
+            taken = {id(g) for g in self._by_stream.values()}
+            free = [g for g in self._sets if id(g) not in taken]
+            if not free or torch.cuda.current_stream(self.device).cuda_stream != stream:
+                return None  # replays go on the thread's current stream: it must be the run's
+            self._by_stream[stream] = free[0]
+            return free[0]
+
+    def _replay(self, graphs: dict[int, _Graph], inputs: Sequence[torch.Tensor], stream: int
+                ) -> list[torch.Tensor] | None:
+        """Replay the graph that fits `inputs` on the worker's `stream` (its current stream):
+        their outputs, or None when no graph fits."""
+        d = self.options.dim
+        carries = self._carries
+        rows = next(t.shape[d] for t, c in zip(inputs, carries) if c)
+        g = graphs.get(rows)
+        if g is None and self.pad:
+            g = next((graphs[n] for n in self.sizes if n > rows and n in graphs), None)
+        if g is None or len(inputs) != len(g.inputs):
+            return None
+        direct = g.direct is not None
+        for t, s, c in zip(inputs, g.inputs, carries):
+            if t.dtype != s.dtype or t.device != s.device or (
+                    t.shape[:d] + t.shape[d + 1:] != s.shape[:d] + s.shape[d + 1:] if c
+                    else t.shape != s.shape):
+                return None
+            direct = direct and t.is_contiguous()
+        self.replays += 1
+        if direct:
+            drv = self._driver
+            for t, ptr in zip(inputs, g.in_ptrs):
+                drv.copy(ptr, t.data_ptr(), t.numel() * t.element_size(), stream)
+            drv.launch_graph(g.direct, stream)  # type: ignore[arg-type]
+            out = []
+            for o, ptr in zip(g.outputs, g.out_ptrs):
+                r = torch.empty(o.shape if g.size == rows else (rows, *o.shape[1:]),
+                                dtype=o.dtype, device=o.device)
+                drv.copy(r.data_ptr(), ptr, r.numel() * r.element_size(), stream)
+                out.append(r)
+            return out
+        for t, s, c in zip(inputs, g.inputs, carries):
+            (s.narrow(d, 0, rows) if c else s).copy_(t, non_blocking=True)
+        g.graph.replay()
+        if g.size == rows:
+            return [o.clone() for o in g.outputs]
+        return [o.narrow(d, 0, rows).clone() for o in g.outputs]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sizes": sorted({n for s in self._sets for n in s}),
+            "graphs": sum(len(s) for s in self._sets),
+            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.values()),
+            "padding": self.pad,
+            "direct": all(g.direct is not None for s in self._sets for g in s.values()),
+            "replays": self.replays,
+            "fallbacks": self.fallbacks,
+            "captures": self.captures,
+            "stale": self.stale,
+            "disabled": self.disabled,
+        }

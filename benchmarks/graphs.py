@@ -1,0 +1,92 @@
+"""The CUDA graphs section (`--cuda-graphs`): the 4 x Linear(1024) MLP on one GPU, batch 1.
+
+Rows, each the median of `repeats` rounds run back to back in this process (a round measures
+every row once, so the ratios pair rows of the same round):
+- the raw synchronous call over aioti's core (run, then synchronize): p50 latency and runs/s;
+- aioti at concurrency 1 (asyncio, one worker stream) without and with CUDA graphs: p50 and
+  its ratio to the raw call's p50 (issue #19's GPU c1 row, #23's latency);
+- aioti at concurrency 64 (four worker streams) without and with graphs: requests/s, and
+  with dynamic batching (64 rows) without and with graphs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import anyio
+import torch
+
+import aioti
+from aioti.core import open_container, open_model
+from aioti.harness import measure, percentile
+from aioti.testing import compile_model
+
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def raw_call(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
+    c = open_container(open_model(path), device="cuda")
+    c.run([x])
+    torch.cuda.synchronize()
+    lat: list[float] = []
+    stop = time.perf_counter() + duration
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        c.run([x])
+        torch.cuda.synchronize()
+        lat.append(time.perf_counter() - t0)
+    c.delete()
+    return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
+
+
+def aioti_row(path: Any, x: torch.Tensor, tasks: int, workers: int, duration: float,
+              graphs: bool, batching: bool = False) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        async with aioti.load(path, device="cuda", workers=workers,
+                              batching=aioti.Batching(64, 2.0) if batching else None,
+                              cuda_graphs=aioti.CudaGraphs(SIZES) if graphs else None) as model:
+            await model.run([x])
+            row = await measure(model, [x], tasks, duration)
+            if graphs:
+                row["cuda_graphs"] = model.stats()["cuda_graphs"]
+            return row
+
+    return anyio.run(go)
+
+
+def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
+    path = compile_model("mid_mlp", "cuda", verbose=True)
+    x = torch.randn(1, 1024, device="cuda")
+    plans = [("aioti c1, 1 stream", 1, 1, False), ("aioti c1, 1 stream, graphs", 1, 1, True),
+             ("aioti c64, 4 streams", 64, 4, False),
+             ("aioti c64, 4 streams, graphs", 64, 4, True)]
+    rounds: list[dict[str, Any]] = []
+    for _ in range(repeats):
+        got: dict[str, Any] = {"raw": raw_call(path, x, duration)}
+        for name, tasks, workers, graphs in plans:
+            got[name] = aioti_row(path, x, tasks, workers, duration, graphs)
+        for graphs in (False, True):
+            name = "aioti c64, batching 64" + (", graphs" if graphs else "")
+            got[name] = aioti_row(path, x, 64, 1, duration, graphs, batching=True)
+        rounds.append(got)
+    med = statistics.median
+    raw = {k: med(r["raw"][k] for r in rounds) for k in ("p50_ms", "runs_per_s")}
+    rows: list[dict[str, Any]] = [{"config": "raw sync core call (run + synchronize)", **raw}]
+    for name in [p[0] for p in plans] + ["aioti c64, batching 64",
+                                         "aioti c64, batching 64, graphs"]:
+        row = {"config": name,
+               "p50_ms": med(r[name]["p50_ms"] for r in rounds),
+               "requests_per_s": med(r[name]["requests_per_s"] for r in rounds),
+               "loop_lag_p99_ms": med(r[name]["loop_lag_p99_ms"] for r in rounds),
+               "p50_vs_raw_call": med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds),
+               "rate_vs_raw_call": med(r[name]["requests_per_s"] / r["raw"]["runs_per_s"]
+                                       for r in rounds)}
+        if "cuda_graphs" in rounds[-1][name]:
+            row["cuda_graphs"] = rounds[-1][name]["cuda_graphs"]
+        rows.append(row)
+    for row in rows:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()
+               if k != "cuda_graphs"}, flush=True)
+    return rows

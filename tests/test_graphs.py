@@ -1,0 +1,191 @@
+"""CUDA graph replay (`aioti.CudaGraphs`, runtime/graphs.py) against the eager module: captured
+and padded sizes, sizes without a graph, hot swaps and constant updates (graphs recaptured or
+kept, proven by outputs that would be stale otherwise), dynamic batching, caller streams, a
+model that cannot be captured, the memory bound. CUDA tests skip cleanly without a GPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import anyio
+import pytest
+import torch
+from torch import nn
+from torch.export import Dim
+
+import aioti
+from aioti.errors import InputError
+from aioti.testing import MODELS, ModelSpec, compile_model, eager_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SIZES = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Syncing(nn.Module):
+    """A data-dependent shape (boolean mask indexing): the run copies a count to the host, which
+    a CUDA graph cannot capture."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x[x > 0].sum()
+
+
+MODELS.setdefault("syncing_v1", ModelSpec(
+    Syncing, lambda b: ((torch.randn(b, 16),), {}),
+    lambda: {"x": {0: Dim("batch", min=1, max=64)}}))
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.allclose(a, b, atol=1e-3, rtol=1e-3)
+
+
+def perturbed(name: str) -> nn.Module:
+    m = eager_model(name, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(3)
+    with torch.no_grad():
+        for t in m.state_dict().values():
+            t.copy_(torch.randn(t.shape, generator=g, device="cuda") * 0.05)
+    return m
+
+
+async def call_all(model: aioti.AsyncModel, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = [None] * len(xs)  # type: ignore[list-item]
+
+    async def call(i: int) -> None:
+        out[i] = await model(xs[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(xs)):
+            tg.start_soon(call, i)
+    return out
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="batch_sizes"):
+        aioti.CudaGraphs(batch_sizes=(0, 2))
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        aioti.CudaGraphs(max_memory_mb=0)
+    with pytest.raises(ValueError, match="warmup"):
+        aioti.CudaGraphs(warmup=0)
+
+
+@pytest.mark.anyio
+async def test_refused_off_cuda(anyio_backend, models):
+    with pytest.raises(InputError, match="cuda_graphs needs a CUDA device; this model is on cpu"):
+        await aioti.load(models["small_mlp"], cuda_graphs=aioti.CudaGraphs())
+
+
+@cuda
+@pytest.mark.anyio
+async def test_replays_match_eager(anyio_backend):
+    """64 callers over 4 worker streams: captured sizes replay, other sizes up to 64 replay
+    padded (the model's rows are independent), larger ones run without a graph."""
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    xs = [torch.randn(n, 1024, device="cuda") for n in [1, 2, 3, 5, 8, 40, 64, 100] * 8]
+    async with aioti.load(path, device="cuda", workers=4,
+                          cuda_graphs=aioti.CudaGraphs(SIZES)) as model:
+        got = await call_all(model, xs)
+        stats = model.stats()["cuda_graphs"]
+    with torch.no_grad():
+        assert all(close(g, eager(x)) for g, x in zip(got, xs))
+    assert stats["graphs"] == 4 * len(SIZES) and stats["sizes"] == list(SIZES)
+    assert stats["padding"] and stats["disabled"] is None
+    assert stats["replays"] >= 7 * 8 and stats["fallbacks"] >= 8  # the 100-row runs
+    assert stats["memory_bytes"] > 0
+
+
+@cuda
+@pytest.mark.anyio
+async def test_constant_changes_never_replay_old_weights(anyio_backend):
+    """A hot swap moves the active constants: replaying the graphs captured before would give
+    the old weights' outputs, so the graphs are recaptured. A copying update writes in place:
+    the graphs stay and see it (torch 2.11's libraries cannot copy: aioti's update hands over a
+    private copy, which moves the constants, so the graphs are recaptured)."""
+    path = compile_model("mid_mlp", "cuda")
+    old, new = eager_model("mid_mlp", "cuda"), perturbed("mid_mlp")
+    x = torch.randn(3, 1024, device="cuda")
+    async with aioti.load(path, device="cuda", workers=2,
+                          cuda_graphs=aioti.CudaGraphs((1, 4))) as model:
+        with torch.no_grad():
+            assert close(await model(x), old(x))
+            first = model.stats()["cuda_graphs"]["captures"]
+            await model.hot_swap(new.state_dict())
+            assert close(await model(x), new(x))
+            swapped = model.stats()["cuda_graphs"]
+            assert swapped["captures"] == 2 * first and not swapped["stale"]
+            copies = model.container.library.has("UpdateConstantBufferPairs")
+            await model.update_constants(old.state_dict())  # into the active buffer
+            assert close(await model(x), old(x))
+            expected = 2 * first if copies else 3 * first
+            assert model.stats()["cuda_graphs"]["captures"] == expected
+            await model.swap_constants()  # back to the new weights: recaptured
+            assert close(await model(x), new(x))
+            assert model.stats()["cuda_graphs"]["captures"] == expected + first
+        assert model.stats()["cuda_graphs"]["replays"] >= 4
+
+
+@cuda
+@pytest.mark.anyio
+async def test_with_dynamic_batching(anyio_backend):
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    xs = [torch.randn(1 + i % 3, 1024, device="cuda") for i in range(128)]
+    async with aioti.load(path, device="cuda", batching=aioti.Batching(64, 2.0),
+                          cuda_graphs=aioti.CudaGraphs(SIZES)) as model:
+        got = await call_all(model, xs)
+        stats = model.stats()
+    with torch.no_grad():
+        assert all(close(g, eager(x)) for g, x in zip(got, xs))
+    assert stats["cuda_graphs"]["replays"] > 0
+    assert max(stats["batching"]["batch_rows"]) > 3
+
+
+@cuda
+@pytest.mark.anyio
+async def test_inputs_on_the_callers_stream_are_waited_for(anyio_backend):
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    side = torch.cuda.Stream()
+    a = torch.randn(2048, 2048, device="cuda")
+    async with aioti.load(path, device="cuda", cuda_graphs=aioti.CudaGraphs((2,))) as model:
+        with torch.cuda.stream(side):
+            y = a
+            for _ in range(20):  # keeps the side stream busy for a while
+                y = (y @ a).tanh()
+            x = y[:2, :1024].contiguous()
+            got = await model(x)
+        side.synchronize()
+        with torch.no_grad():
+            assert close(got, eager(x))
+        assert model.stats()["cuda_graphs"]["replays"] == 1
+
+
+@cuda
+@pytest.mark.anyio
+async def test_a_model_that_cannot_be_captured_runs_without_graphs(anyio_backend):
+    path = compile_model("syncing_v1", "cuda")
+    x = torch.randn(4, 16, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = await aioti.load(path, device="cuda", cuda_graphs=aioti.CudaGraphs((4,)))
+    async with model:
+        assert any("cuda_graphs turned off" in str(w.message) for w in caught)
+        assert model.stats()["cuda_graphs"]["disabled"]
+        assert close(await model(x), Syncing()(x))
+
+
+@cuda
+@pytest.mark.anyio
+async def test_memory_bound(anyio_backend):
+    path = compile_model("mid_mlp", "cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = await aioti.load(path, device="cuda", workers=2,
+                                 cuda_graphs=aioti.CudaGraphs(SIZES, max_memory_mb=1e-3))
+    async with model:
+        stats = model.stats()["cuda_graphs"]
+        assert stats["graphs"] < 2 * len(SIZES)
+        assert any("max_memory_mb" in str(w.message) for w in caught)
+        x = torch.randn(64, 1024, device="cuda")
+        with torch.no_grad():
+            assert close(await model(x), eager_model("mid_mlp", "cuda")(x))
