@@ -75,6 +75,18 @@ class Driver:
         self._check(self._stream_create(byref(stream), _NON_BLOCKING), "cuStreamCreate")
         return stream.value or 0
 
+    @property
+    def addresses(self) -> tuple[int, int]:
+        """The addresses of cuMemcpyDtoDAsync_v2 and cuGraphLaunch, for native callers."""
+        return (ctypes.cast(self._copy, c_void_p).value or 0,
+                ctypes.cast(self._launch, c_void_p).value or 0)
+
+    def describe(self, code: int) -> str:
+        """The driver's name for an error code."""
+        name = c_char_p()
+        self._error_name(code, byref(name))
+        return name.value.decode() if name.value else f"unknown error {code}"
+
     def copy(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         """Queue a copy of `nbytes` from device address `src` to `dst` on `stream`."""
         if nbytes:

@@ -23,7 +23,7 @@ from typing import Any
 
 from . import native
 
-__all__ = ["runner", "status"]
+__all__ = ["replayer", "runner", "status"]
 
 _SOURCE = Path(__file__).with_name("runmany.c")
 _reason = "not built yet"
@@ -35,16 +35,36 @@ def status() -> str:
 
 
 @functools.cache
-def runner() -> Any:
-    """`aioti_run_many` as a ctypes function, or None where it cannot be built or is disabled."""
+def _library() -> ctypes.CDLL | None:
     global _reason
     if os.environ.get("AIOTI_NATIVE", "1") == "0":
         _reason = "disabled by AIOTI_NATIVE=0"
         return None
     try:
-        lib = ctypes.CDLL(str(native.build(_SOURCE, "c")))
+        return ctypes.CDLL(str(native.build(_SOURCE, "c")))
     except (OSError, subprocess.SubprocessError) as exc:
         _reason = f"the native helper could not be built: {exc}"
+        return None
+
+
+@functools.cache
+def replayer() -> Any:
+    """`aioti_replay_many` (CUDA graph replays: copies and launches through driver function
+    pointers, GIL released) as a ctypes function, or None (`status()` says why)."""
+    lib = _library()
+    if lib is None:
+        return None
+    fn = lib.aioti_replay_many
+    fn.argtypes = [c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_void_p]
+    fn.restype = c_int32
+    return fn
+
+
+@functools.cache
+def runner() -> Any:
+    """`aioti_run_many` as a ctypes function, or None where it cannot be built or is disabled."""
+    lib = _library()
+    if lib is None:
         return None
     fn = lib.aioti_run_many
     fn.argtypes = [c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_size_t,

@@ -24,6 +24,7 @@ goes to the container as before.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import warnings
 from collections.abc import Sequence
@@ -33,13 +34,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..backends.cuda_driver import driver
-from ..errors import InputError
+from ..core import runmany
+from ..errors import InputError, ModelRunError
 from .batching import probe_batch_dim
 
 if TYPE_CHECKING:
     from ..core.container import Container
 
 __all__ = ["CudaGraphs", "GraphRunner"]
+
+_LAUNCH = 2**64 - 1  # an op's size that marks a graph launch (runmany.c: aioti_replay_many)
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,7 @@ class GraphRunner:
                 self._sets.append(graphs)
         except Exception as exc:  # not capturable: plain runs from here on
             self._drop()
+            self._end_failed_capture()
             self._disable(f"{type(exc).__name__}: {exc}")
             return
         finally:
@@ -209,6 +214,20 @@ class GraphRunner:
             out.append(torch.zeros(shape, dtype=spec.dtype, device=self.device))
         return out
 
+    def _end_failed_capture(self) -> None:
+        """A failed capture leaves torch's CUDA random generators marked as capturing (torch
+        ends that only when a capture succeeds), and the device's random ops then raise; an
+        empty capture that succeeds ends it."""
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "the CUDA graph is empty"
+                with torch.cuda.device(self.device):
+                    with torch.cuda.graph(torch.cuda.CUDAGraph(),
+                                          capture_error_mode="thread_local"):
+                        pass
+        except Exception:  # noqa: BLE001 - best effort: graphs are off either way
+            pass
+
     def _disable(self, reason: str) -> None:
         self.disabled = reason
         warnings.warn(f"cuda_graphs turned off, runs go without graphs: {reason}",
@@ -227,11 +246,14 @@ class GraphRunner:
         """`Container.run_many`, replaying graphs where a run fits one."""
         graphs = self._graphs(stream) if self._generation == self.container.buffers.generation \
             else None
-        if graphs is None:
+        if graphs is None or stream is None:
             self.fallbacks += len(batch)
             return self.container.run_many(batch, stream)
+        ops: list[int] = []
         out: list[list[torch.Tensor] | Exception | None] = [
-            self._replay(graphs, inputs, stream) for inputs in batch]  # type: ignore[arg-type]
+            self._replay(graphs, inputs, stream, ops) for inputs in batch]  # type: ignore[arg-type]
+        if ops:
+            self._queue(ops, stream)
         rest = [i for i, o in enumerate(out) if o is None]
         if rest:
             self.fallbacks += len(rest)
@@ -254,10 +276,32 @@ class GraphRunner:
             self._by_stream[stream] = free[0]
             return free[0]
 
-    def _replay(self, graphs: dict[int, _Graph], inputs: Sequence[torch.Tensor], stream: int
-                ) -> list[torch.Tensor] | None:
+    def _queue(self, ops: list[int], stream: int) -> None:
+        """Queue the direct replays' copies and launches (`_replay`) on `stream`: in one native
+        call, GIL released (a launch may wait for room in the GPU's queue), where the native
+        helper is built; else one driver call each."""
+        native = runmany.replayer()
+        if native is None:
+            drv = self._driver
+            for dst, src, n in zip(ops[0::3], ops[1::3], ops[2::3]):
+                if n == _LAUNCH:
+                    drv.launch_graph(dst, stream)
+                else:
+                    drv.copy(dst, src, n, stream)
+            return
+        done = ctypes.c_size_t()
+        copy, launch = self._driver.addresses
+        code = native(copy, launch, (ctypes.c_uint64 * len(ops))(*ops), len(ops) // 3, stream,
+                      ctypes.byref(done))
+        if code:
+            raise ModelRunError(f"CUDA graph replay failed: {self._driver.describe(code)} "
+                                f"(code {code}, after {done.value} of {len(ops) // 3} steps)")
+
+    def _replay(self, graphs: dict[int, _Graph], inputs: Sequence[torch.Tensor], stream: int,
+                ops: list[int]) -> list[torch.Tensor] | None:
         """Replay the graph that fits `inputs` on the worker's `stream` (its current stream):
-        their outputs, or None when no graph fits."""
+        their outputs, or None when no graph fits. A direct replay appends its copies and launch
+        to `ops` (`_queue` queues them), its outputs allocated and filled by them."""
         d = self.options.dim
         carries = self._carries
         rows = next(t.shape[d] for t, c in zip(inputs, carries) if c)
@@ -275,15 +319,14 @@ class GraphRunner:
             direct = direct and t.is_contiguous()
         self.replays += 1
         if direct:
-            drv = self._driver
             for t, ptr in zip(inputs, g.in_ptrs):
-                drv.copy(ptr, t.data_ptr(), t.numel() * t.element_size(), stream)
-            drv.launch_graph(g.direct, stream)  # type: ignore[arg-type]
+                ops += (ptr, t.data_ptr(), t.numel() * t.element_size())
+            ops += (g.direct or 0, 0, _LAUNCH)
             out = []
             for o, ptr in zip(g.outputs, g.out_ptrs):
                 r = torch.empty(o.shape if g.size == rows else (rows, *o.shape[1:]),
                                 dtype=o.dtype, device=o.device)
-                drv.copy(r.data_ptr(), ptr, r.numel() * r.element_size(), stream)
+                ops += (r.data_ptr(), ptr, r.numel() * r.element_size())
                 out.append(r)
             return out
         for t, s, c in zip(inputs, g.inputs, carries):
