@@ -38,9 +38,9 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, atol=1e-3, rtol=1e-3)
 
 
-def perturbed(name: str) -> nn.Module:
+def perturbed(name: str, seed: int = 3) -> nn.Module:
     m = eager_model(name, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(3)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     with torch.no_grad():
         for t in m.state_dict().values():
             t.copy_(torch.randn(t.shape, generator=g, device="cuda") * 0.05)
@@ -102,7 +102,7 @@ async def test_constant_changes_never_replay_old_weights(anyio_backend):
     the graphs stay and see it (torch 2.11's libraries cannot copy: aioti's update hands over a
     private copy, which moves the constants, so the graphs are recaptured)."""
     path = compile_model("mid_mlp", "cuda")
-    old, new = eager_model("mid_mlp", "cuda"), perturbed("mid_mlp")
+    old, new, third = eager_model("mid_mlp", "cuda"), perturbed("mid_mlp"), perturbed("mid_mlp", 4)
     x = torch.randn(3, 1024, device="cuda")
     async with aioti.load(path, device="cuda", workers=2,
                           cuda_graphs=aioti.CudaGraphs((1, 4))) as model:
@@ -114,12 +114,12 @@ async def test_constant_changes_never_replay_old_weights(anyio_backend):
             swapped = model.stats()["cuda_graphs"]
             assert swapped["captures"] == 2 * first and not swapped["stale"]
             copies = model.container.library.has("UpdateConstantBufferPairs")
-            await model.update_constants(old.state_dict())  # into the active buffer
-            assert close(await model(x), old(x))
+            await model.update_constants(third.state_dict())  # into the active buffer
+            assert close(await model(x), third(x))
             expected = 2 * first if copies else 3 * first
             assert model.stats()["cuda_graphs"]["captures"] == expected
-            await model.swap_constants()  # back to the new weights: recaptured
-            assert close(await model(x), new(x))
+            await model.swap_constants()  # back to the first buffer: recaptured
+            assert close(await model(x), old(x))
             assert model.stats()["cuda_graphs"]["captures"] == expected + first
         assert model.stats()["cuda_graphs"]["replays"] >= 4
 

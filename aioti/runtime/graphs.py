@@ -121,6 +121,8 @@ class GraphRunner:
         self._generation = -1
         self._capture_streams: list[torch.cuda.ExternalStream] = []
         self._driver = driver()
+        self._addresses = self._driver.addresses
+        self._first = self._carries.index(True)  # an input that carries the batch dim
         self.pad = False
         self.disabled: str | None = None
         self.replays = 0
@@ -249,13 +251,23 @@ class GraphRunner:
         if graphs is None or stream is None:
             self.fallbacks += len(batch)
             return self.container.run_many(batch, stream)
-        ops: list[int] = []
-        out: list[list[torch.Tensor] | Exception | None] = [
-            self._replay(graphs, inputs, stream, ops) for inputs in batch]  # type: ignore[arg-type]
-        if ops:
-            self._queue(ops, stream)
+        out: list[list[torch.Tensor] | Exception | None] = [None] * len(batch)
+        direct: list[tuple[int, _Graph, int]] = []
+        for i, inputs in enumerate(batch):
+            fit = self._fit(graphs, inputs)
+            if fit is None:
+                continue
+            g, rows = fit
+            if g.direct is not None and all(t.is_contiguous() for t in inputs):
+                direct.append((i, g, rows))
+            else:
+                out[i] = self._replay(g, inputs, rows)
+        if direct:
+            self._replay_direct(batch, direct, out, stream)
+        self.replays += len(batch)
         rest = [i for i, o in enumerate(out) if o is None]
         if rest:
+            self.replays -= len(rest)
             self.fallbacks += len(rest)
             for i, ran in zip(rest, self.container.run_many([batch[i] for i in rest], stream)):
                 out[i] = ran
@@ -276,10 +288,72 @@ class GraphRunner:
             self._by_stream[stream] = free[0]
             return free[0]
 
+    def _fit(self, graphs: dict[int, _Graph], inputs: Sequence[torch.Tensor]
+             ) -> tuple[_Graph, int] | None:
+        """The graph that `inputs` fit and their rows, or None. Inputs the container checked
+        at the call (`check_inputs`, the default) have the model's dtypes, devices and static
+        sizes: only their rows are read."""
+        if len(inputs) != len(self._carries):
+            return None
+        d = self.options.dim
+        rows = inputs[self._first].shape[d]
+        g = graphs.get(rows)
+        if g is None and self.pad:
+            g = next((graphs[n] for n in self.sizes if n > rows and n in graphs), None)
+        if g is None:
+            return None
+        if not self.container.check_inputs:
+            for t, s, c in zip(inputs, g.inputs, self._carries):
+                if t.dtype != s.dtype or t.device != s.device or (
+                        t.shape[:d] + t.shape[d + 1:] != s.shape[:d] + s.shape[d + 1:] if c
+                        else t.shape != s.shape):
+                    return None
+        return g, rows
+
+    def _replay(self, g: _Graph, inputs: Sequence[torch.Tensor], rows: int
+                ) -> list[torch.Tensor]:
+        """Replay through torch (tensor copies in and out, `CUDAGraph.replay`) on the worker's
+        stream, the thread's current stream."""
+        d = self.options.dim
+        for t, s, c in zip(inputs, g.inputs, self._carries):
+            (s.narrow(d, 0, rows) if c else s).copy_(t, non_blocking=True)
+        g.graph.replay()
+        if g.size == rows:
+            return [o.clone() for o in g.outputs]
+        return [o.narrow(d, 0, rows).clone() for o in g.outputs]
+
+    def _replay_direct(self, batch: Sequence[Sequence[torch.Tensor]],
+                       direct: list[tuple[int, _Graph, int]],
+                       out: list[list[torch.Tensor] | Exception | None], stream: int) -> None:
+        """Replay through the driver: each run's inputs copied into its graph's static inputs,
+        the graph launched, its outputs copied out, all queued on `stream` in one native call.
+        Where rows are independent (every output carries the batch dim), the outputs of the
+        chunk's runs are views of one allocation per output."""
+        ops: list[int] = []
+        shared: list[tuple[torch.Tensor, ...]] | None = None
+        if self.pad:
+            counts = [rows for _, _, rows in direct]
+            total = sum(counts)
+            shared = [torch.empty((total, *o.shape[1:]), dtype=o.dtype, device=o.device)
+                      .split(counts) for o in direct[0][1].outputs]
+        for k, (i, g, _rows) in enumerate(direct):
+            for t, ptr in zip(batch[i], g.in_ptrs):
+                ops += (ptr, t.data_ptr(), t.nbytes)
+            ops += (g.direct or 0, 0, _LAUNCH)
+            if shared is not None:
+                results = [views[k] for views in shared]
+            else:
+                results = [torch.empty(o.shape, dtype=o.dtype, device=o.device)
+                           for o in g.outputs]
+            for r, ptr in zip(results, g.out_ptrs):
+                ops += (r.data_ptr(), ptr, r.nbytes)
+            out[i] = results
+        self._queue(ops, stream)
+
     def _queue(self, ops: list[int], stream: int) -> None:
-        """Queue the direct replays' copies and launches (`_replay`) on `stream`: in one native
-        call, GIL released (a launch may wait for room in the GPU's queue), where the native
-        helper is built; else one driver call each."""
+        """Queue copies and launches (`_replay_direct`) on `stream`: in one native call, GIL
+        released (a launch may wait for room in the GPU's queue), where the native helper is
+        built; else one driver call each."""
         native = runmany.replayer()
         if native is None:
             drv = self._driver
@@ -290,51 +364,12 @@ class GraphRunner:
                     drv.copy(dst, src, n, stream)
             return
         done = ctypes.c_size_t()
-        copy, launch = self._driver.addresses
+        copy, launch = self._addresses
         code = native(copy, launch, (ctypes.c_uint64 * len(ops))(*ops), len(ops) // 3, stream,
                       ctypes.byref(done))
         if code:
             raise ModelRunError(f"CUDA graph replay failed: {self._driver.describe(code)} "
                                 f"(code {code}, after {done.value} of {len(ops) // 3} steps)")
-
-    def _replay(self, graphs: dict[int, _Graph], inputs: Sequence[torch.Tensor], stream: int,
-                ops: list[int]) -> list[torch.Tensor] | None:
-        """Replay the graph that fits `inputs` on the worker's `stream` (its current stream):
-        their outputs, or None when no graph fits. A direct replay appends its copies and launch
-        to `ops` (`_queue` queues them), its outputs allocated and filled by them."""
-        d = self.options.dim
-        carries = self._carries
-        rows = next(t.shape[d] for t, c in zip(inputs, carries) if c)
-        g = graphs.get(rows)
-        if g is None and self.pad:
-            g = next((graphs[n] for n in self.sizes if n > rows and n in graphs), None)
-        if g is None or len(inputs) != len(g.inputs):
-            return None
-        direct = g.direct is not None
-        for t, s, c in zip(inputs, g.inputs, carries):
-            if t.dtype != s.dtype or t.device != s.device or (
-                    t.shape[:d] + t.shape[d + 1:] != s.shape[:d] + s.shape[d + 1:] if c
-                    else t.shape != s.shape):
-                return None
-            direct = direct and t.is_contiguous()
-        self.replays += 1
-        if direct:
-            for t, ptr in zip(inputs, g.in_ptrs):
-                ops += (ptr, t.data_ptr(), t.numel() * t.element_size())
-            ops += (g.direct or 0, 0, _LAUNCH)
-            out = []
-            for o, ptr in zip(g.outputs, g.out_ptrs):
-                r = torch.empty(o.shape if g.size == rows else (rows, *o.shape[1:]),
-                                dtype=o.dtype, device=o.device)
-                ops += (r.data_ptr(), ptr, r.numel() * r.element_size())
-                out.append(r)
-            return out
-        for t, s, c in zip(inputs, g.inputs, carries):
-            (s.narrow(d, 0, rows) if c else s).copy_(t, non_blocking=True)
-        g.graph.replay()
-        if g.size == rows:
-            return [o.clone() for o in g.outputs]
-        return [o.narrow(d, 0, rows).clone() for o in g.outputs]
 
     def stats(self) -> dict[str, Any]:
         return {
