@@ -112,7 +112,8 @@ def load(
     a C shim run through aioti's proxy executor, from Python.
 
     `cuda_graphs` takes an `aioti.CudaGraphs`: on a CUDA device, each worker captures the run
-    at the batch sizes listed, at load, and replays them (docs/devices.md#cuda-graphs).
+    at the batch sizes listed, at load, and replays them (docs/devices.md#cuda-graphs); one
+    worker stream unless `workers` says otherwise.
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
@@ -144,7 +145,12 @@ def load(
                 # the GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs
                 # with four workers each ran at a sixth of one GPU's rate).
                 n = workers or max(1, backend.default_workers() // len(backends))
-                num_models = n if workers is not None else max(n, backend.max_auto_workers)
+                if cuda_graphs is not None and workers is None:
+                    # Replays cost the worker microseconds of Python each and little else:
+                    # more worker streams only contend for the GIL (benchmarks/README.md).
+                    n = 1
+                num_models = (n if workers is not None or cuda_graphs is not None
+                              else max(n, backend.max_auto_workers))
                 container = open_container(files, device=str(backend.device),
                                            num_models=num_models, check_inputs=check_inputs)
                 made.append(container)

@@ -87,7 +87,9 @@ class Replica:
         batcher = None
         executor: BatchExecutor | PlainExecutor
         if batching is not None:
-            executor = batcher = BatchExecutor(batching, container.signature, run_many)
+            executor = batcher = BatchExecutor(
+                batching, container.signature, run_many,
+                max_rows=max(graphs.captured, default=None) if graphs is not None else None)
             options = RuntimeOptions(
                 workers=workers, max_queue=max_queue, max_batch_size=executor.max_rows,
                 max_delay_ms=0.0 if batching.on_loop else batching.max_delay_ms,

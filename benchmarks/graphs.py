@@ -1,12 +1,14 @@
-"""The CUDA graphs section (`--cuda-graphs`): the 4 x Linear(1024) MLP on one GPU, batch 1.
+"""The CUDA graphs section (`--cuda-graphs`): the 4 x Linear(1024) MLP on one GPU.
 
 Rows, each the median of `repeats` rounds run back to back in this process (a round measures
 every row once, so the ratios pair rows of the same round):
 - the raw synchronous call over aioti's core (run, then synchronize): p50 latency and runs/s;
 - aioti at concurrency 1 (asyncio, one worker stream) without and with CUDA graphs: p50 and
   its ratio to the raw call's p50 (issue #19's GPU c1 row, #23's latency);
-- aioti at concurrency 64 (four worker streams) without and with graphs: requests/s, and
-  with dynamic batching (64 rows) without and with graphs.
+- aioti at concurrency 64 without graphs (four worker streams, the CUDA default, and one) and
+  with graphs on one, two and four streams: requests/s, each graphs row also as a ratio to the
+  same row without graphs (`vs [...]`); with dynamic batching (64 rows, one stream) without and
+  with graphs; and at batch 64, one stream, without and with graphs.
 """
 
 from __future__ import annotations
@@ -58,32 +60,42 @@ def aioti_row(path: Any, x: torch.Tensor, tasks: int, workers: int, duration: fl
 
 def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
     path = compile_model("mid_mlp", "cuda", verbose=True)
-    x = torch.randn(1, 1024, device="cuda")
-    plans = [("aioti c1, 1 stream", 1, 1, False), ("aioti c1, 1 stream, graphs", 1, 1, True),
-             ("aioti c64, 4 streams", 64, 4, False),
-             ("aioti c64, 4 streams, graphs", 64, 4, True)]
+    x1 = torch.randn(1, 1024, device="cuda")
+    x64 = torch.randn(64, 1024, device="cuda")
+    # name, input, tasks, worker streams, graphs, batching
+    plans = [("aioti c1, 1 stream", x1, 1, 1, False, False),
+             ("aioti c1, 1 stream, graphs", x1, 1, 1, True, False),
+             ("aioti c64, 4 streams", x1, 64, 4, False, False),
+             ("aioti c64, 1 stream", x1, 64, 1, False, False),
+             ("aioti c64, 1 stream, graphs", x1, 64, 1, True, False),
+             ("aioti c64, 2 streams, graphs", x1, 64, 2, True, False),
+             ("aioti c64, 4 streams, graphs", x1, 64, 4, True, False),
+             ("aioti c64, batching 64", x1, 64, 1, False, True),
+             ("aioti c64, batching 64, graphs", x1, 64, 1, True, True),
+             ("batch 64: aioti c64, 1 stream", x64, 64, 1, False, False),
+             ("batch 64: aioti c64, 1 stream, graphs", x64, 64, 1, True, False)]
     rounds: list[dict[str, Any]] = []
     for _ in range(repeats):
-        got: dict[str, Any] = {"raw": raw_call(path, x, duration)}
-        for name, tasks, workers, graphs in plans:
-            got[name] = aioti_row(path, x, tasks, workers, duration, graphs)
-        for graphs in (False, True):
-            name = "aioti c64, batching 64" + (", graphs" if graphs else "")
-            got[name] = aioti_row(path, x, 64, 1, duration, graphs, batching=True)
+        got: dict[str, Any] = {"raw": raw_call(path, x1, duration)}
+        for name, x, tasks, workers, graphs, batching in plans:
+            got[name] = aioti_row(path, x, tasks, workers, duration, graphs, batching)
         rounds.append(got)
     med = statistics.median
     raw = {k: med(r["raw"][k] for r in rounds) for k in ("p50_ms", "runs_per_s")}
     rows: list[dict[str, Any]] = [{"config": "raw sync core call (run + synchronize)", **raw}]
-    for name in [p[0] for p in plans] + ["aioti c64, batching 64",
-                                         "aioti c64, batching 64, graphs"]:
-        row = {"config": name,
+    for name, x, *_ in plans:
+        row = {"config": name, "batch": x.shape[0],
                "p50_ms": med(r[name]["p50_ms"] for r in rounds),
                "requests_per_s": med(r[name]["requests_per_s"] for r in rounds),
-               "loop_lag_p99_ms": med(r[name]["loop_lag_p99_ms"] for r in rounds),
-               "p50_vs_raw_call": med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds),
-               "rate_vs_raw_call": med(r[name]["requests_per_s"] / r["raw"]["runs_per_s"]
-                                       for r in rounds)}
-        if "cuda_graphs" in rounds[-1][name]:
+               "loop_lag_p99_ms": med(r[name]["loop_lag_p99_ms"] for r in rounds)}
+        if x.shape[0] == 1:
+            row["p50_vs_raw_call"] = med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds)
+        if name.endswith(", graphs"):
+            plain = name.removesuffix(", graphs")
+            for base in (plain, plain.replace("2 streams", "1 stream").replace(
+                    "4 streams", "1 stream")):
+                row[f"vs [{base}]"] = med(r[name]["requests_per_s"] / r[base]["requests_per_s"]
+                                          for r in rounds)
             row["cuda_graphs"] = rounds[-1][name]["cuda_graphs"]
         rows.append(row)
     for row in rows:

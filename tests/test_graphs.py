@@ -189,3 +189,60 @@ async def test_memory_bound(anyio_backend):
         x = torch.randn(64, 1024, device="cuda")
         with torch.no_grad():
             assert close(await model(x), eager_model("mid_mlp", "cuda")(x))
+
+
+@cuda
+@pytest.mark.anyio
+async def test_hot_swap_under_load(anyio_backend):
+    """64 callers while the weights are swapped: every output is the old weights' or the new
+    weights', none torn, and every call that starts after the swap returned sees the new."""
+    path = compile_model("mid_mlp", "cuda")
+    old, new = eager_model("mid_mlp", "cuda"), perturbed("mid_mlp")
+    xs = [torch.randn(1 + i % 4, 1024, device="cuda") for i in range(256)]
+    with torch.no_grad():
+        before, after = [old(x) for x in xs], [new(x) for x in xs]
+    torn: list[int] = []
+    late: list[int] = []
+    async with aioti.load(path, device="cuda", workers=2,
+                          cuda_graphs=aioti.CudaGraphs((1, 2, 4))) as model:
+        swapped = anyio.Event()
+
+        async def call(i: int) -> None:
+            await anyio.sleep(i * 1e-4)
+            started_after = swapped.is_set()
+            out = await model(xs[i])
+            if not (close(out, before[i]) or close(out, after[i])):
+                torn.append(i)
+            elif started_after and not close(out, after[i]):
+                late.append(i)
+
+        async def swap() -> None:
+            await anyio.sleep(0.005)
+            await model.hot_swap(new.state_dict())
+            swapped.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(swap)
+            for i in range(len(xs)):
+                tg.start_soon(call, i)
+        assert model.stats()["cuda_graphs"]["replays"] > 0
+    assert torn == [] and late == []
+
+
+@cuda
+@pytest.mark.anyio
+async def test_a_replica_pool_with_graphs(anyio_backend):
+    """Two replicas (on one GPU here: the same code as on two) each capture and recapture."""
+    path = compile_model("mid_mlp", "cuda")
+    old, new = eager_model("mid_mlp", "cuda"), perturbed("mid_mlp")
+    xs = [torch.randn(1 + i % 4, 1024, device="cuda") for i in range(64)]
+    async with aioti.load(path, device=["cuda:0", "cuda:0"],
+                          cuda_graphs=aioti.CudaGraphs((1, 2, 4))) as model:
+        got = await call_all(model, xs)
+        await model.hot_swap(new.state_dict())
+        swapped = await call_all(model, xs)
+        per = model.stats()["replicas"]
+    with torch.no_grad():
+        assert all(close(g, old(x)) for g, x in zip(got, xs))
+        assert all(close(g, new(x)) for g, x in zip(swapped, xs))
+    assert all(r["cuda_graphs"]["captures"] == 2 * 3 and r["completed"] > 0 for r in per)

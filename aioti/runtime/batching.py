@@ -62,9 +62,11 @@ RunOne = Callable[[list[torch.Tensor], "int | None"], list[torch.Tensor]]
 class BatchExecutor:
     """The executor of a batched model: merges a batch's live requests by group, runs each
     merged chunk once, and splits the outputs back (`Executor`'s protocol, with the whole batch
-    as one chunk)."""
+    as one chunk). `max_rows` caps merged runs further (CUDA graphs: the largest captured
+    size)."""
 
-    def __init__(self, config: Batching, signature: Signature, run_many: RunMany) -> None:
+    def __init__(self, config: Batching, signature: Signature, run_many: RunMany,
+                 max_rows: int | None = None) -> None:
         self.dim = config.dim
         found = signature.batch_range(config.dim)
         if found is None:
@@ -76,7 +78,8 @@ class BatchExecutor:
         _, dim_max, self.carries = found
         self._all_carry = all(self.carries)
         #: rows a merged run holds at most: the option, within the batch dim's compiled range
-        self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size)
+        self.max_rows = min(config.max_batch_size, dim_max or config.max_batch_size,
+                            max_rows or config.max_batch_size)
         #: a taken batch is executed as one chunk (merging needs every request of it)
         self.chunk = self.max_rows
         self._run_many = run_many

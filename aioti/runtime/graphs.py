@@ -132,6 +132,13 @@ class GraphRunner:
     # --- capture -------------------------------------------------------------------------------
 
     @property
+    def captured(self) -> list[int]:
+        """The sizes captured for every worker."""
+        if not self._sets:
+            return []
+        return sorted(set.intersection(*(set(s) for s in self._sets)))
+
+    @property
     def stale(self) -> bool:
         """Whether the constants moved since the graphs were captured (they are not replayed)."""
         return self.disabled is None and self._generation != self.container.buffers.generation
@@ -373,7 +380,7 @@ class GraphRunner:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "sizes": sorted({n for s in self._sets for n in s}),
+            "sizes": self.captured,
             "graphs": sum(len(s) for s in self._sets),
             "memory_bytes": sum(g.nbytes for s in self._sets for g in s.values()),
             "padding": self.pad,
