@@ -92,8 +92,8 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
             row["p50_vs_raw_call"] = med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds)
         if name.endswith(", graphs"):
             plain = name.removesuffix(", graphs")
-            for base in (plain, plain.replace("2 streams", "1 stream").replace(
-                    "4 streams", "1 stream")):
+            for base in {plain, plain.replace("2 streams", "1 stream").replace(
+                    "4 streams", "1 stream")} & set(rounds[0]):
                 row[f"vs [{base}]"] = med(r[name]["requests_per_s"] / r[base]["requests_per_s"]
                                           for r in rounds)
             row["cuda_graphs"] = rounds[-1][name]["cuda_graphs"]
