@@ -164,6 +164,8 @@ def _bench(args: argparse.Namespace) -> int:
             await model.run(inputs)
             row = await harness.measure(model, inputs, args.concurrency, args.duration, progress=True)
             row["rows"] = args.rows
+            if not args.no_c1:
+                row.update(await harness.c1_figure(model, inputs, min(args.duration, 1.0)))
             stats = model.stats()
             if batching is not None:
                 row["batch_rows"] = (stats.get("batching") or stats["replicas"][0]["batching"]
@@ -178,6 +180,10 @@ def _bench(args: argparse.Namespace) -> int:
            ["rows", "req/s", "p50 ms", "p90 ms", "p99 ms", "loop lag p99 ms", "errors"],
            [[args.rows, row["requests_per_s"], row["p50_ms"], row["p90_ms"], row["p99_ms"],
              row["loop_lag_p99_ms"], row["errors"]]])
+    if "c1_p50_ms" in row:
+        print(f"one caller (c1): p50 {row['c1_p50_ms']:.3f} ms through aioti against "
+              f"{row['direct_p50_ms']:.3f} ms for the direct synchronous call: "
+              f"{row['c1_vs_direct']:.2f}x")
     if "per_replica" in row:
         print("requests per replica: " + ", ".join(f"{k}: {v}" for k, v in row["per_replica"].items()))
     if args.json:
@@ -307,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
     p.add_argument("--on-loop", action="store_true",
                    help="run batches on the event loop's thread (Batching(on_loop=True))")
+    p.add_argument("--no-c1", action="store_true",
+                   help="skip the one-caller figure (aioti's c1 p50 against the direct call)")
     p.add_argument("--json", type=Path)
     p.set_defaults(fn=_bench)
     p = sub.add_parser("serve", help="serve packages over the Open Inference Protocol (HTTP)")

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["gather", "measure", "percentile"]
+__all__ = ["c1_figure", "gather", "measure", "percentile"]
 
 
 async def measure(model: Any, inputs: list[Any], concurrency: int, duration: float,
@@ -49,6 +49,28 @@ async def measure(model: Any, inputs: list[Any], concurrency: int, duration: flo
     return {"requests_per_s": len(lat) / elapsed, "p50_ms": percentile(lat, 50) * 1e3,
             "p90_ms": percentile(lat, 90) * 1e3, "p99_ms": percentile(lat, 99) * 1e3,
             "loop_lag_p99_ms": percentile(lags, 99) * 1e3, "errors": errors, "requests": len(lat)}
+
+
+async def c1_figure(model: Any, inputs: list[Any], duration: float) -> dict[str, float]:
+    """aioti's p50 latency at concurrency 1 against the direct synchronous call of the model's
+    own container on the same inputs (a run, and on a GPU a synchronize): what one caller pays
+    for going through the event loop. The direct calls run on the loop's thread, blocking it
+    (a benchmark's choice, not a service's)."""
+    import torch
+
+    container = model.container
+    cuda = container.device.type == "cuda"
+    direct: list[float] = []
+    stop = time.perf_counter() + duration
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        container.run(inputs)
+        if cuda:
+            torch.cuda.synchronize(container.device)
+        direct.append(time.perf_counter() - t0)
+    row = await measure(model, inputs, 1, duration)
+    p50 = percentile(direct, 50) * 1e3
+    return {"c1_p50_ms": row["p50_ms"], "direct_p50_ms": p50, "c1_vs_direct": row["p50_ms"] / p50}
 
 
 async def gather(fns: list[Any]) -> None:

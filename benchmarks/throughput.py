@@ -11,7 +11,9 @@ trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching o
 64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, batches run by the worker or
 `on_loop`, each paired with a sync torch loop on the same requests); naive
 `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream of hot swaps
-against steady state (mid MLP). Each row is the median of `--repeats` runs.
+against steady state (mid MLP); under contention (one CPU-bound process competing for the
+cores), the sync torch loop and aioti asyncio at concurrency 1 and 64, their ratio against the
+contended sync loop. Each row is the median of `--repeats` runs.
 
 The JSON is `{"machine": {...}, "rows": [...]}`: the CPU model, cores, torch, Python (and the
 GPU, where one is used) with the rows measured on it.
@@ -192,9 +194,21 @@ def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
     return row
 
 
+HOG = "while True: sum(range(10000))"
+
+
 def run_row(model: str, config: str, conc: int | None, duration: float, repeats: int
             ) -> list[dict[str, Any]]:
-    """One row, measured in this (child) process."""
+    """One row, measured in this (child) process. A "contended" row runs while one CPU-bound
+    process competes for the machine's cores."""
+    if config.startswith("contended "):
+        hog = subprocess.Popen([sys.executable, "-c", HOG])
+        try:
+            time.sleep(0.2)
+            return run_row(model, config.removeprefix("contended "), conc, duration, repeats)
+        finally:
+            hog.kill()
+            hog.wait(timeout=10)
     path = compile_model(model)
     if "batching" in config:
         return [batching_row(path, config, duration)]
@@ -237,6 +251,9 @@ def plan(models: list[str]) -> list[tuple[str, str, int | None]]:
                 rows.append((model, f"batching asyncio{where} batch 8", 64))
         if model == "mid_mlp":
             rows.append((model, "hot swaps", 16))
+        # One CPU-bound process competing: aioti against the sync loop under the same load.
+        rows += [(model, "contended sync torch loop", None)]
+        rows += [(model, "contended aioti asyncio", c) for c in (1, 64)]
     return rows
 
 
@@ -327,7 +344,7 @@ def main() -> int:
     for model in args.models.split(","):
         compile_model(model, verbose=True)
     rows: list[dict[str, Any]] = []
-    base: dict[str, float] = {}
+    base: dict[tuple[str, bool], float] = {}
     for model, config, conc in plan(args.models.split(",")):
         if config.startswith("batching"):
             found = paired_rows(model, config, args)
@@ -338,12 +355,13 @@ def main() -> int:
         for row in found:
             name = row.pop("row", config)
             row.update(model=model, config=name, concurrency=conc)
-            if name == "sync torch loop":
-                base[model] = row["requests_per_s"]
+            key = (model, name.startswith("contended "))
+            if name.removeprefix("contended ") == "sync torch loop":
+                base[key] = row["requests_per_s"]
             if "paired_ratio" in row:
                 row["ratio"] = row["paired_ratio"]  # against its own paired sync loop
-            else:
-                row["ratio"] = row["requests_per_s"] / base[model] if model in base else None
+            else:  # against the sync loop of the same conditions (contended or not)
+                row["ratio"] = row["requests_per_s"] / base[key] if key in base else None
             rows.append(row)
             lag = row.get("loop_lag_p99_ms")
             extra = (f"  ({row['hot_swaps']} swaps, {row['hot_swap_ms']:.1f} ms each)"

@@ -162,9 +162,11 @@ def test_cli(models, tmp_path):
     bench = cli("bench", str(models["small_mlp"]), "--duration", "0.5", "--concurrency", "8",
                 "--backend", "trio", "--json", str(tmp_path / "b.json"))
     assert bench.returncode == 0, bench.stderr
-    assert json.loads((tmp_path / "b.json").read_text())["requests"] > 0
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["requests"] > 0 and b["c1_p50_ms"] > 0 and b["direct_p50_ms"] > 0
+    assert "one caller (c1): p50" in bench.stdout
     on_loop = cli("bench", str(models["small_mlp"]), "--duration", "0.5", "--batching", "16",
-                  "--on-loop", "--rows", "1", "--json", str(tmp_path / "c.json"))
+                  "--on-loop", "--rows", "1", "--no-c1", "--json", str(tmp_path / "c.json"))
     assert on_loop.returncode == 0, on_loop.stderr
     row = json.loads((tmp_path / "c.json").read_text())
     assert row["errors"] == 0 and row["rows"] == 1
