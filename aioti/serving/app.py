@@ -78,10 +78,17 @@ class ModelRepository:
     """The models a server serves, by name. `load` opens (or replaces) one, `unload` closes
     it; a replaced or unloaded model finishes the requests it has before it closes."""
 
-    def __init__(self, packages: Mapping[str, str | os.PathLike[str]], *,
+    def __init__(self, packages: Mapping[str, str | os.PathLike[str] | AsyncModel], *,
                  load_options: Mapping[str, Any], metrics: Metrics,
                  log: Callable[[str], None]) -> None:
-        self.entries = {name: Served(name, Path(p)) for name, p in packages.items()}
+        self.entries: dict[str, Served] = {}
+        #: models given loaded, installed when the app starts (`start`)
+        self._given: dict[str, AsyncModel] = {}
+        for name, p in packages.items():
+            if isinstance(p, AsyncModel):
+                self._given[name] = p
+                p = p.files.package or p.files.library
+            self.entries[name] = Served(name, Path(p))
         self._options = dict(load_options)
         self._metrics = metrics
         self._log = log
@@ -104,9 +111,11 @@ class ModelRepository:
                     raise _NotFound(name)
                 entry = self.entries[name] = Served(name, Path(path))
             target = Path(path) if path is not None else entry.path
-            self._log(f"loading {name} from {target} ...")
+            given = self._given.pop(name, None) if path is None else None
+            if given is None:
+                self._log(f"loading {name} from {target} ...")
             try:
-                model = await load(target, **self._options)
+                model = given or await load(target, **self._options)
                 names = (input_names(model.in_spec, len(model.signature.inputs)),
                          output_names(model.out_spec, len(model.output_names)))
                 meta = await _metadata(name, model, *names)
@@ -204,7 +213,8 @@ async def _until_disconnected(request: Request) -> None:
 
 
 def app(
-    models: Mapping[str, str | os.PathLike[str]] | Sequence[str | os.PathLike[str]],
+    models: (Mapping[str, str | os.PathLike[str] | AsyncModel]
+             | Sequence[str | os.PathLike[str]]),
     *,
     device: str | torch.device | Sequence[str | torch.device] = "cpu",
     batching: Batching | None = None,
@@ -214,8 +224,9 @@ def app(
     log: Callable[[str], None] | None = None,
 ) -> Starlette:
     """The Open Inference Protocol app over `models` (name -> package path, or paths named by
-    their file's stem). Models load when the app starts (its lifespan) and close, draining
-    their requests, when it stops. `device`, `batching`, `workers` and `max_queue` are
+    their file's stem; or name -> a loaded `AsyncModel`, which the app then serves and owns).
+    Models load when the app starts (its lifespan) and close, draining their requests, when it
+    stops. `device`, `batching`, `workers` and `max_queue` are
     `aioti.load`'s; a full queue answers 503."""
     packages = (dict(models) if isinstance(models, Mapping)
                 else {Path(p).stem: p for p in models})
