@@ -28,5 +28,5 @@ def test_reference_is_current():
 def test_readme_links_resolve():
     readme = (DOCS.parent / "README.md").read_text()
     for doc in ("architecture", "concurrency", "devices", "constants", "batching", "errors",
-                "troubleshooting", "api", "serving", "packages"):
+                "troubleshooting", "api", "serving", "packages", "scaling"):
         assert f"docs/{doc}.md" in readme and (DOCS / f"{doc}.md").is_file()
