@@ -28,7 +28,7 @@ through the replica's event loop without blocking it, concurrent requests batche
 - `check_health`: fails once the model is closed, or (a replica pool) while one of its devices
   is out of routing.
 - Shutdown (`serve.delete`, scale-down, `serve.shutdown`): the model closes after finishing the
-  requests it holds.
+  requests it holds (the replica's HTTP app owns it, and Ray ends the app's lifespan).
 - Ray's metrics (`ray.serve.metrics`): `aioti_requests` (requests delivered), `aioti_latency_ms`
   and `aioti_queue_wait_ms` histograms, `aioti_delivered_batch` (requests delivered together),
   tagged with the model's name.
@@ -118,11 +118,6 @@ class AiotiReplica:
         return {**self.model.stats(), "swaps": self.swaps, "weights": self._weights,
                 "swap_error": self.swap_error, "replica": _replica_id(),
                 "node": ray.get_runtime_context().get_node_id()}
-
-    async def __del__(self) -> None:
-        # The ingress's lifespan closes the model already (the app owns it): this covers a
-        # replica whose HTTP app never started.
-        await self.model.aclose()
 
 
 def _replica_id() -> str:

@@ -291,3 +291,20 @@ async def test_the_config_file_builder(anyio_backend, cluster):
     assert stats["batching"]["max_rows"] == 8
     await handle.broadcast("check_health").results_async()  # healthy: no error
     serve.delete("built")
+
+
+@pytest.mark.anyio
+async def test_check_health_follows_the_model(anyio_backend, models):
+    """A replica's health check, outside Ray: healthy while the model serves, failing once it
+    is closed, and (a replica pool) while a device is out of routing, naming it."""
+    replica = aioti.ray.AiotiReplica.__new__(aioti.ray.AiotiReplica)
+    await replica.__init__(str(models["small_mlp"]), "m", {"device": ["cpu", "cpu"]})
+    await replica.check_health()
+    replica.model.router.fault(1, RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match=r"devices out of routing: cpu: .*device lost"):
+        await replica.check_health()
+    await replica.model.check_health()  # the probe finds it answering: back in routing
+    await replica.check_health()
+    await replica.model.aclose()
+    with pytest.raises(RuntimeError, match="the aioti model is closed"):
+        await replica.check_health()
