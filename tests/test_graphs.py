@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import warnings
 
-import anyio
 import pytest
 import torch
+from load import call_all, swap_under_load
 from torch import nn
 from torch.export import Dim
 
@@ -45,18 +45,6 @@ def perturbed(name: str, seed: int = 3) -> nn.Module:
         for t in m.state_dict().values():
             t.copy_(torch.randn(t.shape, generator=g, device="cuda") * 0.05)
     return m
-
-
-async def call_all(model: aioti.AsyncModel, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = [None] * len(xs)  # type: ignore[list-item]
-
-    async def call(i: int) -> None:
-        out[i] = await model(xs[i])
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(xs)):
-            tg.start_soon(call, i)
-    return out
 
 
 def test_options_are_checked():
@@ -201,30 +189,9 @@ async def test_hot_swap_under_load(anyio_backend):
     xs = [torch.randn(1 + i % 4, 1024, device="cuda") for i in range(256)]
     with torch.no_grad():
         before, after = [old(x) for x in xs], [new(x) for x in xs]
-    torn: list[int] = []
-    late: list[int] = []
     async with aioti.load(path, device="cuda", workers=2,
                           cuda_graphs=aioti.CudaGraphs((1, 2, 4))) as model:
-        swapped = anyio.Event()
-
-        async def call(i: int) -> None:
-            await anyio.sleep(i * 1e-4)
-            started_after = swapped.is_set()
-            out = await model(xs[i])
-            if not (close(out, before[i]) or close(out, after[i])):
-                torn.append(i)
-            elif started_after and not close(out, after[i]):
-                late.append(i)
-
-        async def swap() -> None:
-            await anyio.sleep(0.005)
-            await model.hot_swap(new.state_dict())
-            swapped.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(swap)
-            for i in range(len(xs)):
-                tg.start_soon(call, i)
+        torn, late = await swap_under_load(model, xs, before, after, new.state_dict(), close)
         assert model.stats()["cuda_graphs"]["replays"] > 0
     assert torn == [] and late == []
 

@@ -14,9 +14,9 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-import anyio
 import pytest
 import torch
+from load import call_all, swap_under_load
 from torch import nn
 from torch.export import Dim
 
@@ -163,15 +163,8 @@ def test_custom_operators_match_eager_and_torch_loader(tmp_path):
 async def test_custom_operators_under_concurrency(anyio_backend):
     eager = eager_model("custom_ops_v1")
     xs = [torch.randn(1 + i % 5, 8) for i in range(64)]
-    got: list[object] = [None] * len(xs)
     async with aioti.load(compile_model("custom_ops_v1"), workers=2) as model:
-
-        async def call(i: int) -> None:
-            got[i] = await model(xs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(xs)):
-                tg.start_soon(call, i)
+        got = await call_all(model, xs)
     with torch.no_grad():
         assert all(all(close(g, w) for g, w in zip(out, eager(x)))  # type: ignore[arg-type]
                    for out, x in zip(got, xs))
@@ -196,18 +189,11 @@ async def test_an_operator_that_raises_fails_its_run_only(anyio_backend):
 async def test_torch_operators_without_a_shim_batch(anyio_backend):
     eager = eager_model("torch_ops_without_shim_v1")
     xs = [torch.randn(1 + i % 3, 6, 6) for i in range(48)]
-    got: list[object] = [None] * len(xs)
     path = compile_model("torch_ops_without_shim_v1")
     async with aioti.load(path, batching=aioti.Batching(16, 2.0)) as model:
         assert model.container.proxy is not None
         assert model.container.proxy.targets == ["aten::_linalg_eigh", "aten::linalg_qr"]
-
-        async def call(i: int) -> None:
-            got[i] = await model(xs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(xs)):
-                tg.start_soon(call, i)
+        got = await call_all(model, xs)
         rows = model.stats()["batching"]["batch_rows"]
     with torch.no_grad():
         assert all(close(g, eager(x)) for g, x in zip(got, xs))  # type: ignore[arg-type]
@@ -323,26 +309,8 @@ async def test_matrix_serves_batches_and_hot_swaps(row, anyio_backend):
         after = [new(x) for x in xs]
     async with aioti.load(compile_model(name), weights=weights,
                           batching=aioti.Batching(16, 1.0)) as model:
-        torn = []
-        swapped = anyio.Event()
-
-        async def call(i: int) -> None:
-            out = await model(xs[i])
-            if not (close(out, before[i]) or close(out, after[i])):
-                torn.append(i)
-            if swapped.is_set():
-                assert close(await model(xs[i]), after[i])
-
-        async def swap() -> None:
-            await anyio.sleep(0.001)
-            await model.hot_swap(new.state_dict())
-            swapped.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(swap)
-            for i in range(len(xs)):
-                tg.start_soon(call, i)
-        assert torn == []
+        torn, late = await swap_under_load(model, xs, before, after, new.state_dict(), close)
+        assert torn == [] and late == []
         assert all([close(await model(x), a) for x, a in zip(xs, after)])
         assert model.stats()["batching"]["batch_rows"]
 
@@ -365,16 +333,9 @@ async def test_custom_operators_on_cuda(anyio_backend):
     """The operators run on the worker's stream (its current stream), as the model's kernels."""
     eager = eager_model("custom_ops_v1", "cuda")
     xs = [torch.randn(1 + i % 5, 8, device="cuda") for i in range(32)]
-    got: list[object] = [None] * len(xs)
     async with aioti.load(compile_model("custom_ops_v1", "cuda"), device="cuda",
                           workers=2) as model:
-
-        async def call(i: int) -> None:
-            got[i] = await model(xs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(xs)):
-                tg.start_soon(call, i)
+        got = await call_all(model, xs)
     with torch.no_grad():
         assert all(all(close(g, w) for g, w in zip(out, eager(x)))  # type: ignore[arg-type]
                    for out, x in zip(got, xs))
