@@ -36,13 +36,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = _free_port()
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[str]:
-    """Two Ray nodes on this machine and Serve's HTTP proxy; yields the proxy's base URL."""
+    """Two Ray nodes on this machine and Serve's HTTP proxy; yields the proxy's base URL. The
+    head node exports Ray's metrics (Prometheus text) on `METRICS_PORT`."""
     from ray.cluster_utils import Cluster
 
     compile_model("small_mlp")
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": False, "metrics_export_port": METRICS_PORT})
     c.add_node(num_cpus=2)
     c.wait_for_nodes(timeout=WAIT_S)
     ray.init(address=c.address, log_to_driver=False)
@@ -116,6 +121,26 @@ async def test_handle_calls_match_eager(anyio_backend, app):
     stats = await replica_stats(app)
     assert len(stats) == 2 and all(s["completed"] > 0 for s in stats)
     assert len({s["node"] for s in stats}) == 2  # max_replicas_per_node=1: one on each node
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_ray_metrics_carry_aiotis_counts(anyio_backend, app):
+    """The replicas' requests reach Ray's metrics export (`ray_aioti_requests_total` and the
+    histograms, tagged with the model's name): the head node's, which exports its replica's."""
+    await asyncio.gather(*(app.infer.remote(torch.randn(1, 64)) for _ in range(50)))
+    counted = 0.0
+    deadline = time.monotonic() + WAIT_S
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            text = (await client.get(f"http://127.0.0.1:{METRICS_PORT}/metrics")).text
+            counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith("ray_aioti_requests_total{")
+                          and 'model="mlp"' in line)
+            if counted > 0 and "ray_aioti_queue_wait_ms_bucket" in text:
+                break
+            await asyncio.sleep(1)
+    assert counted > 0 and "ray_aioti_latency_ms_bucket" in text
 
 
 @pytest.mark.anyio
@@ -308,3 +333,49 @@ async def test_check_health_follows_the_model(anyio_backend, models):
     await replica.model.aclose()
     with pytest.raises(RuntimeError, match="the aioti model is closed"):
         await replica.check_health()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_config_file_deploys(anyio_backend, cluster, tmp_path):
+    """A Serve config file naming `aioti.ray:build`, deployed the way `serve deploy` has the
+    controller deploy it (the controller imports the builder and calls it with `args`); then
+    the same file with new weights in `user_config`: Ray applies it in place, the running
+    replica swaps its weights (`reconfigure`)."""
+    import yaml
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    text = f"""
+applications:
+  - name: fromfile
+    route_prefix: /fromfile
+    import_path: aioti.ray:build
+    args:
+      path: {compile_model("small_mlp")}
+      name: fromfile
+      batching: {{max_batch_size: 8, max_delay_ms: 1.0}}
+      num_replicas: 1
+      ray_actor_options: {{num_cpus: 0.5}}
+"""
+    client = serve_start()
+    client.deploy_apps(ServeDeploySchema.model_validate(yaml.safe_load(text)), _blocking=True)
+    handle = serve.get_app_handle("fromfile")
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert close(await handle.infer.remote(x), eager_model("small_mlp")(x))
+    (first,) = await replica_stats(handle, replicas=1)
+
+    new = perturbed(13)
+    torch.save(new.state_dict(), tmp_path / "new.pt")
+    text += ("    deployments:\n      - name: aioti-fromfile\n"
+             f"        user_config: {{weights: {tmp_path / 'new.pt'}}}\n")
+    client.deploy_apps(ServeDeploySchema.model_validate(yaml.safe_load(text)), _blocking=True)
+    deadline = time.monotonic() + WAIT_S
+    with torch.no_grad():
+        while not close(await handle.infer.remote(x), new(x)):
+            assert time.monotonic() < deadline, "the new weights were not applied"
+            await asyncio.sleep(0.2)
+    (now,) = await replica_stats(handle, replicas=1)
+    assert now["replica"] == first["replica"] and now["swaps"] == 1  # in place
+    serve.delete("fromfile")
