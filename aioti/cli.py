@@ -32,6 +32,17 @@ def _specialized(c: Any) -> int:
     return max(0, pytree.treespec_loads(c.call_spec[0]).num_leaves - c.num_inputs)
 
 
+def _weights_where(files: Any, c: Any) -> str:
+    """Where the model's weights come from, for `aioti info`."""
+    if not c.buffers.loaded:
+        return "none: pass weights= to aioti.load"
+    if files.blob is not None:
+        return "stored in the package (blob)"
+    if files.weights_config is not None:
+        return "stored in the package (torch.save files)"
+    return "in the library"
+
+
 def _info(args: argparse.Namespace) -> int:
     from .core import list_models, open_container, open_model, runmany
     from .replica import devices
@@ -57,10 +68,7 @@ def _info(args: argparse.Namespace) -> int:
                         "an older torch (e.g. 2.11): some functions are missing",
             "run_loop": runmany.status(),
             "loaded_on": where,
-            "weights": ("in the library" if files.blob is None and files.weights_config is None
-                        and c.buffers.loaded else
-                        f"stored in the package ({'blob' if files.blob else 'torch.save files'})"
-                        if c.buffers.loaded else "none: pass weights= to aioti.load"),
+            "weights": _weights_where(files, c),
             "proxy_operators": c.proxy.targets if c.proxy is not None else [],
             "specialized_arguments": _specialized(c),
         }

@@ -16,10 +16,11 @@ Semantics in brief (docs/concurrency.md has the full statement):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
@@ -156,12 +157,7 @@ class AsyncModel:
         that leaves while waiting for room in a full queue never entered it and is not counted;
         nor are requests that closing with `cancel_queued` fails.
         `latency_s`: from the request's creation to its delivery on its loop."""
-        out = self._dispatcher.stats()
-        if self._batcher is not None:
-            out["batching"] = self._batcher.stats()
-        if self._replicas[0].graphs is not None:
-            out["cuda_graphs"] = self._replicas[0].graphs.stats()
-        return out
+        return self._replicas[0].stats()
 
     def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:
         """Call `fn(latencies, queue_waits)` (seconds) for each batch of requests delivered,
@@ -277,15 +273,22 @@ class AsyncModel:
             with replica.dispatcher.exclusive():
                 return fn(replica.container)
 
+        async with self._mutation():
+            return [await _in_thread(functools.partial(call, r)) for r in self._replicas]
+
+    @contextlib.asynccontextmanager
+    async def _mutation(self) -> AsyncIterator[None]:
+        """A constant operation: under the mutation lock, and followed, whatever its outcome,
+        by the recapture of the CUDA graphs of replicas whose constants it moved (stale graphs
+        are not replayed meanwhile)."""
         async with self._lock:
             try:
-                return [await _in_thread(functools.partial(call, r)) for r in self._replicas]
+                yield
             finally:
                 await self._recapture()
 
     async def _recapture(self) -> None:
-        """Recapture the CUDA graphs of replicas whose constants moved (their graphs are not
-        replayed meanwhile), with the replica's runs held off. Under the mutation lock."""
+        """Recapture stale CUDA graphs, each replica's with its runs held off."""
         for r in self._replicas:
             graphs = r.graphs
             if graphs is not None and graphs.stale and not r.dispatcher.stopped:
@@ -364,14 +367,11 @@ class AsyncModel:
         loaded = await self._read(mapping)
         c = self._container
         folds = fold and c.buffers.folds
-        async with self._lock:
+        async with self._mutation():
             await _in_thread(lambda: c.buffers.stage_constants(loaded))
             if folds:
                 await _in_thread(lambda: c.buffers.fold_constants(inactive=True))
-            try:
-                await _in_thread(c.buffers.swap_constants)
-            finally:
-                await self._recapture()
+            await _in_thread(c.buffers.swap_constants)
 
     @staticmethod
     async def _read(mapping: Mapping[str, Any] | str | os.PathLike[str]) -> Mapping[str, Any]:

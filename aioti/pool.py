@@ -92,12 +92,8 @@ class ReplicaPool(AsyncModel):
         whether it is healthy, and why not) under "replicas"."""
         per = []
         for r, healthy, fault in zip(self._replicas, self.router.healthy, self.router.faults):
-            s = r.dispatcher.stats()
-            if r.batcher is not None:
-                s["batching"] = r.batcher.stats()
-            if r.graphs is not None:
-                s["cuda_graphs"] = r.graphs.stats()
-            per.append({"device": str(r.device), "healthy": healthy, "fault": fault, **s})
+            per.append({"device": str(r.device), "healthy": healthy, "fault": fault,
+                        **r.stats()})
         total: dict[str, Any] = {k: sum(p[k] for p in per) for k in (
             "queued", "running", "completed", "failed", "cancelled", "workers", "max_queue")}
         total["latency_s"] = Latencies.merged(
@@ -133,7 +129,7 @@ class ReplicaPool(AsyncModel):
         loaded = await self._read(mapping)
         reps = self._replicas
         folds = fold and reps[0].container.buffers.folds
-        async with self._lock:
+        async with self._mutation():
             errors: list[tuple[Replica, BaseException]] = []
 
             async def stage(r: Replica) -> None:
@@ -152,19 +148,13 @@ class ReplicaPool(AsyncModel):
                 r, exc = min(errors, key=lambda e: e[0].index)
                 raise type(exc)(f"replica {r.index} ({r.device}): {exc}; no replica was "
                                 "swapped") from exc
-            try:
-                await _in_thread(self._swap_all)
-            finally:
-                await self._recapture()
+            await _in_thread(self._swap_all)
 
     async def swap_constants(self) -> None:
         """Make every replica's inactive buffer active, all while no batch runs anywhere."""
         self._check_open()
-        async with self._lock:
-            try:
-                await _in_thread(self._swap_all)
-            finally:
-                await self._recapture()
+        async with self._mutation():
+            await _in_thread(self._swap_all)
 
     def _swap_all(self) -> None:
         with contextlib.ExitStack() as gates:

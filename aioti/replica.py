@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,6 +69,15 @@ class Replica:
     @property
     def device(self) -> torch.device:
         return self.backend.device
+
+    def stats(self) -> dict[str, Any]:
+        """The runtime's counts and latencies, with batching's and CUDA graphs' where on."""
+        out = self.dispatcher.stats()
+        if self.batcher is not None:
+            out["batching"] = self.batcher.stats()
+        if self.graphs is not None:
+            out["cuda_graphs"] = self.graphs.stats()
+        return out
 
     @staticmethod
     def build(index: int, name: str, container: Container, backend: Backend, *, workers: int,

@@ -257,15 +257,24 @@ class Container:
         """One run through `RunSingleThreaded`, the only run a CUDA graph can capture (`Run`
         queries events to pick a model instance). No other run may be in flight."""
         self._need("RunSingleThreaded", "capturing a CUDA graph")
+        handle = self._live()
         if not self.buffers.loaded:
             raise self.buffers.unloaded_error()
+        out = self._run_one(self.library.functions["RunSingleThreaded"], handle, tensors, stream)
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _run_one(self, fn: Any, handle: int, tensors: Sequence[torch.Tensor],
+                 stream: int | None) -> list[torch.Tensor] | ModelRunError:
+        """One run through `fn` (`Run` or `RunSingleThreaded`): one ctypes call, no helper
+        arrays. Its outputs, or its error."""
         outs = self._out_array()
-        code = self.library.functions["RunSingleThreaded"](
-            self._live(), self._in_array(*handles_from_tensors(tensors)), self.num_inputs, outs,
-            self.num_outputs, stream, self._proxy_address)
+        code = fn(handle, self._in_array(*handles_from_tensors(tensors)), self.num_inputs, outs,
+                  self.num_outputs, stream, self._proxy_address)
         if code:
-            free_handles(list(outs))
-            raise self._failure(code)
+            free_handles(list(outs))  # its outputs may be partly written
+            return self._failure(code)
         return tensors_from_handles(list(outs))
 
     def run_many(self, batch: Sequence[Sequence[torch.Tensor]], stream: int | None = None
@@ -280,14 +289,8 @@ class Container:
             raise self.buffers.unloaded_error()
         n_in, n_out = self.num_inputs, self.num_outputs
         if len(batch) == 1 and len(batch[0]) == n_in and not self._native_checks:
-            # One run (a merged batch, a lone request): one ctypes call, no helper arrays.
-            outs1 = self._out_array()
-            code = self._run_fn(handle, self._in_array(*handles_from_tensors(batch[0])), n_in,
-                                outs1, n_out, stream, self._proxy_address)
-            if code:
-                free_handles(list(outs1))  # its outputs may be partly written
-                return [self._failure(code)]
-            return [tensors_from_handles(list(outs1))]
+            # One run (a merged batch, a lone request).
+            return [self._run_one(self._run_fn, handle, batch[0], stream)]
         results: list[Any] = [None] * len(batch)
         runs = []
         for i, ts in enumerate(batch):

@@ -141,10 +141,17 @@ def _returns(schema: Any, outputs: list[dict[str, Any]], target: str) -> list[_A
     return out
 
 
+class _Missing(Exception):
+    """An operator this process has not registered."""
+
+
 def _operator(target: str) -> Any:
     name, _, overload = target.partition(".")
     namespace, _, op = name.partition("::")
-    return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), op), overload or "default")
+    except AttributeError as exc:
+        raise _Missing(target) from exc
 
 
 def _read_node(node: dict[str, Any], device: torch.device) -> _Node:
@@ -198,7 +205,7 @@ class ProxyExecutor:
         for node in nodes:
             try:
                 read.append(_read_node(node, device))
-            except AttributeError:
+            except _Missing:
                 custom = node.get("metadata", {}).get("torch_library_custom_op") == "1"
                 missing.append(node["target"] + (" (a torch.library.custom_op)" if custom else ""))
         if missing:

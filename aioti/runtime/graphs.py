@@ -253,8 +253,8 @@ class GraphRunner:
     def run_many(self, batch: Sequence[Sequence[torch.Tensor]], stream: int | None
                  ) -> list[list[torch.Tensor] | Exception]:
         """`Container.run_many`, replaying graphs where a run fits one."""
-        graphs = self._graphs(stream) if self._generation == self.container.buffers.generation \
-            else None
+        graphs = (self._graphs(stream) if stream is not None
+                  and self._generation == self.container.buffers.generation else None)
         if graphs is None or stream is None:
             self.fallbacks += len(batch)
             return self.container.run_many(batch, stream)
@@ -271,19 +271,16 @@ class GraphRunner:
                 out[i] = self._replay(g, inputs, rows)
         if direct:
             self._replay_direct(batch, direct, out, stream)
-        self.replays += len(batch)
         rest = [i for i, o in enumerate(out) if o is None]
+        self.replays += len(batch) - len(rest)
         if rest:
-            self.replays -= len(rest)
             self.fallbacks += len(rest)
             for i, ran in zip(rest, self.container.run_many([batch[i] for i in rest], stream)):
                 out[i] = ran
         return out  # type: ignore[return-value]
 
-    def _graphs(self, stream: int | None) -> dict[int, _Graph] | None:
+    def _graphs(self, stream: int) -> dict[int, _Graph] | None:
         """This worker stream's graphs (a free set is claimed by a stream on first use)."""
-        if stream is None:
-            return None
         graphs = self._by_stream.get(stream)
         if graphs is not None:
             return graphs

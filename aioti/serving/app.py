@@ -82,7 +82,7 @@ class ModelRepository:
                  load_options: Mapping[str, Any], metrics: Metrics,
                  log: Callable[[str], None]) -> None:
         self.entries: dict[str, Served] = {}
-        #: models given loaded, installed when the app starts (`start`)
+        #: models given loaded, installed by `load` when the app starts
         self._given: dict[str, AsyncModel] = {}
         for name, p in packages.items():
             if isinstance(p, AsyncModel):
