@@ -21,7 +21,7 @@ from .backends.base import Backend
 from .backends.registry import resolve_backend
 from .core.container import Container, open_container
 from .core.package import ModelFiles, discard, open_model
-from .core.threads import ThreadTeams
+from .core.threads import ThreadTeams, team_of_one
 from .core.weights import read_state_dict
 from .errors import InputError
 from .loops.parking import ParkingLot
@@ -137,46 +137,48 @@ def load(
 
         def blocking() -> None:
             nonlocal files
-            files = open_model(path, model_name, cache_dir=cache_dir)
-            given = (read_state_dict(Path(weights)) if isinstance(weights, (str, os.PathLike))
-                     else weights)
-            for i, backend in enumerate(backends):
-                # A pool keeps about one replica's worker threads in all: every worker takes
-                # the GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs
-                # with four workers each ran at a sixth of one GPU's rate).
-                n = workers or max(1, backend.default_workers() // len(backends))
-                if cuda_graphs is not None and workers is None:
-                    # Replays cost the worker microseconds of Python each and little else:
-                    # more worker streams only contend for the GIL (benchmarks/README.md).
-                    n = 1
-                num_models = (n if workers is not None or cuda_graphs is not None
-                              else max(n, backend.max_auto_workers))
-                container = open_container(files, device=str(backend.device),
-                                           num_models=num_models, check_inputs=check_inputs)
-                made.append(container)
-                if given is not None:
-                    container.buffers.update_constants(given)
-                size = sum(c.nbytes for c in container.constants)
-                if workers is None and num_models > n:
-                    n = backend.auto_workers(size) or n
-                sharing = sum(b.device == backend.device for b in backends)
-                team = _teams(backend, threads, size, n, sharing)
-                if i == 0 and batching is not None:
-                    if batching.on_loop and backend.device.type != "cpu":
-                        raise InputError(
-                            "on-loop batching runs batches on the event loop's thread, which "
-                            f"suits CPU models only; this model is on {backend.device}")
-                    if not container.buffers.loaded:
-                        raise container.buffers.unloaded_error()  # the probe runs the model
-                    reason = probe_batch_dim(container.run_tensors, container.signature,
-                                             backend.device, batching.dim)
-                    if reason:
-                        raise InputError(f"this model cannot be batched: {reason}")
-                name = f"aioti-{files.name}" + (f"-{i}" if pool else "")
-                replicas.append(Replica.build(
-                    i, name, container, backend, workers=n, max_queue=max_queue,
-                    batching=batching, threads=team, room=room,
-                    on_fault=fault(i) if pool else None, cuda_graphs=cuda_graphs))
+            # No OpenMP team of this thread's: the model's lead worker owns its team.
+            with team_of_one():
+                files = open_model(path, model_name, cache_dir=cache_dir)
+                given = (read_state_dict(Path(weights)) if isinstance(weights, (str, os.PathLike))
+                         else weights)
+                for i, backend in enumerate(backends):
+                    # A pool keeps about one replica's worker threads in all: every worker takes
+                    # the GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs
+                    # with four workers each ran at a sixth of one GPU's rate).
+                    n = workers or max(1, backend.default_workers() // len(backends))
+                    if cuda_graphs is not None and workers is None:
+                        # Replays cost the worker microseconds of Python each and little else:
+                        # more worker streams only contend for the GIL (benchmarks/README.md).
+                        n = 1
+                    num_models = (n if workers is not None or cuda_graphs is not None
+                                  else max(n, backend.max_auto_workers))
+                    container = open_container(files, device=str(backend.device),
+                                               num_models=num_models, check_inputs=check_inputs)
+                    made.append(container)
+                    if given is not None:
+                        container.buffers.update_constants(given)
+                    size = sum(c.nbytes for c in container.constants)
+                    if workers is None and num_models > n:
+                        n = backend.auto_workers(size) or n
+                    sharing = sum(b.device == backend.device for b in backends)
+                    team = _teams(backend, threads, size, n, sharing)
+                    if i == 0 and batching is not None:
+                        if batching.on_loop and backend.device.type != "cpu":
+                            raise InputError(
+                                "on-loop batching runs batches on the event loop's thread, which "
+                                f"suits CPU models only; this model is on {backend.device}")
+                        if not container.buffers.loaded:
+                            raise container.buffers.unloaded_error()  # the probe runs the model
+                        reason = probe_batch_dim(container.run_tensors, container.signature,
+                                                 backend.device, batching.dim)
+                        if reason:
+                            raise InputError(f"this model cannot be batched: {reason}")
+                    name = f"aioti-{files.name}" + (f"-{i}" if pool else "")
+                    replicas.append(Replica.build(
+                        i, name, container, backend, workers=n, max_queue=max_queue,
+                        batching=batching, threads=team, room=room,
+                        on_fault=fault(i) if pool else None, cuda_graphs=cuda_graphs))
 
         try:
             await anyio.to_thread.run_sync(blocking)
@@ -204,7 +206,7 @@ def _teams(backend: Backend, threads: int | None, weight_bytes: int, workers: in
     """A replica's native team sizes: `threads` if given, else the backend's choice for its
     workers, divided among the `sharing` replicas on the same device."""
     if threads is not None:
-        return ThreadTeams(threads, threads)
+        return ThreadTeams(threads, threads, threads)
     sizes = backend.worker_threads(weight_bytes, workers)
     if sizes is None:
         return None

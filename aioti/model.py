@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from .backends.base import Backend
 from .core.container import Container
 from .core.package import ModelFiles
+from .core.threads import team_of_one
 from .errors import ClosedError, InputError
 from .loops import current_loop
 from .loops.lock import CrossLoopLock
@@ -50,7 +51,7 @@ async def _in_thread(fn: Callable[[], T]) -> T:
     exiting, and exit waits for one in progress (`lifecycle.operation`)."""
 
     def guarded() -> T:
-        with lifecycle.operation():
+        with lifecycle.operation(), team_of_one():  # the lead worker owns the OpenMP team
             return fn()
 
     return await anyio.to_thread.run_sync(guarded)
@@ -240,8 +241,17 @@ class AsyncModel:
         if self._batcher is not None:
             self._batcher.admit(req, layout)
         if self._idle_on_loop and dispatcher.run_here_if_idle(req):
-            pass  # ran here, settled: the await below returns at once
-        elif not dispatcher.try_submit(req):
+            if boxed:
+                flat.clear()
+            del tensors, flat
+            try:
+                await req.loop.checkpoint()  # ran here: the loop's ready tasks go first, as ever
+            finally:
+                dispatcher.ran_here_over(req.loop)
+            if req.error is not None:
+                raise req.error
+            return req.result  # type: ignore[no-any-return]
+        if not dispatcher.try_submit(req):
             await dispatcher.submit(req, wait=self._on_full_wait)
         if boxed:
             flat.clear()

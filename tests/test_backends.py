@@ -14,7 +14,12 @@ import torch
 import aioti
 from aioti.backends import registry
 from aioti.backends.cpu import CpuBackend
-from aioti.core.threads import ThreadTeams
+from aioti.core.threads import (
+    ThreadTeams,
+    set_thread_team_size,
+    team_of_one,
+    thread_team_size,
+)
 from aioti.testing import eager_model
 
 pytestmark = pytest.mark.anyio
@@ -190,34 +195,74 @@ async def test_cpu_workers_run_with_their_own_team_size(models):
 
 
 def test_team_size_per_batch():
-    """A worker's team is the whole machine while its batch runs alone, the shared size while
-    others run, and is only set when it changes."""
+    """The lead worker's team is the whole machine while its batch runs alone, the shared size
+    while others run; every other thread's is `others`; sizes are only set when they change,
+    and a borrowed thread (an event loop's) gets its own size back."""
     try:
         omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads
     except AttributeError:
         pytest.skip("no OpenMP runtime in this process")
-    teams = ThreadTeams(alone=3, shared=1)
-    seen = []
+    teams = ThreadTeams(alone=3, shared=2, others=1)
+    seen: dict[bool, list[int]] = {True: [], False: []}
 
-    def worker():
+    def worker(lead):
+        teams.enter(lead)
         for running in (1, 2, 2, 1, 3):
             teams.before_batch(running)
-            seen.append(omp_get_max_threads())
+            seen[lead].append(omp_get_max_threads())
 
-    t = threading.Thread(target=worker)
+    for lead in (True, False):
+        t = threading.Thread(target=worker, args=(lead,))
+        t.start()
+        t.join(30)
+    assert seen == {True: [3, 2, 2, 3, 2], False: [1, 1, 1, 1, 1]}
+
+    def borrowed():
+        torch.get_num_threads()  # torch's own setting of the thread first, as on a loop's
+        set_thread_team_size(4)
+        own = teams.borrow()
+        seen[False].append(omp_get_max_threads())
+        teams.give_back(own)
+        seen[False].append(omp_get_max_threads())
+
+    t = threading.Thread(target=borrowed)
     t.start()
     t.join(30)
-    assert seen == [3, 1, 1, 3, 1]
+    assert seen[False][-2:] == [1, 4]
     with pytest.raises(ValueError, match="threads must be >= 1"):
         ThreadTeams(0, 1)
 
 
+def test_team_of_one_sizes_a_helper_thread_for_its_work_only():
+    """A load's or a constant operation's thread forks no team while it works, and has its own
+    size back afterwards."""
+    if thread_team_size() is None:
+        pytest.skip("no OpenMP runtime in this process")
+    seen = []
+
+    def helper():
+        torch.get_num_threads()  # torch's own setting of the thread first
+        set_thread_team_size(3)
+        with team_of_one():
+            seen.append(thread_team_size())
+        seen.append(thread_team_size())
+
+    t = threading.Thread(target=helper)
+    t.start()
+    t.join(30)
+    assert seen == [1, 3]
+
+
 def test_cpu_team_size_policy():
+    """Only the lead worker forks a team: of the cores the other workers leave it, a fixed
+    size where that is more than one core (resizing makes and ends threads); where it is one,
+    every core for a batch alone. Small models: one thread everywhere."""
     cpu = CpuBackend(torch.device("cpu"))
-    cores = torch.get_num_threads()
-    assert cpu.worker_threads(1000, 1) == (1, 1)
-    assert cpu.worker_threads(1 << 30, 2) == (cores, max(1, cores // 2))
-    assert cpu.worker_threads(1 << 30, 64) == (cores, 1)
+    for cores, workers, policy in ((2, 1, (2, 2, 1)), (2, 2, (2, 1, 1)), (8, 2, (7, 7, 1)),
+                                   (8, 64, (8, 1, 1)), (1, 2, (1, 1, 1))):
+        cpu.cores = cores
+        assert cpu.worker_threads(1 << 30, workers) == policy, (cores, workers)
+    assert cpu.worker_threads(1000, 1) == (1, 1, 1)
 
 
 class DeferredBackend(CpuBackend):

@@ -306,9 +306,13 @@ async def test_uvloop(models):
     assert all(torch.allclose(o, eager(x), atol=1e-5) for o, x in zip(outs, xs))
 
 
-async def test_the_most_recently_idle_worker_takes_the_next_request(models):
-    """Requests one at a time stay on one worker (its thread team stays warm) instead of
-    alternating between workers."""
+async def test_the_lead_worker_takes_lone_requests(models, monkeypatch):
+    """Requests one at a time all go to worker 0, the lead (on CPU the one thread that forks a
+    native team), whichever worker went to sleep last; while the lead runs a batch, another
+    worker takes the next request."""
+    from aioti.runtime import dispatch
+
+    monkeypatch.setattr(dispatch, "IDLE_RUN_MAX_S", 0.0)  # no run on the caller's thread
     ran_on = []
 
     class Recording(CpuBackend):
@@ -324,9 +328,27 @@ async def test_the_most_recently_idle_worker_takes_the_next_request(models):
                     while len(model._dispatcher.queue._sleeping) < 3:  # every worker back asleep
                         await anyio.sleep(0.001)
                 await model(torch.randn(1, 64))
+            assert len(ran_on) == 6 and all(n.endswith("-worker-0") for n in ran_on), ran_on
+            ran_on.clear()
+            gate = threading.Event()
+            real = model._dispatcher.runner._executor.run
+
+            def held(live, stream):
+                if threading.current_thread().name.endswith("-worker-0"):
+                    gate.wait(10)
+                return real(live, stream)
+
+            model._dispatcher.runner._executor.run = held
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model, torch.randn(1, 64))
+                with anyio.fail_after(10):
+                    while len(ran_on) < 1:
+                        await anyio.sleep(0.001)
+                    await model(torch.randn(1, 64))  # the lead is busy: another worker runs it
+                gate.set()
     finally:
         aioti.register_backend("cpu", CpuBackend, replace=True)
-    assert len(ran_on) == 6 and len(set(ran_on)) == 1, ran_on
+    assert ran_on[0].endswith("-worker-0") and not ran_on[1].endswith("-worker-0"), ran_on
 
 
 FORK = """

@@ -41,10 +41,11 @@ class Backend:
 
     max_auto_workers = 1
 
-    def worker_threads(self, weight_bytes: int, workers: int) -> tuple[int, int] | None:
-        """Native threads (OpenMP team size) a worker's runs may use, given the model's constant
-        bytes and worker count: (while its batch runs alone, while other batches run too); None
-        leaves the threads' defaults."""
+    def worker_threads(self, weight_bytes: int, workers: int) -> tuple[int, int, int] | None:
+        """Native threads (OpenMP team size) a model's runs may use, given its constant bytes
+        and worker count: on the lead worker (while its batch runs alone, while other batches
+        run too), and on every other thread (`ThreadTeams`); None leaves the threads'
+        defaults."""
         return None
 
     def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:

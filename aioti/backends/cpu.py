@@ -6,11 +6,14 @@ fast model a second worker only competes with the first for the GIL and the queu
 one, a second run overlapping the first's serial parts wins. So: one worker for models with
 under 1 MiB of weights, else two (or the core count, if lower). `workers=N` overrides it.
 
-Team size (OpenMP threads per run, set per worker thread before each batch): a batch that runs
-while no other batch of the model does uses every core (`torch.get_num_threads()` where the
-model was loaded); while several run, each uses `cores // workers`, so busy workers do not
-oversubscribe the cores; a small model (under 1 MiB) always uses one, as waking a team costs
-more than its kernels. `threads=N` at load fixes it at N.
+Team size (OpenMP threads per run, set per worker thread before each batch): only the lead
+worker forks a team (`ThreadTeams`: more OpenMP threads than cores make every team sleep at its
+barriers), of the cores the other workers leave it, `cores - (workers - 1)`, at a size that
+stays fixed (libgomp ends and makes threads when a team shrinks and grows). Where that leaves
+one core (two workers on two), a batch that runs while no other batch of the model does still
+gets every core (a team of one keeps the pool as it is). The other workers run with one thread.
+A small model (under 1 MiB) always uses one, as waking a team costs more than its kernels.
+`threads=N` at load fixes it at N on every thread.
 
 Why not time a probe run at load: the probe's thread would get an OpenMP team of its own, and
 with more OpenMP threads than cores libgomp stops spinning between parallel regions, which
@@ -39,12 +42,16 @@ class CpuBackend(Backend):
 
     def __init__(self, device: torch.device) -> None:
         super().__init__(torch.device("cpu"))
+        #: torch's thread count when the backend was made (once per process): the cores a
+        #: model's team may use (read here, as loads run on threads sized to one)
+        self.cores = torch.get_num_threads()
 
     def auto_workers(self, weight_bytes: int) -> int | None:
         return 1 if weight_bytes < SMALL_MODEL_BYTES else self.max_auto_workers
 
-    def worker_threads(self, weight_bytes: int, workers: int) -> tuple[int, int] | None:
+    def worker_threads(self, weight_bytes: int, workers: int) -> tuple[int, int, int] | None:
         if weight_bytes < SMALL_MODEL_BYTES:
-            return 1, 1
-        cores = torch.get_num_threads()
-        return cores, max(1, cores // workers)
+            return 1, 1, 1
+        cores = self.cores
+        lead = max(1, cores - (workers - 1))
+        return (lead, lead, 1) if lead > 1 else (cores, 1, 1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import types
 from asyncio.events import _get_running_loop  # C-accelerated, returns None off-loop
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
@@ -13,11 +14,18 @@ if TYPE_CHECKING:
     from .abc import Outcome
 
 
+@types.coroutine
+def _yield_once() -> Generator[None, None, None]:
+    """A bare yield: the task is stepped again once the loop's ready callbacks have run."""
+    yield
+
+
 class AsyncioLoop:
     """A running asyncio loop as a delivery target for worker threads; its waiters are plain
     futures of the loop (a cancelled task cancels its future, so settling finds it done)."""
 
     __slots__ = ("loop", "waiter", "exact", "soon")
+    checkpoint = staticmethod(_yield_once)
     kind = "asyncio"
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:

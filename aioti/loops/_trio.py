@@ -59,6 +59,7 @@ class TrioLoop:
 
     __slots__ = ("_token",)
     kind = "trio"
+    checkpoint = staticmethod(trio.lowlevel.checkpoint)
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token

@@ -7,7 +7,7 @@ but the picker (`aioti.loops.current_loop`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any, Protocol
 
 __all__ = ["Loop", "Outcome", "Waiter"]
@@ -52,4 +52,9 @@ class Loop(Protocol):
 
     def soon(self, fn: Callable[[Any], object], arg: Any) -> object:
         """On the loop's thread: run `fn(arg)` once the tasks that are ready now have run."""
+        ...
+
+    def checkpoint(self) -> Awaitable[None]:
+        """Awaited by a task of this loop: let the tasks that are ready now run first (and a
+        cancellation land), then go on."""
         ...

@@ -82,6 +82,10 @@ class Delivery:
     def _settle(self, reqs: list[Request]) -> None:
         """On the requests' loop (one loop per call)."""
         reqs[0].loop.settle_all(reqs)
+        self.record(reqs)
+
+    def record(self, reqs: list[Request]) -> None:
+        """On the requests' loop, as they are handed over: their latencies and queue waits."""
         now = time.perf_counter()
         latencies = [now - req.t0 for req in reqs]
         self.latency.extend(latencies)

@@ -78,19 +78,20 @@ class Dispatcher:
         """With `options.idle_on_loop`: run a lone request right here, on its caller's thread,
         when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, and
         this loop ran none so in its current iteration: no thread hand-off, no worker to wake.
-        Its outcome is delivered once the loop's ready tasks have run (awaiting it still yields
-        to them). False, doing nothing, otherwise."""
+        Its outcome is set in it, for the caller to take after yielding to the loop's ready tasks
+        once (as a queued request's caller does). False, doing nothing, otherwise."""
         loop = req.loop
         if (self.runner.per_request_s > IDLE_RUN_MAX_S or self._ran_here_on is loop
                 or not self.queue.claim_idle(req)):
             return False
-        # One such run per loop iteration: the next requests of a burst go to the workers.
+        # One such run at a time: the requests of a burst made by the loop's other ready tasks,
+        # which run before its caller resumes (`ran_here_over`), go to the workers.
         self._ran_here_on = loop
-        loop.soon(self._next_iteration, loop)
-        self.runner.run_here([req], 1, loop, soon=True)
+        self.runner.run_alone(req)
         return True
 
-    def _next_iteration(self, loop: Loop) -> None:
+    def ran_here_over(self, loop: Loop) -> None:
+        """The caller of a request run here has yielded to its loop's ready tasks once."""
         if self._ran_here_on is loop:
             self._ran_here_on = None
 

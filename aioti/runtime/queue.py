@@ -12,8 +12,11 @@ It owns every decision that needs the one lock of a model's runtime:
 - closing: `close` stops admission (failing queued requests on request); `exit_worker` tells
   the last worker to go what is left to fail.
 
-Idle workers sleep on conditions of their own; a request wakes the most recently idle one,
-whose native thread team and caches are still warm.
+Idle workers sleep on conditions of their own. A request goes to worker 0, the lead (on CPU
+the one thread that forks a native thread team, `ThreadTeams`): it wakes the lead when it
+sleeps, wakes nobody while the lead is on its way back from a batch (it takes the request
+without a wake-up), and wakes the most recently idle other worker only while the lead runs a
+batch. A worker that takes its share of a longer queue wakes another for the rest.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ class RequestQueue:
         self.running = 0  # batches taken and not yet finished
         self._running_rows = 0
         self._sleeping: list[threading.Condition] = []  # idle workers, the most recent last
+        self._lead_free = False  # worker 0 is between its batches, on its way to `take`
         self._own = [threading.Condition(self._lock) for _ in range(options.workers)]
         self._lingering = 0  # workers waiting for a fuller batch: notified once it is full
         self._last_take = 0
@@ -79,10 +83,22 @@ class RequestQueue:
             self._items.append(req)
             self._rows += req.rows
             if self._sleeping:
-                self._sleeping.pop().notify()
-            elif self._lingering and self._rows >= self._max_rows:
+                self._wake_locked()
+            if self._lingering and self._rows >= self._max_rows:
                 self._cond.notify()
         return True
+
+    def _wake_locked(self) -> None:
+        """Wake an idle worker for a new request: the lead if it sleeps; none while it is
+        between batches; else the most recently idle."""
+        sleeping, lead = self._sleeping, self._own[0]
+        if sleeping[-1] is lead:
+            sleeping.pop().notify()
+        elif lead in sleeping:
+            sleeping.remove(lead)
+            lead.notify()
+        elif not self._lead_free:
+            sleeping.pop().notify()
 
     def put_here(self, req: Request) -> bool:
         """On-loop mode's `try_put`: queue `req` if there is room, and have `req.loop` run
@@ -209,7 +225,17 @@ class RequestQueue:
                     continue
                 batch = self._take_locked(self._workers)
                 self.running += 1
+                if index == 0:
+                    self._lead_free = False
+                if items and self._sleeping:  # the rest is another worker's share
+                    self._sleeping.pop().notify()
                 return batch, self.running + (1 if items else 0)
+
+    def returning(self, index: int) -> None:
+        """Worker `index` has run its batch and comes back to `take` (before it delivers the
+        batch, whose callers' next requests may follow at once)."""
+        if index == 0:
+            self._lead_free = True  # read under the lock by `try_put`; `take` clears it
 
     def claim_idle(self, req: Request) -> bool:
         """For a lone request run on its caller's thread: True, counting it as a running batch,

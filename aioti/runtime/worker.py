@@ -33,7 +33,7 @@ from .delivery import Delivery
 from .executor import Executor
 from .options import RuntimeOptions
 from .queue import STOP, RequestQueue
-from .request import QUEUED, NotStarted, Request
+from .request import DONE, QUEUED, RUNNING, NotStarted, Request
 
 __all__ = ["BatchRunner", "Workers"]
 
@@ -60,6 +60,12 @@ class BatchRunner:
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
         self._readies = type(backend).begin_batch is not Backend.begin_batch
 
+    def enter(self, index: int) -> None:
+        """In worker `index`'s thread, before its first batch: worker 0 leads the model's
+        native thread team (`ThreadTeams`)."""
+        if self._teams is not None:
+            self._teams.enter(lead=index == 0)
+
     def run(self, ctx: Any, batch: list[Request], busy: int, here: Loop | None = None) -> Any:
         """Steps 2-5 for a taken batch, in a worker (`ctx` its context) or on the thread of
         loop `here` (the team borrowed); returns the backend's token (None: outputs ready).
@@ -69,8 +75,11 @@ class BatchRunner:
             if self._teams is None:
                 return self._execute(ctx, batch)
             if here is not None:
-                with self._teams.borrowed(busy):
+                own = self._teams.borrow()
+                try:
                     return self._execute(ctx, batch)
+                finally:
+                    self._teams.give_back(own)
             self._teams.before_batch(busy)
             return self._execute(ctx, batch)
         except BaseException as exc:
@@ -98,6 +107,30 @@ class BatchRunner:
             last = self.per_request_s
             self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
         return backend.finish(ctx)
+
+    def run_alone(self, req: Request) -> None:
+        """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`),
+        its outcome set, counted and recorded, not delivered (the caller takes it)."""
+        req.state = RUNNING
+        teams = self._teams
+        own = None if teams is None else teams.borrow()
+        req.began = t0 = time.perf_counter()
+        try:
+            self._executor.run([req], None)
+        except Exception as exc:  # the run as a whole failed, not the request
+            req.error, req.result = exc, None
+            self.fault(exc)
+        finally:
+            took = time.perf_counter() - t0
+            if teams is not None:
+                teams.give_back(own)
+            last = self.per_request_s
+            self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
+            req.inputs = None
+            req.state = DONE
+            failed = req.error is not None
+            self._queue.finish(req.rows, not failed, failed)
+        self.delivery.record([req])
 
     def run_here(self, batch: list[Request], busy: int, loop: Loop, soon: bool = False
                  ) -> None:
@@ -176,6 +209,7 @@ class Workers:
         ctx = None
         try:
             ctx = self._backend.start_worker(index)
+            runner.enter(index)
             while True:
                 while flight:  # land what is ready, in launch order
                     try:
@@ -194,6 +228,8 @@ class Workers:
                 batch, busy = taken
                 token = runner.run(ctx, batch, busy)
                 if token is None:
+                    if not flight:
+                        queue.returning(index)
                     complete(batch)
                 else:
                     flight.append((token, batch))

@@ -207,8 +207,9 @@ async def test_on_loop_a_full_queue_left_by_a_stalled_loop_is_drained(on_full):
 
 def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
     """`run_here_if_idle`: never before a run was measured, never while another batch runs or
-    requests wait, never once runs are slower than the bound; its outcome is delivered soon
-    (posted to its loop), not settled before its task yields."""
+    requests wait, never once runs are slower than the bound, nor again before the caller of
+    the last one resumed (`ran_here_over`); its outcome is set in the request for its caller,
+    not posted to its loop."""
     ex = DoublingExecutor()
     d = Dispatcher(ex, CPU, RuntimeOptions(idle_on_loop=True))
     loop = PlainLoop()
@@ -220,12 +221,17 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
         d.runner.per_request_s = 0.0  # (this machine's timing aside)
         here = request(torch.tensor(2.0), loop)
         assert d.run_here_if_idle(here)
-        assert ex.runs[-1] == [here] and here.waiter.outcome is None  # ran, not yet settled
-        # within the same loop iteration, a second request goes to the workers
-        assert not d.run_here_if_idle(request(torch.tensor(9.0), loop))
-        loop.drain(1)  # the loop's next iteration begins
-        assert loop.drain(1) == [[here]] and torch.equal(here.waiter.outcome[0][0],
-                                                         torch.tensor(4.0))
+        assert ex.runs[-1] == [here] and here.waiter.outcome is None  # ran, not posted
+        assert torch.equal(here.result[0], torch.tensor(4.0)) and here.error is None
+        # before its caller resumed, a second request goes to the workers
+        second = request(torch.tensor(9.0), loop)
+        assert not d.run_here_if_idle(second)
+        assert d.try_submit(second) and loop.drain(1) == [[second]]
+        d.ran_here_over(loop)
+        again = request(torch.tensor(6.0), loop)
+        assert d.run_here_if_idle(again) and torch.equal(again.result[0], torch.tensor(12.0))
+        d.ran_here_over(loop)
+        assert d.queue.counts()["completed"] == 4
         d.runner.per_request_s = 1.0  # slower than the bound
         assert not d.run_here_if_idle(request(torch.tensor(3.0), loop))
         d.runner.per_request_s = 0.0
