@@ -106,9 +106,12 @@ class Replica:
                 on_loop=batching.on_loop, name=name)
         else:
             executor = PlainExecutor(run_many, backend.run_chunk)
-            # A lone request may run on its caller's thread (CPU, one native thread a run: no
-            # OpenMP team is woken on the loop's thread), while its runs are measured short.
-            idle = backend.device.type == "cpu" and threads is not None and threads.alone == 1
+            # A lone request may run on its caller's thread, while the model's runs are measured
+            # short (until outputs are ready): on CPU with one native thread a run (no OpenMP
+            # team is forked on the loop's thread); on CUDA, where it launches on the lead's
+            # stream and waits for the GPU right there.
+            kind = backend.device.type
+            idle = kind == "cuda" or (kind == "cpu" and threads is not None and threads.alone == 1)
             options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name,
                                      idle_on_loop=idle)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,

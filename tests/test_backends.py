@@ -160,6 +160,49 @@ async def test_cuda_inputs_from_caller_stream_and_constants(models):
         assert torch.allclose(await model(x), eager(x), atol=1e-4)
 
 
+@cuda
+async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(models):
+    """An idle CUDA model whose runs (launch to outputs ready) are measured short: a lone
+    request runs on the caller's thread, on the lead worker's stream, waits for inputs still
+    being written on the caller's stream, leaves the caller's current stream as it was, and
+    gives outputs ready on any stream; under load the workers take over."""
+    from aioti.testing import compile_model
+
+    path = compile_model("small_mlp", "cuda")
+    eager = eager_model("small_mlp", "cuda")
+    async with aioti.load(path, device="cuda") as model:
+        runner = model._dispatcher.runner
+        run_many = runner._executor._run_many
+        threads: list[int] = []
+
+        def recording(batch, stream):
+            threads.append(threading.get_ident())
+            return run_many(batch, stream)
+
+        runner._executor._run_many = recording
+        x = torch.randn(8, 64, device="cuda")
+        for _ in range(20):  # the workers measure the model's runs first
+            await model(x)
+        assert runner.per_request_s < aioti.runtime.dispatch.IDLE_RUN_MAX_S, runner.per_request_s
+        threads.clear()
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            late = torch.empty(8, 64, device="cuda")
+            torch.cuda._sleep(50_000_000)  # the caller's stream is busy for a while
+            late.copy_(x * -1)
+            out = await model(late)
+            assert torch.cuda.current_stream() == s  # the caller's stream, as it was
+        assert threads == [threading.get_ident()]  # ran here
+        assert torch.allclose(out, eager(-x), atol=1e-4)
+        outs = [o for o in [await model(x) for _ in range(10)]]
+        assert all(torch.allclose(o, eager(x), atol=1e-4) for o in outs)
+        threads.clear()
+        async with anyio.create_task_group() as tg:
+            for _ in range(64):
+                tg.start_soon(model, x)
+        assert any(t != threading.get_ident() for t in threads)  # the workers took the load
+
+
 async def test_cpu_workers_run_with_their_own_team_size(models):
     try:
         omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads

@@ -13,6 +13,7 @@ A backend lives as long as the process: models keep theirs after the registry re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -58,6 +59,12 @@ class Backend:
     def start_worker(self, index: int) -> Any:
         """In worker thread `index` as it starts: its context (e.g. its stream)."""
         return index
+
+    def here(self, ctx: Any) -> AbstractContextManager[object]:
+        """On a caller's thread, around a lone run made there with worker context `ctx` (the
+        lead's): the thread state the worker's own thread has for its runs (device, current
+        stream), the caller's restored afterwards."""
+        return nullcontext()
 
     def begin_batch(self, ctx: Any, readies: list[Any]) -> int | None:
         """In the worker, before a batch of runs: wait for the requests' readiness tokens;

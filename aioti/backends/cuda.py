@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -77,6 +78,10 @@ class CudaBackend(Backend):
         stream = torch.cuda.Stream(device=self.device)
         torch.cuda.set_stream(stream)
         return _Worker(stream, self.max_in_flight, self._driver)
+
+    def here(self, ctx: _Worker) -> AbstractContextManager[object]:
+        # The model allocates outputs on the calling thread's current stream: the worker's.
+        return torch.cuda.stream(ctx.stream)
 
     def begin_batch(self, ctx: _Worker, readies: list[Any]) -> int:
         own = ctx.raw

@@ -81,13 +81,14 @@ class Dispatcher:
         Its outcome is set in it, for the caller to take after yielding to the loop's ready tasks
         once (as a queued request's caller does). False, doing nothing, otherwise."""
         loop = req.loop
-        if (self.runner.per_request_s > IDLE_RUN_MAX_S or self._ran_here_on is loop
-                or not self.queue.claim_idle(req)):
+        runner = self.runner
+        if (runner.per_request_s > IDLE_RUN_MAX_S or self._ran_here_on is loop
+                or runner.lead is None or not self.queue.claim_idle(req)):
             return False
         # One such run at a time: the requests of a burst made by the loop's other ready tasks,
         # which run before its caller resumes (`ran_here_over`), go to the workers.
         self._ran_here_on = loop
-        self.runner.run_alone(req)
+        runner.run_alone(req)
         return True
 
     def ran_here_over(self, loop: Loop) -> None:

@@ -250,6 +250,12 @@ class RequestQueue:
             self._running_rows += req.rows
             return True
 
+    def wait_idle(self) -> None:
+        """Block until no batch runs (a lone run on a caller's thread included)."""
+        with self._cond:
+            while self.running:
+                self._cond.wait(0.05)
+
     def take_here(self, loop: Loop) -> tuple[list[Request], int, bool] | None:
         """For an on-loop run on `loop`'s thread: (batch, busy, more) with `more` True when
         the loop must schedule another run for what is left; None when nothing may run now

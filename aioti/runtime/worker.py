@@ -53,10 +53,13 @@ class BatchRunner:
         # A replica of a pool: a batch that fails as a whole hands its requests that had not
         # begun back (`NotStarted`, to run elsewhere), and reports the fault.
         self._on_fault = on_fault
-        #: with `timed`: recent run time per request (s), a moving average over batches (inf
-        #: until measured; kept only where a policy reads it)
+        #: with `timed`: recent time per request (s) from a batch's start until its outputs are
+        #: ready (on a GPU too), a moving average over batches (inf until measured; kept only
+        #: where a policy reads it)
         self.per_request_s = math.inf
         self._timed = timed
+        #: the lead worker's context, once it has started (`run_alone` runs with it)
+        self.lead: tuple[Any] | None = None
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
         self._readies = type(backend).begin_batch is not Backend.begin_batch
 
@@ -97,35 +100,52 @@ class BatchRunner:
         backend, executor, begin = self._backend, self._executor, self._queue.begin
         stream = backend.begin_batch(ctx, [r.ready for r in batch] if self._readies else [])
         chunk = executor.chunk
-        t0 = time.perf_counter() if self._timed else 0.0
         for i in range(0, len(batch), chunk):
             live = begin(batch[i:i + chunk] if len(batch) > chunk else batch)
             if live:
                 executor.run(live, stream)
-        if self._timed:
-            took = (time.perf_counter() - t0) / len(batch)
-            last = self.per_request_s
-            self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
         return backend.finish(ctx)
 
+    def _time(self, took: float) -> None:
+        last = self.per_request_s
+        self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
+
+    def complete(self, batch: list[Request], here: Loop | None = None, soon: bool = False
+                 ) -> None:
+        """A batch's outputs are ready: time it (with `timed`), and have it delivered
+        (`Delivery.complete`)."""
+        if self._timed:
+            began = [r.began for r in batch if r.began]
+            if began:
+                self._time((time.perf_counter() - min(began)) / len(batch))
+        self.delivery.complete(batch, here, soon)
+
     def run_alone(self, req: Request) -> None:
-        """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`),
-        its outcome set, counted and recorded, not delivered (the caller takes it)."""
+        """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`)
+        with the lead worker's context, until its outputs are ready (on a GPU, the caller's
+        thread waits), its outcome set, counted and recorded, not delivered (the caller takes
+        it)."""
+        assert self.lead is not None
+        ctx = self.lead[0]
+        backend = self._backend
         req.state = RUNNING
         teams = self._teams
         own = None if teams is None else teams.borrow()
         req.began = t0 = time.perf_counter()
         try:
-            self._executor.run([req], None)
+            with backend.here(ctx):
+                stream = backend.begin_batch(ctx, [req.ready] if self._readies else [])
+                self._executor.run([req], stream)
+                token = backend.finish(ctx)
+                if token is not None:
+                    backend.wait_ready(token)
         except Exception as exc:  # the run as a whole failed, not the request
             req.error, req.result = exc, None
             self.fault(exc)
         finally:
-            took = time.perf_counter() - t0
+            self._time(time.perf_counter() - t0)
             if teams is not None:
                 teams.give_back(own)
-            last = self.per_request_s
-            self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
             req.inputs = None
             req.state = DONE
             failed = req.error is not None
@@ -140,7 +160,7 @@ class BatchRunner:
         if token is not None:
             self.land(token, batch, loop, soon)
         else:
-            self.delivery.complete(batch, loop, soon)
+            self.complete(batch, loop, soon)
 
     def land(self, token: Any, batch: list[Request], here: Loop | None = None,
              soon: bool = False) -> None:
@@ -153,7 +173,7 @@ class BatchRunner:
             for req in batch:
                 req.error, req.result = exc, None
             self.fault(exc)
-        self.delivery.complete(batch, here, soon)
+        self.complete(batch, here, soon)
 
     def fault(self, error: BaseException) -> None:
         """A batch failed as a whole (the backend's step, not one request's run)."""
@@ -203,13 +223,15 @@ class Workers:
         self._stopped.set()
 
     def _work(self, index: int) -> None:
-        queue, runner, complete = self._queue, self._runner, self._runner.delivery.complete
+        queue, runner, complete = self._queue, self._runner, self._runner.complete
         ready, max_flight = self._backend.ready, self._backend.max_in_flight
         flight: deque[tuple[Any, list[Request]]] = deque()  # launched, not yet ready
         ctx = None
         try:
             ctx = self._backend.start_worker(index)
             runner.enter(index)
+            if index == 0:
+                runner.lead = (ctx,)
             while True:
                 while flight:  # land what is ready, in launch order
                     try:
@@ -239,6 +261,9 @@ class Workers:
         finally:
             while flight:
                 runner.land(*flight.popleft())
+            if index == 0 and runner.lead is not None:
+                runner.lead = None  # no lone run begins with its context now
+                queue.wait_idle()  # and one under way ends first
             if ctx is not None:
                 self._backend.stop_worker(ctx)
             leftover = queue.exit_worker()
