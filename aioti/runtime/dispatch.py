@@ -34,8 +34,10 @@ from .worker import BatchRunner, Workers
 __all__ = ["IDLE_RUN_MAX_S", "Dispatcher"]
 
 #: a lone request runs on its caller's thread only while the model's runs take less than this
-#: per request (measured): longer would hold the event loop
-IDLE_RUN_MAX_S = 100e-6
+#: per request (measured from a batch's start until its outputs were seen ready, which on a
+#: worker overstates what the run would hold its caller's thread for): longer would hold the
+#: event loop
+IDLE_RUN_MAX_S = 250e-6
 
 
 class Dispatcher:
