@@ -157,7 +157,9 @@ class AsyncModel:
         before that (a queued one never runs; a running one's outputs are dropped). A caller
         that leaves while waiting for room in a full queue never entered it and is not counted;
         nor are requests that closing with `cancel_queued` fails.
-        `latency_s`: from the request's creation to its delivery on its loop."""
+        `ran_on_caller_thread`: lone requests to the idle model run on their caller's thread
+        (docs/concurrency.md). `latency_s`: from the request's creation to its delivery on its
+        loop."""
         return self._replicas[0].stats()
 
     def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:

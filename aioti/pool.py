@@ -95,7 +95,8 @@ class ReplicaPool(AsyncModel):
             per.append({"device": str(r.device), "healthy": healthy, "fault": fault,
                         **r.stats()})
         total: dict[str, Any] = {k: sum(p[k] for p in per) for k in (
-            "queued", "running", "completed", "failed", "cancelled", "workers", "max_queue")}
+            "queued", "running", "completed", "failed", "cancelled", "workers", "max_queue",
+            "ran_on_caller_thread")}
         total["latency_s"] = Latencies.merged(
             [r.dispatcher.delivery.latency for r in self._replicas]).percentiles(50, 90, 99)
         total["replicas"] = per

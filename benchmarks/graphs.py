@@ -3,8 +3,11 @@
 Rows, each the median of `repeats` rounds run back to back in this process (a round measures
 every row once, so the ratios pair rows of the same round):
 - the raw synchronous call over aioti's core (run, then synchronize): p50 latency and runs/s;
+- a bare graph replay: the input copied into a captured graph's static input, the graph
+  replayed, the stream synchronized (torch's `CUDAGraph.replay`, on the graph aioti captured);
 - aioti at concurrency 1 (asyncio, one worker stream) without and with CUDA graphs: p50 and
-  its ratio to the raw call's p50 (issue #19's GPU c1 row, #23's latency);
+  its ratio to the raw call's p50 (issue #19's GPU c1 row), the graphs row also to the bare
+  replay's (#23's latency);
 - aioti at concurrency 64 without graphs (four worker streams, the CUDA default, and one) and
   with graphs on one, two and four streams: requests/s, each graphs row also as a ratio to the
   same row without graphs (`vs [...]`); with dynamic batching (64 rows, one stream) without and
@@ -43,6 +46,26 @@ def raw_call(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
     return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
 
 
+def bare_replay(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
+    async def go() -> dict[str, float]:
+        async with aioti.load(path, device="cuda", workers=1,
+                              cuda_graphs=aioti.CudaGraphs((x.shape[0],))) as model:
+            graph = model._replicas[0].graphs._sets[0][x.shape[0]]  # type: ignore[union-attr]
+            side = torch.cuda.Stream()
+            lat: list[float] = []
+            with torch.cuda.stream(side):
+                stop = time.perf_counter() + duration
+                while time.perf_counter() < stop:
+                    t0 = time.perf_counter()
+                    graph.inputs[0].copy_(x, non_blocking=True)
+                    graph.graph.replay()
+                    side.synchronize()
+                    lat.append(time.perf_counter() - t0)
+            return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
+
+    return anyio.run(go)
+
+
 def aioti_row(path: Any, x: torch.Tensor, tasks: int, workers: int, duration: float,
               graphs: bool, batching: bool = False) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
@@ -76,13 +99,17 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
              ("batch 64: aioti c64, 1 stream, graphs", x64, 64, 1, True, False)]
     rounds: list[dict[str, Any]] = []
     for _ in range(repeats):
-        got: dict[str, Any] = {"raw": raw_call(path, x1, duration)}
+        got: dict[str, Any] = {"raw": raw_call(path, x1, duration),
+                               "replay": bare_replay(path, x1, duration)}
         for name, x, tasks, workers, graphs, batching in plans:
             got[name] = aioti_row(path, x, tasks, workers, duration, graphs, batching)
         rounds.append(got)
     med = statistics.median
     raw = {k: med(r["raw"][k] for r in rounds) for k in ("p50_ms", "runs_per_s")}
-    rows: list[dict[str, Any]] = [{"config": "raw sync core call (run + synchronize)", **raw}]
+    replay = {k: med(r["replay"][k] for r in rounds) for k in ("p50_ms", "runs_per_s")}
+    rows: list[dict[str, Any]] = [{"config": "raw sync core call (run + synchronize)", **raw},
+                                  {"config": "bare graph replay (copy in, replay, synchronize)",
+                                   **replay}]
     for name, x, *_ in plans:
         row = {"config": name, "batch": x.shape[0],
                "p50_ms": med(r[name]["p50_ms"] for r in rounds),
@@ -90,6 +117,9 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
                "loop_lag_p99_ms": med(r[name]["loop_lag_p99_ms"] for r in rounds)}
         if x.shape[0] == 1:
             row["p50_vs_raw_call"] = med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds)
+        if name == "aioti c1, 1 stream, graphs":
+            row["p50_vs_bare_replay"] = med(r[name]["p50_ms"] / r["replay"]["p50_ms"]
+                                            for r in rounds)
         if name.endswith(", graphs"):
             plain = name.removesuffix(", graphs")
             for base in {plain, plain.replace("2 streams", "1 stream").replace(

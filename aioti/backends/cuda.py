@@ -81,7 +81,7 @@ class CudaBackend(Backend):
 
     def here(self, ctx: _Worker) -> AbstractContextManager[object]:
         # The model allocates outputs on the calling thread's current stream: the worker's.
-        return torch.cuda.stream(ctx.stream)
+        return _Here(ctx.stream)
 
     def begin_batch(self, ctx: _Worker, readies: list[Any]) -> int:
         own = ctx.raw
@@ -110,6 +110,27 @@ class CudaBackend(Backend):
     def stop_worker(self, ctx: _Worker) -> None:
         for event in (ctx.event, *ctx.done):
             ctx.driver.destroy_event(event)
+
+
+class _Here:
+    """A worker's stream made the calling thread's current one (its device with it), the
+    caller's stream and device put back after: torch's own C calls, a few microseconds where
+    `torch.cuda.stream` takes several Python frames each way."""
+
+    __slots__ = ("_target", "_device", "_saved")
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self._target = (stream.stream_id, stream.device_index, stream.device_type)
+
+    def __enter__(self) -> None:
+        self._device = torch._C._cuda_getDevice()
+        self._saved = torch._C._cuda_getCurrentStream(self._target[1])
+        torch._C._cuda_setStream(*self._target)  # sets its device current too
+
+    def __exit__(self, *exc: object) -> None:
+        torch._C._cuda_setStream(*self._saved)
+        if torch._C._cuda_getDevice() != self._device:
+            torch._C._cuda_setDevice(self._device)
 
 
 class _Worker:

@@ -54,6 +54,8 @@ class Dispatcher:
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
         self._ran_here_on: Loop | None = None  # the loop that ran a request this iteration
+        #: lone requests run on their caller's thread so far (`run_here_if_idle`)
+        self.ran_here = 0
         if self._on_loop is not None:
             queue.on_loop_run = self._on_loop.run
         #: queue a request if there is room (with `on_loop`, scheduling a run on its loop);
@@ -90,6 +92,7 @@ class Dispatcher:
         # One such run at a time: the requests of a burst made by the loop's other ready tasks,
         # which run before its caller resumes (`ran_here_over`), go to the workers.
         self._ran_here_on = loop
+        self.ran_here += 1
         runner.run_alone(req)
         return True
 
@@ -118,6 +121,7 @@ class Dispatcher:
 
     def stats(self) -> dict[str, Any]:
         return {**self.queue.counts(), "workers": self.options.workers,
+                "ran_on_caller_thread": self.ran_here,
                 "max_queue": self.options.max_queue,
                 "latency_s": self.delivery.latency.percentiles(50, 90, 99)}
 
