@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
+
+
+def record_run_threads(model: Any) -> list[int]:
+    """The idents of the threads the model's runs happen on, appended as they run (a plain
+    model's executor, recording around its `run_many`)."""
+    executor = model._dispatcher.runner._executor
+    run_many = executor._run_many
+    threads: list[int] = []
+
+    def recording(batch: Any, stream: Any) -> Any:
+        threads.append(threading.get_ident())
+        return run_many(batch, stream)
+
+    executor._run_many = recording
+    return threads
 
 
 async def call_all(model: Any, xs: Sequence[Any]) -> list[Any]:

@@ -10,6 +10,7 @@ import threading
 import anyio
 import pytest
 import torch
+from load import record_run_threads
 
 import aioti
 from aioti.backends import registry
@@ -172,14 +173,7 @@ async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(m
     eager = eager_model("small_mlp", "cuda")
     async with aioti.load(path, device="cuda") as model:
         runner = model._dispatcher.runner
-        run_many = runner._executor._run_many
-        threads: list[int] = []
-
-        def recording(batch, stream):
-            threads.append(threading.get_ident())
-            return run_many(batch, stream)
-
-        runner._executor._run_many = recording
+        threads = record_run_threads(model)
         x = torch.randn(8, 64, device="cuda")
         for _ in range(20):  # the workers measure the model's runs first
             await model(x)

@@ -12,6 +12,7 @@ import warnings
 import anyio
 import pytest
 import torch
+from load import record_run_threads
 from outcomes import outcome
 
 import aioti
@@ -518,15 +519,7 @@ async def test_a_lone_request_to_an_idle_fast_model_runs_on_the_callers_thread(m
     monkeypatch.setattr(dispatch, "IDLE_RUN_MAX_S", 1.0)
     x = torch.randn(2, 64)
     async with aioti.load(models["small_mlp"]) as model:
-        runner = model._dispatcher.runner
-        run_many = runner._executor._run_many
-        threads: list[int] = []
-
-        def recording(batch, stream):
-            threads.append(threading.get_ident())
-            return run_many(batch, stream)
-
-        runner._executor._run_many = recording
+        threads = record_run_threads(model)
         for _ in range(5):  # the worker measures the model's runs first
             await model(x)
         threads.clear()
