@@ -164,6 +164,7 @@ def test_cli(models, tmp_path):
     assert bench.returncode == 0, bench.stderr
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["requests"] > 0 and b["c1_p50_ms"] > 0 and b["direct_p50_ms"] > 0
+    assert b["direct_measured_in"] == "child process"  # apart from the model's OpenMP team
     assert "one caller (c1): p50" in bench.stdout
     on_loop = cli("bench", str(models["small_mlp"]), "--duration", "0.5", "--batching", "16",
                   "--on-loop", "--rows", "1", "--no-c1", "--json", str(tmp_path / "c.json"))
