@@ -32,6 +32,11 @@ class Delivery:
                  soon: bool = False) -> None:
         """A taken batch's outcomes are set (or it failed): count it over, then deliver
         (`soon`: those of `here` once its ready tasks have run, rather than at once)."""
+        self.deliver(self.finish(batch), here, soon)
+
+    def finish(self, batch: list[Request]) -> list[Request]:
+        """A taken batch's outcomes are set (or it failed): count it over; returns its
+        requests whose callers still wait, marked done."""
         done = []
         bad = handed = rows = 0
         for req in batch:
@@ -48,7 +53,7 @@ class Delivery:
                 else:
                     bad += 1
         self._queue.finish(rows, len(done) - bad - handed, bad)
-        self.deliver(done, here, soon)
+        return done
 
     def fail(self, reqs: list[Request], error: BaseException) -> None:
         """Deliver `error` to requests that never ran (not counted: they were not taken)."""

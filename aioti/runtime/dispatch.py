@@ -93,7 +93,11 @@ class Dispatcher:
         # which run before its caller resumes (`ran_here_over`), go to the workers.
         self._ran_here_on = loop
         self.ran_here += 1
-        runner.run_alone(req)
+        try:
+            runner.run_alone(req)
+        except BaseException:  # (KeyboardInterrupt...) its caller never resumes to say so
+            self._ran_here_on = None
+            raise
         return True
 
     def ran_here_over(self, loop: Loop) -> None:

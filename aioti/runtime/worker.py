@@ -33,7 +33,7 @@ from .delivery import Delivery
 from .executor import Executor
 from .options import RuntimeOptions
 from .queue import STOP, RequestQueue
-from .request import DONE, QUEUED, RUNNING, NotStarted, Request
+from .request import QUEUED, RUNNING, NotStarted, Request
 
 __all__ = ["BatchRunner", "Workers"]
 
@@ -107,6 +107,8 @@ class BatchRunner:
         return backend.finish(ctx)
 
     def _time(self, took: float) -> None:
+        """A batch's time per request, from its start until its outputs were ready, joins the
+        average."""
         last = self.per_request_s
         self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
 
@@ -123,34 +125,30 @@ class BatchRunner:
     def run_alone(self, req: Request) -> None:
         """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`)
         with the lead worker's context, until its outputs are ready (on a GPU, the caller's
-        thread waits), its outcome set, counted and recorded, not delivered (the caller takes
-        it)."""
+        thread waits), its outcome set, timed, counted and recorded, not delivered (the caller
+        takes it)."""
         assert self.lead is not None
-        ctx = self.lead[0]
-        backend = self._backend
+        ctx, backend, teams, batch = self.lead[0], self._backend, self._teams, [req]
+        # `run`'s steps without the queue's `begin`: nobody else holds this request yet.
         req.state = RUNNING
-        teams = self._teams
+        req.began = time.perf_counter()
         own = None if teams is None else teams.borrow()
-        req.began = t0 = time.perf_counter()
         try:
             with backend.here(ctx):
                 stream = backend.begin_batch(ctx, [req.ready] if self._readies else [])
-                self._executor.run([req], stream)
+                self._executor.run(batch, stream)
                 token = backend.finish(ctx)
                 if token is not None:
-                    backend.wait_ready(token)
+                    self._wait_ready(token, batch)
         except Exception as exc:  # the run as a whole failed, not the request
             req.error, req.result = exc, None
             self.fault(exc)
-        finally:
-            self._time(time.perf_counter() - t0)
+        finally:  # counted over whatever escapes: the model must not stay busy
             if teams is not None:
                 teams.give_back(own)
-            req.inputs = None
-            req.state = DONE
-            failed = req.error is not None
-            self._queue.finish(req.rows, not failed, failed)
-        self.delivery.record([req])
+            self._time(time.perf_counter() - req.began)
+            done = self.delivery.finish(batch)
+        self.delivery.record(done)
 
     def run_here(self, batch: list[Request], busy: int, loop: Loop, soon: bool = False
                  ) -> None:
@@ -164,16 +162,20 @@ class BatchRunner:
 
     def land(self, token: Any, batch: list[Request], here: Loop | None = None,
              soon: bool = False) -> None:
-        """Block (GIL-free in the backend) until an in-flight batch is ready, then complete it
-        (`Delivery.complete`'s `here` and `soon`); a readiness failure is the batch's
-        outcome."""
+        """Block until an in-flight batch is ready (`_wait_ready`), then complete it
+        (`Delivery.complete`'s `here` and `soon`)."""
+        self._wait_ready(token, batch)
+        self.complete(batch, here, soon)
+
+    def _wait_ready(self, token: Any, batch: list[Request]) -> None:
+        """Block (GIL-free in the backend) until a batch is ready; a readiness failure is the
+        batch's outcome."""
         try:
             self._backend.wait_ready(token)
         except Exception as exc:
             for req in batch:
                 req.error, req.result = exc, None
             self.fault(exc)
-        self.complete(batch, here, soon)
 
     def fault(self, error: BaseException) -> None:
         """A batch failed as a whole (the backend's step, not one request's run)."""
