@@ -52,20 +52,14 @@ async def measure(model: Any, inputs: list[Any], concurrency: int, duration: flo
 
 
 _DIRECT = """
-import sys, time, torch
+import sys, torch
 from aioti.core import open_container, open_model
+from aioti.harness import _direct_here
 path, name, shapes, duration = sys.argv[1], sys.argv[2], eval(sys.argv[3]), float(sys.argv[4])
 c = open_container(open_model(path, name))
 inputs = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in shapes]
 c.run(inputs)
-lat = []
-stop = time.perf_counter() + duration
-while time.perf_counter() < stop:
-    t0 = time.perf_counter()
-    c.run(inputs)
-    lat.append(time.perf_counter() - t0)
-lat.sort()
-print("P50", lat[len(lat) // 2])
+print("P50", _direct_here(c, inputs, duration))
 """
 
 
@@ -114,7 +108,7 @@ async def _direct_in_child(model: Any, inputs: list[Any], duration: float) -> fl
 
     files = model.files
     source = files.package or files.library
-    if not model.container.buffers.loaded or not all(isinstance(t, torch.Tensor) for t in inputs):
+    if not all(isinstance(t, torch.Tensor) for t in inputs):
         return None
     shapes = repr([(tuple(t.shape), str(t.dtype).removeprefix("torch.")) for t in inputs])
     cmd = [sys.executable, "-c", _DIRECT, str(source), files.name, shapes, str(duration)]

@@ -56,26 +56,37 @@ def set_thread_team_size(n: int) -> bool:
     return True
 
 
+_initialized = threading.local()
+
+
 def _torch_thread_init() -> None:
     """Have torch initialize this thread's OpenMP setting now (`at::get_num_threads` does it
     once per thread, lazily): later, it would overwrite the size set here."""
-    torch.get_num_threads()
+    if not getattr(_initialized, "done", False):
+        torch.get_num_threads()
+        _initialized.done = True
+
+
+def _lend(n: int) -> int | None:
+    """Size the calling thread's team to `n` for a while; returns its own size, to set back
+    afterwards (None: nothing to set back)."""
+    _torch_thread_init()
+    own = thread_team_size()
+    if own is None or own == n:
+        return None
+    set_thread_team_size(n)
+    return own
 
 
 @contextmanager
 def team_of_one() -> Iterator[None]:
     """Native work on a thread that is no model's lead (a load, a probe run, constant folding
     in a helper thread) forks no OpenMP team: the thread's own size restored afterwards."""
-    _torch_thread_init()
-    own = thread_team_size()
-    if own is None or own == 1:
-        yield
-        return
-    set_thread_team_size(1)
+    own = _lend(1)
     try:
         yield
     finally:
-        set_thread_team_size(own)
+        ThreadTeams.give_back(own)
 
 
 class ThreadTeams:
@@ -119,15 +130,7 @@ class ThreadTeams:
         """For a run on a thread that is not a worker's (an event loop's): size its team as a
         thread other than the lead; returns the thread's own size to `give_back` after the
         run (None: nothing to give back)."""
-        current = self._current
-        if not getattr(current, "borrowed", False):
-            _torch_thread_init()
-            current.borrowed = True
-        own = thread_team_size()
-        if own is None or own == self.others:
-            return None
-        set_thread_team_size(self.others)
-        return own
+        return _lend(self.others)
 
     @staticmethod
     def give_back(own: int | None) -> None:
