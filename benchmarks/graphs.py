@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -31,19 +32,28 @@ from aioti.testing import compile_model
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def raw_call(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
-    c = open_container(open_model(path), device="cuda")
-    c.run([x])
-    torch.cuda.synchronize()
+def timed(call: Callable[[], object], duration: float) -> dict[str, float]:
+    """`call` back to back for `duration` s: its p50 (ms) and calls/s."""
     lat: list[float] = []
     stop = time.perf_counter() + duration
     while time.perf_counter() < stop:
         t0 = time.perf_counter()
+        call()
+        lat.append(time.perf_counter() - t0)
+    return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
+
+
+def raw_call(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
+    c = open_container(open_model(path), device="cuda")
+
+    def call() -> None:
         c.run([x])
         torch.cuda.synchronize()
-        lat.append(time.perf_counter() - t0)
+
+    call()  # warm-up
+    row = timed(call, duration)
     c.delete()
-    return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
+    return row
 
 
 def bare_replay(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
@@ -52,16 +62,14 @@ def bare_replay(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]
                               cuda_graphs=aioti.CudaGraphs((x.shape[0],))) as model:
             graph = model._replicas[0].graphs._sets[0][x.shape[0]]  # type: ignore[union-attr]
             side = torch.cuda.Stream()
-            lat: list[float] = []
+
+            def replay() -> None:
+                graph.inputs[0].copy_(x, non_blocking=True)
+                graph.graph.replay()
+                side.synchronize()
+
             with torch.cuda.stream(side):
-                stop = time.perf_counter() + duration
-                while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    graph.inputs[0].copy_(x, non_blocking=True)
-                    graph.graph.replay()
-                    side.synchronize()
-                    lat.append(time.perf_counter() - t0)
-            return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
+                return timed(replay, duration)
 
     return anyio.run(go)
 
