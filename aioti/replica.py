@@ -84,10 +84,11 @@ class Replica:
               max_queue: int, batching: Batching | None, threads: ThreadTeams | None,
               room: ParkingLot | None = None,
               on_fault: Callable[[BaseException], None] | None = None,
-              cuda_graphs: CudaGraphs | None = None) -> Replica:
+              cuda_graphs: CudaGraphs | None = None, lone_runs: bool = True) -> Replica:
         """Wire a replica's runtime: CUDA graphs (captured here) if asked for, the executor
         (plain or batched), its options, and the dispatcher, which deletes the container once
-        its workers are gone."""
+        its workers are gone. `lone_runs`: its facade may run a lone request on the caller's
+        thread (a pool's routes every request to a replica's queue)."""
         graphs = None
         run_many = container.run_many
         if cuda_graphs is not None:
@@ -111,7 +112,8 @@ class Replica:
             # team is forked on the loop's thread); on CUDA, where it launches on the lead's
             # stream and waits for the GPU right there.
             kind = backend.device.type
-            idle = kind == "cuda" or (kind == "cpu" and threads is not None and threads.alone == 1)
+            idle = lone_runs and (kind == "cuda" or (
+                kind == "cpu" and threads is not None and threads.alone == 1))
             options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name,
                                      idle_on_loop=idle)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,
