@@ -143,10 +143,11 @@ def load(
                 given = (read_state_dict(Path(weights)) if isinstance(weights, (str, os.PathLike))
                          else weights)
                 for i, backend in enumerate(backends):
-                    # A pool keeps about one replica's worker threads in all: every worker takes
-                    # the GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs
-                    # with four workers each ran at a sixth of one GPU's rate).
-                    n = workers or max(1, backend.default_workers() // len(backends))
+                    # A pool keeps about half of one replica's worker threads in all: every
+                    # worker takes the GIL, and so does the loop (benchmarks/README.md: a CUDA
+                    # pool on two GPUs with two workers each kept its loop waiting for the GIL).
+                    n = workers or max(1, backend.default_workers() // (2 * len(backends) if pool
+                                                                         else 1))
                     if cuda_graphs is not None and workers is None:
                         # Replays cost the worker microseconds of Python each and little else:
                         # more worker streams only contend for the GIL (benchmarks/README.md).

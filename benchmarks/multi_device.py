@@ -90,7 +90,7 @@ def hot_swap_under_load(path: Any, devices: list[str], duration: float) -> dict[
     return {"config": "hot swap under load, two GPUs", **counts}
 
 
-def run_devices(duration: float, repeats: int, workers: int = 2, per_gpu: bool = False
+def run_devices(duration: float, repeats: int, workers: int = 1, per_gpu: bool = False
                 ) -> list[dict[str, Any]]:
     """`per_gpu`: 256 tasks per GPU (512 on two) instead of 256 on either."""
     path = compile_model("mid_mlp", "cuda", verbose=True)

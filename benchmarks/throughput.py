@@ -307,7 +307,7 @@ def main() -> int:
                     help="the CUDA graphs section only (graphs.py; includes the GPU c1 row)")
     ap.add_argument("--devices", action="store_true",
                     help="the multi-device section only (two GPUs)")
-    ap.add_argument("--workers", type=int, default=2, help="workers per GPU (--devices)")
+    ap.add_argument("--workers", type=int, default=1, help="workers per GPU (--devices)")
     ap.add_argument("--per-gpu", action="store_true",
                     help="--devices: 256 tasks per GPU (512 on two) instead of 256 on either")
     ap.add_argument("--serving", action="store_true",

@@ -10,6 +10,8 @@ from collections.abc import Callable, Generator, Iterable
 from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
+from .mailbox import Mailbox
+
 if TYPE_CHECKING:
     from .abc import Outcome
 
@@ -24,7 +26,7 @@ class AsyncioLoop:
     """A running asyncio loop as a delivery target for worker threads; its waiters are plain
     futures of the loop (a cancelled task cancels its future, so settling finds it done)."""
 
-    __slots__ = ("loop", "waiter", "exact", "soon")
+    __slots__ = ("loop", "waiter", "exact", "soon", "send")
     checkpoint = staticmethod(_yield_once)
     kind = "asyncio"
 
@@ -38,6 +40,7 @@ class AsyncioLoop:
             functools.partial(asyncio.Future, loop=loop) if self.exact else loop.create_future)
         #: after the callbacks already scheduled, so after the tasks that are ready now
         self.soon: Callable[[Callable[[Any], object], Any], object] = loop.call_soon
+        self.send: Callable[[Callable[[Any], object], Any], None] = Mailbox(self.post).send
 
     @staticmethod
     def settle_all(items: Iterable[Outcome]) -> None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import outcome
 import trio
 
+from .mailbox import Mailbox
+
 if TYPE_CHECKING:
     from .abc import Outcome
 
@@ -57,12 +59,13 @@ class TrioWaiter:
 class TrioLoop:
     """A running trio run as a delivery target for worker threads."""
 
-    __slots__ = ("_token",)
+    __slots__ = ("_token", "send")
     kind = "trio"
     checkpoint = staticmethod(trio.lowlevel.checkpoint)
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
+        self.send: Callable[[Callable[[Any], object], Any], None] = Mailbox(self.post).send
 
     def waiter(self) -> TrioWaiter:
         return TrioWaiter()

@@ -50,6 +50,11 @@ class Loop(Protocol):
         """From any thread: run `fn(arg)` on the loop soon; False if the loop has closed."""
         ...
 
+    def send(self, fn: Callable[[Any], object], arg: Any) -> None:
+        """From any thread: `post`, merged: the calls sent while one wake-up of the loop is
+        pending ride on it (`mailbox.Mailbox`), in the order sent; a closed loop drops them."""
+        ...
+
     def soon(self, fn: Callable[[Any], object], arg: Any) -> object:
         """On the loop's thread: run `fn(arg)` once the tasks that are ready now have run."""
         ...

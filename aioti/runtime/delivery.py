@@ -1,8 +1,8 @@
 """Delivery: finished requests back to the tasks awaiting them, each on its own event loop.
 
 A batch is counted as over first (a caller that reads `stats()` once resumed finds its request
-counted), then its requests are grouped by loop: one `post` per loop per batch (one loop
-wake-up), or settled in place when the delivering thread is that loop's own (on-loop runs).
+counted), then its requests are grouped by loop: one `send` per loop per batch (batches sent while the
+loop is busy share one wake-up: `loops.mailbox`), or settled in place when the delivering thread is that loop's own (on-loop runs).
 Settling skips waiters whose task stopped waiting; a loop that has closed drops its outputs.
 """
 
@@ -82,7 +82,7 @@ class Delivery:
                 else:
                     self._settle(group)
             else:
-                group[0].loop.post(self._settle, group)  # a closed loop: outputs dropped
+                group[0].loop.send(self._settle, group)  # a closed loop: outputs dropped
 
     def _settle(self, reqs: list[Request]) -> None:
         """On the requests' loop (one loop per call)."""

@@ -338,8 +338,11 @@ class GraphRunner:
         if self.pad:
             counts = [rows for _, _, rows in direct]
             total = sum(counts)
-            shared = [torch.empty((total, *o.shape[1:]), dtype=o.dtype, device=o.device)
-                      .split(counts) for o in direct[0][1].outputs]
+            wholes = [torch.empty((total, *o.shape[1:]), dtype=o.dtype, device=o.device)
+                      for o in direct[0][1].outputs]
+            # A lone run (the common case at low load) skips the split.
+            shared = ([w.split(counts) for w in wholes] if len(direct) > 1
+                      else [(w,) for w in wholes])
         for k, (i, g, _rows) in enumerate(direct):
             for t, ptr in zip(batch[i], g.in_ptrs):
                 ops += (ptr, t.data_ptr(), t.nbytes)

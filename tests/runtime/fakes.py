@@ -39,7 +39,7 @@ class PlainLoop:
         self.posted.put((fn, arg))
         return True
 
-    soon = post
+    soon = send = post  # one post per send: the tests count them
 
     def settle_all(self, items: Any) -> None:
         for item in items:
