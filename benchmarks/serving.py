@@ -11,7 +11,10 @@ loopback at concurrency 1/16/64, for the small and mid MLP (batch 8 rows each):
 - aioti in-process (`AsyncModel.run` from as many tasks), the floor that HTTP adds to.
 
 The same client drives both servers: an httpx.AsyncClient with as many tasks, each request's
-JSON body prepared once. Each server runs in a child process of its own.
+JSON body prepared once. Each server runs in a child process of its own. At concurrency 1,
+`aioti serve` is also driven by tritonclient's synchronous HTTP client with binary tensors, as
+a Triton user's client calls it: on a small machine the client's own time per request is part
+of what c1 measures, and httpx's is about a millisecond of it.
 """
 
 from __future__ import annotations
@@ -116,6 +119,29 @@ def load_http(url: str, body: bytes, conc: int, duration: float,
             "p99_ms": percentile(lat, 99) * 1e3, "errors": errors}
 
 
+def tritonclient_c1(port: int, x: torch.Tensor, duration: float) -> dict[str, Any]:
+    """Concurrency 1 through tritonclient's synchronous HTTP client, binary in and out."""
+    import tritonclient.http as tc
+
+    client = tc.InferenceServerClient(f"127.0.0.1:{port}")
+    given = tc.InferInput("input0", list(x.shape), "FP32")
+    given.set_data_from_numpy(x.numpy(), binary_data=True)
+    wanted = [tc.InferRequestedOutput("output0", binary_data=True)]
+    for _ in range(3):  # warm
+        client.infer("m", [given], outputs=wanted)
+    lat: list[float] = []
+    stop = time.perf_counter() + duration
+    t0 = time.perf_counter()
+    while time.perf_counter() < stop:
+        t1 = time.perf_counter()
+        client.infer("m", [given], outputs=wanted)
+        lat.append(time.perf_counter() - t1)
+    elapsed = time.perf_counter() - t0
+    client.close()
+    return {"requests_per_s": len(lat) / elapsed, "p50_ms": percentile(lat, 50) * 1e3,
+            "p99_ms": percentile(lat, 99) * 1e3, "errors": 0}
+
+
 def in_process(path: Path, x: torch.Tensor, conc: int, duration: float) -> dict[str, Any]:
     async def go() -> dict[str, Any]:
         async with aioti.load(path, batching=aioti.Batching(64, 2.0)) as model:
@@ -169,6 +195,11 @@ def run_serving(duration: float) -> list[dict[str, Any]]:
                 for config, _, url, body, extra in servers:
                     row = load_http(url, body, conc, duration, extra)
                     rows.append({"model": name, "config": config, "concurrency": conc, **row})
+                    print(rows[-1], flush=True)
+                if conc == 1:
+                    row = tritonclient_c1(port, x, duration)
+                    rows.append({"model": name, "concurrency": 1, **row, "config":
+                                 "aioti serve (OIP binary, batching 64, tritonclient sync)"})
                     print(rows[-1], flush=True)
                 row = in_process(path, x, conc, duration)
                 rows.append({"model": name, "config": "aioti in-process (batching 64)",
