@@ -63,7 +63,7 @@ class Delivery:
 
     def deliver(self, reqs: list[Request], here: Loop | None = None, soon: bool = False
                 ) -> None:
-        """Hand requests with an outcome to their loops, one post per loop; those of `here`,
+        """Hand requests with an outcome to their loops, one send per loop; those of `here`,
         the loop whose thread this is, are settled at once (`soon`: after its ready tasks)."""
         if not reqs:
             return
