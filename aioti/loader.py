@@ -94,7 +94,7 @@ def load(
     `device` picks the backend from the registry; a list of devices (or `"cuda:*"`, every
     visible GPU) loads a replica on each, behind one model (`aioti.ReplicaPool`); `workers`
     the number of worker threads per replica (one execution stream each; default from the
-    backend: 1 on CPU, 4 on CUDA, divided by twice the replicas in a pool, at least 1);
+    backend: 1 on CPU, 3 on CUDA, divided by twice the replicas in a pool, at least 1);
     `max_queue` bounds each replica's queued requests, and
     `on_full` says whether callers then wait or get `QueueFullError`; `check_inputs=False`
     skips the per-input checks (counts are always checked); `move_inputs=True` copies inputs to

@@ -1,6 +1,6 @@
 """The CUDA backend: one worker thread per CUDA stream, streams made on the model's device.
 
-- Streams: `workers` per model (default 4), each created on the model's device index in its
+- Streams: `workers` per model (default 3), each created on the model's device index in its
   worker thread, which also makes it that thread's current stream so that the model's output
   allocations belong to it.
 - Inputs: the caller's current stream is noted when the request is made (a cheap lookup on the
@@ -65,7 +65,9 @@ class CudaBackend(Backend):
         self._driver = driver()  # a missing driver library fails the resolve, not a worker
 
     def default_workers(self) -> int:
-        return 4
+        # A fourth worker stream added nothing at batch 1 and put the loop in a GIL convoy (loop
+        # lag p99 7 ms against 1.2 ms with three: benchmarks/README.md).
+        return 3
 
     def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:
         if move_inputs:
