@@ -65,8 +65,8 @@ class CudaBackend(Backend):
         self._driver = driver()  # a missing driver library fails the resolve, not a worker
 
     def default_workers(self) -> int:
-        # A fourth worker stream added nothing at batch 1 and put the loop in a GIL convoy (loop
-        # lag p99 7 ms against 1.2 ms with three: benchmarks/README.md).
+        # A fourth worker stream served fewer requests at batch 1 than three and put the loop in
+        # a GIL convoy (loop lag p99 7 ms against 1.2 ms: benchmarks/README.md).
         return 3
 
     def prepare(self, tensors: Sequence[torch.Tensor], *, move_inputs: bool) -> tuple[list[Any], Any]:
