@@ -11,6 +11,7 @@ from threading import get_ident
 from typing import TYPE_CHECKING, Any
 
 from .mailbox import Mailbox
+from .sched import shorten_slice
 
 if TYPE_CHECKING:
     from .abc import Outcome
@@ -79,6 +80,7 @@ def current() -> AsyncioLoop | None:
     if cached is not None and cached.loop is loop:  # a loop that does not record its thread
         return cached
     wrapped = AsyncioLoop(loop)
+    shorten_slice()  # this is the loop's thread (`sched`)
     if len(_by_thread) >= 256:
         _by_thread.clear()
     _by_thread[ident] = wrapped

@@ -10,6 +10,7 @@ import outcome
 import trio
 
 from .mailbox import Mailbox
+from .sched import shorten_slice
 
 if TYPE_CHECKING:
     from .abc import Outcome
@@ -97,4 +98,5 @@ def current() -> TrioLoop | None:
     loop: TrioLoop | None = getattr(_cache, "loop", None)
     if loop is None or loop._token is not token:
         loop = _cache.loop = TrioLoop(token)
+        shorten_slice()  # this is the run's thread (`sched`)
     return loop
