@@ -132,6 +132,10 @@ def load(
         replicas: list[Replica] = []
         router_box: list[Any] = []
         room = ParkingLot() if pool else None
+        # A pool keeps about half of one replica's worker threads in all: every worker takes the
+        # GIL, and so does the loop (benchmarks/README.md: a CUDA pool on two GPUs with two
+        # workers each kept its loop waiting for the GIL).
+        share = 2 * len(backends) if pool else 1
 
         def fault(index: int) -> Callable[[BaseException], None]:
             return lambda exc: router_box[0].fault(index, exc) if router_box else None
@@ -144,11 +148,7 @@ def load(
                 given = (read_state_dict(Path(weights)) if isinstance(weights, (str, os.PathLike))
                          else weights)
                 for i, backend in enumerate(backends):
-                    # A pool keeps about half of one replica's worker threads in all: every
-                    # worker takes the GIL, and so does the loop (benchmarks/README.md: a CUDA
-                    # pool on two GPUs with two workers each kept its loop waiting for the GIL).
-                    n = workers or max(1, backend.default_workers() // (2 * len(backends) if pool
-                                                                         else 1))
+                    n = workers or max(1, backend.default_workers() // share)
                     if cuda_graphs is not None and workers is None:
                         # Replays cost the worker microseconds of Python each and little else:
                         # more worker streams only contend for the GIL (benchmarks/README.md).

@@ -114,7 +114,11 @@ def load_http(url: str, body: bytes, conc: int, duration: float,
                     tg.start_soon(one)
             return time.perf_counter() - t0
 
-    elapsed = anyio.run(go)
+    return _row(lat, anyio.run(go), errors)
+
+
+def _row(lat: list[float], elapsed: float, errors: int) -> dict[str, Any]:
+    """A client's figures: requests/s over `elapsed` s, p50 and p99 (ms), failures."""
     return {"requests_per_s": len(lat) / elapsed, "p50_ms": percentile(lat, 50) * 1e3,
             "p99_ms": percentile(lat, 99) * 1e3, "errors": errors}
 
@@ -138,8 +142,7 @@ def tritonclient_c1(port: int, x: torch.Tensor, duration: float) -> dict[str, An
         lat.append(time.perf_counter() - t1)
     elapsed = time.perf_counter() - t0
     client.close()
-    return {"requests_per_s": len(lat) / elapsed, "p50_ms": percentile(lat, 50) * 1e3,
-            "p99_ms": percentile(lat, 99) * 1e3, "errors": 0}
+    return _row(lat, elapsed, 0)
 
 
 def in_process(path: Path, x: torch.Tensor, conc: int, duration: float) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Delivery: finished requests back to the tasks awaiting them, each on its own event loop.
 
 A batch is counted as over first (a caller that reads `stats()` once resumed finds its request
-counted), then its requests are grouped by loop: one `send` per loop per batch (batches sent while the
-loop is busy share one wake-up: `loops.mailbox`), or settled in place when the delivering thread is that loop's own (on-loop runs).
+counted), then its requests are grouped by loop: one `send` per loop per batch (batches sent
+while the loop is busy share one wake-up: `loops.mailbox`), or settled in place when the
+delivering thread is that loop's own (on-loop runs).
 Settling skips waiters whose task stopped waiting; a loop that has closed drops its outputs.
 """
 

@@ -8,7 +8,6 @@ import asyncio
 import ctypes
 import os
 import platform
-import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -18,16 +17,16 @@ import pytest
 import trio
 
 from aioti.loops import current_loop
-from aioti.loops.sched import shorten_slice
+from aioti.loops.sched import _ATTR, _CALLS, shorten_slice
 
-_GET = {"x86_64": 315, "aarch64": 275}.get(platform.machine())
+_GET = _CALLS.get(platform.machine(), (None, None))[1]
 
 
 def _sched() -> tuple[int, int]:
     """The calling thread's (nice, slice in ns) as sched_getattr reads them."""
-    buf = ctypes.create_string_buffer(56)
-    assert ctypes.CDLL(None).syscall(_GET, 0, buf, 56, 0) == 0
-    _, _, _, nice, _, runtime, *_ = struct.unpack("IIQiIQQQII", buf.raw)
+    buf = ctypes.create_string_buffer(_ATTR.size)
+    assert ctypes.CDLL(None).syscall(_GET, 0, buf, _ATTR.size, 0) == 0
+    _, _, _, nice, _, runtime, *_ = _ATTR.unpack(buf.raw)
     return nice, runtime
 
 
