@@ -40,25 +40,15 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import AiotiError, ClosedError, InputError, ModelLoadError, QueueFullError
+from ..errors import AiotiError, InputError, ModelLoadError
 from ..loader import load
 from ..model import AsyncModel
 from ..runtime.batching import Batching
+from .infer import VERSION, Infer, NotFound, Scope, error_response, infer_target
 from .metrics import Metrics
-from .protocol import (
-    HEADER_LENGTH,
-    BadRequest,
-    datatype,
-    decode_request,
-    encode_response,
-    input_names,
-    output_names,
-)
+from .protocol import BadRequest, datatype, input_names, output_names
 
 __all__ = ["ModelRepository", "app"]
-
-VERSION = "1"
-
 
 @dataclass
 class Served:
@@ -100,7 +90,7 @@ class ModelRepository:
     def get(self, name: str) -> Served:
         entry = self.entries.get(name)
         if entry is None or entry.model is None:
-            raise _NotFound(name)
+            raise NotFound(name)
         return entry
 
     async def load(self, name: str, path: str | os.PathLike[str] | None = None) -> None:
@@ -108,7 +98,7 @@ class ModelRepository:
             entry = self.entries.get(name)
             if entry is None:
                 if path is None:
-                    raise _NotFound(name)
+                    raise NotFound(name)
                 entry = self.entries[name] = Served(name, Path(path))
             target = Path(path) if path is not None else entry.path
             given = self._given.pop(name, None) if path is None else None
@@ -137,7 +127,7 @@ class ModelRepository:
         async with self._lock:
             entry = self.entries.get(name)
             if entry is None:
-                raise _NotFound(name)
+                raise NotFound(name)
             model, entry.model = entry.model, None
             entry.state, entry.reason = "UNAVAILABLE", "unloaded"
         if model is not None:
@@ -146,11 +136,6 @@ class ModelRepository:
     async def aclose(self) -> None:
         for name in list(self.entries):
             await self.unload(name)
-
-
-class _NotFound(AiotiError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown model {name!r} (not in the repository, or not loaded)")
 
 
 async def _metadata(name: str, model: AsyncModel, ins: list[str], outs: list[str]
@@ -179,37 +164,6 @@ def _describe(meta: dict[str, Any]) -> str:
         return ", ".join(f"{i['name']}: {i['datatype']}{i['shape']}" for i in items)
 
     return f"{meta['name']} ready - inputs {side(meta['inputs'])} -> outputs {side(meta['outputs'])}"
-
-
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused past `limit` bytes (as it arrives, not after)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _TooLarge(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-class _TooLarge(Exception):
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"the request body has {size} bytes or more; this server takes at most "
-                         f"{limit} (max_body_bytes)")
-
-
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def app(
@@ -263,78 +217,17 @@ def app(
     async def model_metadata(request: Request) -> Response:
         try:
             entry = repo.get(request.path_params["name"])
-        except _NotFound as exc:
-            return _error(404, str(exc))
+        except NotFound as exc:
+            return error_response(404, str(exc))
         return JSONResponse(entry.metadata)
 
     async def model_ready(request: Request) -> Response:
         entry = repo.entries.get(request.path_params["name"])
         if entry is None:
-            return _error(404, str(_NotFound(request.path_params["name"])))
+            return error_response(404, str(NotFound(request.path_params["name"])))
         return Response(status_code=200 if entry.model is not None else 400)
 
-    async def infer(request: Request) -> Response:
-        name = request.path_params["name"]
-        t0 = anyio.current_time()
-        outcome = "error"
-        try:
-            entry = repo.get(name)
-            model = entry.model
-            assert model is not None
-            body = await _body(request, max_body_bytes)
-            header = request.headers.get(HEADER_LENGTH)
-            if header is not None and not header.isdigit():
-                raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {header!r}")
-            decoded = decode_request(body, int(header) if header else None, entry.inputs)
-            del body
-            result: list[list[torch.Tensor]] = []
-            failed: list[Exception] = []
-            async with anyio.create_task_group() as tg:
-                async def run() -> None:
-                    try:
-                        result.append(await model.run(decoded.inputs))
-                    except Exception as exc:  # raised below, outside the task group
-                        failed.append(exc)
-                    tg.cancel_scope.cancel()
-
-                async def watch() -> None:
-                    await _until_disconnected(request)
-                    tg.cancel_scope.cancel()  # the client left: so does its request
-
-                tg.start_soon(run)
-                tg.start_soon(watch)
-            if failed:
-                raise failed[0]
-            if not result:
-                outcome = "cancelled"
-                return Response(status_code=499)
-            payload, head = encode_response(name, VERSION, decoded, entry.outputs, result[0])
-            outcome = "ok"
-            if head is None:
-                return Response(payload, media_type="application/json")
-            return Response(payload, media_type="application/octet-stream",
-                            headers={"Inference-Header-Content-Length": str(head)})
-        except _NotFound as exc:
-            outcome = "not_found"
-            return _error(404, str(exc))
-        except _TooLarge as exc:
-            outcome = "bad_request"
-            return _error(413, str(exc))
-        except InputError as exc:
-            outcome = "bad_request"
-            return _error(400, str(exc))
-        except QueueFullError as exc:
-            outcome = "queue_full"
-            return _error(503, str(exc), **{"Retry-After": "1"})
-        except ClosedError as exc:
-            outcome = "unavailable"
-            return _error(503, f"model {name!r} is closing: {exc}", **{"Retry-After": "1"})
-        except Exception as exc:  # noqa: BLE001 - a failed run answers 500, the server goes on
-            return _error(500, f"{type(exc).__name__}: {exc}")
-        finally:
-            if name in repo.entries:
-                metrics.requests.labels(name, outcome).inc()
-                metrics.duration.labels(name).observe(anyio.current_time() - t0)
+    infer = Infer(repo.entries, metrics, max_body_bytes)
 
     async def repository_index(request: Request) -> Response:
         return JSONResponse([{"name": e.name, "version": VERSION, "state": e.state,
@@ -348,25 +241,25 @@ def app(
             try:
                 params = (await request.json()).get("parameters") or {}
             except (ValueError, AttributeError):
-                return _error(400, "the load request body must be JSON")
+                return error_response(400, "the load request body must be JSON")
             unknown = set(params) - {"path"}
             if unknown:
-                return _error(400, f"unsupported load parameters {sorted(unknown)}: aioti loads "
+                return error_response(400, f"unsupported load parameters {sorted(unknown)}: aioti loads "
                               "a package from the server's disk ({'path': ...})")
             path = params.get("path")
         try:
             await repo.load(name, path)
-        except _NotFound as exc:
-            return _error(404, str(exc))
+        except NotFound as exc:
+            return error_response(404, str(exc))
         except (ModelLoadError, InputError, OSError) as exc:
-            return _error(400, f"cannot load {name!r}: {exc}")
+            return error_response(400, f"cannot load {name!r}: {exc}")
         return Response(status_code=200)
 
     async def repository_unload(request: Request) -> Response:
         try:
             await repo.unload(request.path_params["name"])
-        except _NotFound as exc:
-            return _error(404, str(exc))
+        except NotFound as exc:
+            return error_response(404, str(exc))
         return Response(status_code=200)
 
     async def weights(request: Request) -> Response:
@@ -379,11 +272,11 @@ def app(
                 raise BadRequest("the body must be {\"path\": \"<a weights file on the server>\"}")
             assert entry.model is not None
             await entry.model.hot_swap(path)
-        except _NotFound as exc:
-            return _error(404, str(exc))
+        except NotFound as exc:
+            return error_response(404, str(exc))
         except (InputError, OSError, ValueError) as exc:
             metrics.hot_swaps.labels(name, "failed").inc()
-            return _error(400, f"hot swap of {name!r} failed, the old weights serve on: {exc}")
+            return error_response(400, f"hot swap of {name!r} failed, the old weights serve on: {exc}")
         metrics.hot_swaps.labels(name, "ok").inc()
         return JSONResponse({"model_name": name, "swapped": True})
 
@@ -405,7 +298,27 @@ def app(
         Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),
         Route("/metrics", prometheus),
     ]
-    server = Starlette(routes=routes, lifespan=lifespan)
+    server = _Server(infer, routes=routes, lifespan=lifespan)
     server.state.repository = repo
     server.state.metrics = metrics
     return server
+
+
+class _Server(Starlette):
+    """Starlette, with infer requests sent straight to their endpoint: past the middleware and
+    the route table, which every other request goes through (and which route an infer path
+    the same way)."""
+
+    def __init__(self, infer: Infer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._infer = infer
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        name = infer_target(scope) if scope["type"] == "http" and scope["method"] == "POST" \
+            else None
+        if name is not None:
+            scope["app"] = self
+            scope["path_params"] = {**scope.get("path_params", {}), "name": name}
+            await self._infer(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)

@@ -40,6 +40,17 @@ class Metrics:
         self.hot_swaps = Counter("aioti_hot_swaps", "Weight hot swaps", ["model", "outcome"],
                                  registry=self.registry)
         self.registry.register(_ModelsCollector(models))
+        self._per_request: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def request(self, model: str, outcome: str, seconds: float) -> None:
+        """Count one inference request and its time in the server."""
+        key = (model, outcome)
+        pair = self._per_request.get(key)
+        if pair is None:  # labels() looks its child up under a lock: once per model and outcome
+            pair = self._per_request[key] = (self.requests.labels(model, outcome),
+                                             self.duration.labels(model))
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     def observer(self, name: str) -> Callable[[list[float], list[float]], None]:
         """What the runtime calls per delivered batch: (latencies, queue waits) in seconds."""

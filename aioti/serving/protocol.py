@@ -160,7 +160,7 @@ def decode_request(body: bytes, header_length: int | None, names: list[str]) -> 
             raise BadRequest(f"input {name!r}: shape must be a list of sizes, got {shape!r}")
         size = (entry.get("parameters") or {}).get("binary_data_size")
         if size is not None:
-            want = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            want = _numel(shape) * dtype.itemsize
             if size != want or offset + size > len(rest):
                 raise BadRequest(
                     f"input {name!r}: binary_data_size {size}, but shape {shape} of "
