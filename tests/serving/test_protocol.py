@@ -1,0 +1,74 @@
+"""The protocol's JSON forms of tensors, read and written through orjson and through the
+standard library (as where orjson is not installed): the same tensors come back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("orjson")
+
+from aioti.serving import protocol  # noqa: E402
+from aioti.serving.protocol import BadRequest, decode_request, encode_response  # noqa: E402
+
+
+@pytest.fixture(params=["orjson", "json"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "json":
+        monkeypatch.setattr(protocol, "orjson", None)
+    return request.param
+
+
+def request_body(t: torch.Tensor, datatype: str) -> bytes:
+    return json.dumps({"id": "r1", "inputs": [{"name": "input0", "shape": list(t.shape),
+                                               "datatype": datatype,
+                                               "data": t.flatten().tolist()}]}).encode()
+
+
+@pytest.mark.parametrize(("dtype", "datatype"), [
+    (torch.float32, "FP32"), (torch.float64, "FP64"), (torch.float16, "FP16"),
+    (torch.bfloat16, "BF16"), (torch.int64, "INT64"), (torch.int32, "INT32"),
+    (torch.uint8, "UINT8"), (torch.bool, "BOOL"),
+])
+def test_json_tensors_come_back_equal(codec: str, dtype: torch.dtype, datatype: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(3, 5, generator=g) * 50).to(dtype)
+    decoded = decode_request(request_body(t, datatype), None, ["input0"])
+    assert decoded.inputs[0].dtype == dtype and torch.equal(decoded.inputs[0], t)
+    assert decoded.id == "r1"
+    body, head = encode_response("m", "1", decoded, ["output0"], [t])
+    assert head is None
+    out = json.loads(body)["outputs"][0]
+    assert out["shape"] == [3, 5] and out["datatype"] == datatype
+    # half floats are written as float32, which holds them exactly
+    back = torch.tensor(out["data"], dtype=torch.float32 if dtype.is_floating_point else dtype)
+    assert torch.equal(back.to(dtype).reshape(3, 5), t)
+    assert json.loads(body)["id"] == "r1"
+
+
+def test_non_finite_floats(codec: str) -> None:
+    """NaN and Infinity tokens (not JSON, but sent by Python clients) are read on both paths;
+    written, non-finite floats stay readable JSON-ish: `null` by orjson, `NaN` by the
+    standard library."""
+    body = b'{"inputs": [{"name": "input0", "shape": [3], "datatype": "FP32", ' \
+           b'"data": [1.5, NaN, -Infinity]}]}'
+    x = decode_request(body, None, ["input0"]).inputs[0]
+    assert x[0] == 1.5 and math.isnan(x[1]) and x[2] == -math.inf
+    decoded = decode_request(request_body(torch.zeros(3), "FP32"), None, ["input0"])
+    out, _ = encode_response("m", "1", decoded, ["output0"], [x])
+    data = json.loads(out)["outputs"][0]["data"]
+    assert data[0] == 1.5
+    if codec == "orjson":
+        assert data[1:] == [None, None]
+    else:
+        assert math.isnan(data[1]) and data[2] == -math.inf
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"inputs": [{"name": "input0", "shape": [2], '
+                                  b'"datatype": "FP32", "data": ["a", "b"]}]}'])
+def test_bad_json_is_a_bad_request(codec: str, body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        decode_request(body, None, ["input0"])
