@@ -10,15 +10,16 @@ loopback at concurrency 1/16/64, for the small and mid MLP (batch 8 rows each):
   environment);
 - aioti in-process (`AsyncModel.run` from as many tasks), the floor that HTTP adds to.
 
-The same client drives both servers: an httpx.AsyncClient with as many tasks, each request's
-JSON body prepared once. Each server runs in a child process of its own. At concurrency 1,
+The same client drives both servers: as many asyncio tasks, each with a keep-alive connection
+of its own, sending a request prepared once (`load_http`; its own time per request is small
+next to a server's). Each server runs in a child process of its own. At concurrency 1,
 `aioti serve` is also driven by tritonclient's synchronous HTTP client with binary tensors, as
-a Triton user's client calls it: on a small machine the client's own time per request is part
-of what c1 measures, and httpx's is about a millisecond of it.
+a Triton user's client calls it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import httpx
@@ -87,34 +89,55 @@ def start(cmd: list[str], ready_url: str, env: dict[str, str] | None = None
 
 def load_http(url: str, body: bytes, conc: int, duration: float,
               headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """`conc` tasks, each on a keep-alive connection of its own, posting `body` to `url` back to
+    back for `duration` s: a minimal HTTP/1.1 client over asyncio streams, whose own time per
+    request is tens of microseconds (httpx's connection pool, the first client here, cost a
+    few milliseconds a request at 64 connections on two cores, and the rows measured it)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    head = "".join(f"{k}: {v}\r\n" for k, v in {
+        "host": f"{host}:{port}", "content-type": "application/json",
+        **(headers or {}), "content-length": str(len(body))}.items())
+    request = f"POST {parts.path} HTTP/1.1\r\n{head}\r\n".encode() + body
     lat: list[float] = []
     errors = 0
-    headers = {"content-type": "application/json", **(headers or {})}
+
+    async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(request)
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise RuntimeError("the load client reads sized responses only")
+        await reader.readexactly(length)
+        return status
+
+    async def one(stop: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                if await exchange(reader, writer) != 200:
+                    errors += 1
+                lat.append(time.perf_counter() - t0)
+        finally:
+            writer.close()
 
     async def go() -> float:
-        nonlocal errors
-        limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            for _ in range(3):  # warm
-                await client.post(url, content=body, headers=headers)
-            stop = time.perf_counter() + duration
+        reader, writer = await asyncio.open_connection(host, port)
+        for _ in range(3):  # warm
+            await exchange(reader, writer)
+        writer.close()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(t0 + duration) for _ in range(conc)))
+        return time.perf_counter() - t0
 
-            async def one() -> None:
-                nonlocal errors
-                while time.perf_counter() < stop:
-                    t0 = time.perf_counter()
-                    r = await client.post(url, content=body, headers=headers)
-                    if r.status_code != 200:
-                        errors += 1
-                    lat.append(time.perf_counter() - t0)
-
-            t0 = time.perf_counter()
-            async with anyio.create_task_group() as tg:
-                for _ in range(conc):
-                    tg.start_soon(one)
-            return time.perf_counter() - t0
-
-    return _row(lat, anyio.run(go), errors)
+    return _row(lat, asyncio.run(go()), errors)
 
 
 def _row(lat: list[float], elapsed: float, errors: int) -> dict[str, Any]:
