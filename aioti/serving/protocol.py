@@ -23,13 +23,13 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ..errors import InputError
+
 orjson: Any
 try:
     import orjson
 except ImportError:  # the serve extra installs it
     orjson = None
-
-from ..errors import InputError
 
 __all__ = ["DATATYPES", "BadRequest", "Decoded", "datatype", "decode_request", "encode_response",
            "input_names", "output_names"]
