@@ -6,8 +6,8 @@ request and response objects and a task group per request. It reads the body off
 messages. While the model runs, a detached watcher task waits on `receive` for the client to
 hang up and then cancels the run (still queued, it never runs): a plain task of the running
 loop (an asyncio task; a trio system task), not a task group's, whose start and cancellation
-cost more than the rest of the endpoint's work for a request. The ASGI spec has `receive` answer `http.disconnect` once the
-response is sent, so every watcher ends with its request.
+cost more than the rest of the endpoint's work for a request. The watcher is cancelled when
+the run ends.
 """
 
 from __future__ import annotations
@@ -156,18 +156,21 @@ class Infer:
 async def run_unless_disconnected(model: Any, inputs: list[torch.Tensor], receive: Receive
                                   ) -> list[torch.Tensor] | None:
     """`model.run(inputs)`, or None if the client hangs up first (the run cancelled: still
-    queued, it never runs). A watcher task waits on `receive` meanwhile; on asyncio it cancels
-    the calling task itself (cheaper than a cancel scope), elsewhere an anyio cancel scope."""
+    queued, it never runs). A watcher task waits on `receive` meanwhile (on asyncio it cancels
+    the calling task itself, cheaper than a cancel scope) and is cancelled when the run ends:
+    a server need not answer `receive` after the response (Ray Serve's replicas stop fetching
+    messages then), and a watcher left waiting would keep its request's state."""
     if current_loop().kind == "asyncio":
         return await _run_asyncio(model, inputs, receive)
+    import trio
+
     done = False
-    scope = anyio.CancelScope()
+    scope, watching = anyio.CancelScope(), trio.CancelScope()
 
     async def watch() -> None:
-        if await _disconnected(receive) and not done:
-            scope.cancel()
-
-    import trio
+        with watching:
+            if await _disconnected(receive) and not done:
+                scope.cancel()
 
     trio.lowlevel.spawn_system_task(watch)
     try:
@@ -175,6 +178,7 @@ async def run_unless_disconnected(model: Any, inputs: list[torch.Tensor], receiv
             return await model.run(inputs)  # type: ignore[no-any-return]
     finally:
         done = True
+        watching.cancel()
     return None
 
 
@@ -191,8 +195,6 @@ async def _run_asyncio(model: Any, inputs: list[torch.Tensor], receive: Receive
             task.cancel()
 
     watcher = asyncio.get_running_loop().create_task(watch())
-    _watchers.add(watcher)  # the loop keeps only weak references to tasks
-    watcher.add_done_callback(_watchers.discard)
     try:
         return await model.run(inputs)  # type: ignore[no-any-return]
     except asyncio.CancelledError:
@@ -202,20 +204,18 @@ async def _run_asyncio(model: Any, inputs: list[torch.Tensor], receive: Receive
         raise
     finally:
         done = True
+        watcher.cancel()
 
 
 async def _disconnected(receive: Receive) -> bool:
-    """Wait for `http.disconnect` (after the response, the ASGI spec sends it too); False if
-    `receive` failed instead (a server that fails it has dropped the client anyway)."""
+    """Wait for `http.disconnect`; False if `receive` failed instead (a server that fails it
+    has dropped the client anyway)."""
     try:
         while (await receive())["type"] != "http.disconnect":
             pass
     except Exception:  # noqa: BLE001
         return False
     return True
-
-
-_watchers: set[asyncio.Task[None]] = set()
 
 
 def error_response(status: int, message: str, **headers: str) -> JSONResponse:
