@@ -244,8 +244,9 @@ def app(
                 return error_response(400, "the load request body must be JSON")
             unknown = set(params) - {"path"}
             if unknown:
-                return error_response(400, f"unsupported load parameters {sorted(unknown)}: aioti loads "
-                              "a package from the server's disk ({'path': ...})")
+                return error_response(
+                    400, f"unsupported load parameters {sorted(unknown)}: aioti loads a "
+                    "package from the server's disk ({'path': ...})")
             path = params.get("path")
         try:
             await repo.load(name, path)
@@ -276,7 +277,8 @@ def app(
             return error_response(404, str(exc))
         except (InputError, OSError, ValueError) as exc:
             metrics.hot_swaps.labels(name, "failed").inc()
-            return error_response(400, f"hot swap of {name!r} failed, the old weights serve on: {exc}")
+            return error_response(
+                400, f"hot swap of {name!r} failed, the old weights serve on: {exc}")
         metrics.hot_swaps.labels(name, "ok").inc()
         return JSONResponse({"model_name": name, "swapped": True})
 

@@ -116,7 +116,7 @@ class Infer:
         except ClosedError as exc:
             outcome = "unavailable"
             await error_response(503, f"model {name!r} is closing: {exc}",
-                         **{"Retry-After": "1"})(scope, receive, send)
+                                 **{"Retry-After": "1"})(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - a failed run answers 500, the server goes on
             await error_response(500, f"{type(exc).__name__}: {exc}")(scope, receive, send)
         finally:
