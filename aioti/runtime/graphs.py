@@ -75,7 +75,7 @@ class _Graph:
     tensors' addresses."""
 
     __slots__ = ("graph", "inputs", "outputs", "nbytes", "size", "direct", "in_ptrs",
-                 "out_ptrs", "in_rows", "out_rows")
+                 "out_ptrs")
 
     def __init__(self, graph: Any, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
                  nbytes: int, size: int, dim: int) -> None:
@@ -88,10 +88,6 @@ class _Graph:
             t.is_contiguous() for t in inputs + outputs) else None
         self.in_ptrs = [t.data_ptr() for t in inputs]
         self.out_ptrs = [t.data_ptr() for t in outputs]
-        #: bytes per row of each static input and output (runs merged into one replay: rows of
-        #: several runs at offsets of the static tensors)
-        self.in_rows = [t.nbytes // size for t in inputs]
-        self.out_rows = [t.nbytes // size for t in outputs]
 
 
 class GraphRunner:
@@ -127,12 +123,9 @@ class GraphRunner:
         self._driver = driver()
         self._addresses = self._driver.addresses
         self._first = self._carries.index(True)  # an input that carries the batch dim
-        self._all_carry = all(self._carries)
         self.pad = False
         self.disabled: str | None = None
         self.replays = 0
-        #: graph launches: fewer than `replays` where runs were merged into one replay
-        self.launches = 0
         self.fallbacks = 0
         self.captures = 0
 
@@ -277,7 +270,7 @@ class GraphRunner:
             else:
                 out[i] = self._replay(g, inputs, rows)
         if direct:
-            self._replay_direct(batch, direct, out, stream, graphs)
+            self._replay_direct(batch, direct, out, stream)
         rest = [i for i, o in enumerate(out) if o is None]
         self.replays += len(batch) - len(rest)
         if rest:
@@ -329,75 +322,40 @@ class GraphRunner:
         for t, s, c in zip(inputs, g.inputs, self._carries):
             (s.narrow(d, 0, rows) if c else s).copy_(t, non_blocking=True)
         g.graph.replay()
-        self.launches += 1
         if g.size == rows:
             return [o.clone() for o in g.outputs]
         return [o.narrow(d, 0, rows).clone() for o in g.outputs]
 
     def _replay_direct(self, batch: Sequence[Sequence[torch.Tensor]],
                        direct: list[tuple[int, _Graph, int]],
-                       out: list[list[torch.Tensor] | Exception | None], stream: int,
-                       graphs: dict[int, _Graph]) -> None:
-        """Replay through the driver; where rows are independent and every input carries the
-        batch dim, consecutive runs share one replay of the smallest captured size that holds
-        their rows (each run's inputs copied at its rows' offset, one copy out per output)."""
+                       out: list[list[torch.Tensor] | Exception | None], stream: int) -> None:
+        """Replay through the driver: each run's inputs copied into its graph's static inputs,
+        the graph launched, its outputs copied out, all queued on `stream` in one native call.
+        Where rows are independent (every output carries the batch dim), the outputs of the
+        chunk's runs are views of one allocation per output."""
         ops: list[int] = []
-        if not self.pad:
-            for i, g, _rows in direct:
+        shared: list[tuple[torch.Tensor, ...]] | None = None
+        if self.pad:
+            counts = [rows for _, _, rows in direct]
+            total = sum(counts)
+            wholes = [torch.empty((total, *o.shape[1:]), dtype=o.dtype, device=o.device)
+                      for o in direct[0][1].outputs]
+            # A lone run (the common case at low load) skips the split.
+            shared = ([w.split(counts) for w in wholes] if len(direct) > 1
+                      else [(w,) for w in wholes])
+        for k, (i, g, _rows) in enumerate(direct):
+            for t, ptr in zip(batch[i], g.in_ptrs):
+                ops += (ptr, t.data_ptr(), t.nbytes)
+            ops += (g.direct or 0, 0, _LAUNCH)
+            if shared is not None:
+                results = [views[k] for views in shared]
+            else:
                 results = [torch.empty(o.shape, dtype=o.dtype, device=o.device)
                            for o in g.outputs]
-                self._ops(ops, g, batch[i], results)
-                out[i] = results
-            self.launches += len(direct)
-            self._queue(ops, stream)
-            return
-        counts = [rows for _, _, rows in direct]
-        wholes = [torch.empty((sum(counts), *o.shape[1:]), dtype=o.dtype, device=o.device)
-                  for o in direct[0][1].outputs]
-        if len(direct) == 1:
-            self._ops(ops, direct[0][1], batch[direct[0][0]], wholes)
-            out[direct[0][0]] = wholes
-            self.launches += 1
-            self._queue(ops, stream)
-            return
-        shared = [w.split(counts) for w in wholes]
-        for k, (i, _g, _rows) in enumerate(direct):
-            out[i] = [views[k] for views in shared]
-        if not self._all_carry:
-            for k, (i, g, _rows) in enumerate(direct):
-                self._ops(ops, g, batch[i], [views[k] for views in shared])
-            self.launches += len(direct)
-            self._queue(ops, stream)
-            return
-        sizes = [n for n in self.sizes if n in graphs]
-        largest, start, k = sizes[-1], 0, 0
-        while k < len(direct):
-            j, rows = k + 1, counts[k]
-            while j < len(direct) and rows + counts[j] <= largest:
-                rows += counts[j]
-                j += 1
-            g = graphs[next(n for n in sizes if n >= rows)]
-            at = 0
-            for i, _g, n in direct[k:j]:
-                for t, ptr, row in zip(batch[i], g.in_ptrs, g.in_rows):
-                    ops += (ptr + at * row, t.data_ptr(), t.nbytes)
-                at += n
-            ops += (g.direct or 0, 0, _LAUNCH)
-            for w, ptr, row in zip(wholes, g.out_ptrs, g.out_rows):
-                ops += (w.data_ptr() + start * row, ptr, rows * row)
-            self.launches += 1
-            start, k = start + rows, j
+            for r, ptr in zip(results, g.out_ptrs):
+                ops += (r.data_ptr(), ptr, r.nbytes)
+            out[i] = results
         self._queue(ops, stream)
-
-    @staticmethod
-    def _ops(ops: list[int], g: _Graph, inputs: Sequence[torch.Tensor],
-             results: Sequence[torch.Tensor]) -> None:
-        """One run's replay of `g`: its inputs copied in, the launch, `results` copied out."""
-        for t, ptr in zip(inputs, g.in_ptrs):
-            ops += (ptr, t.data_ptr(), t.nbytes)
-        ops += (g.direct or 0, 0, _LAUNCH)
-        for r, ptr in zip(results, g.out_ptrs):
-            ops += (r.data_ptr(), ptr, r.nbytes)
 
     def _queue(self, ops: list[int], stream: int) -> None:
         """Queue copies and launches (`_replay_direct`) on `stream`: in one native call, GIL
@@ -428,7 +386,6 @@ class GraphRunner:
             "padding": self.pad,
             "direct": all(g.direct is not None for s in self._sets for g in s.values()),
             "replays": self.replays,
-            "launches": self.launches,
             "fallbacks": self.fallbacks,
             "captures": self.captures,
             "stale": self.stale,
