@@ -41,8 +41,7 @@ class AsyncioLoop:
             functools.partial(asyncio.Future, loop=loop) if self.exact else loop.create_future)
         #: after the callbacks already scheduled, so after the tasks that are ready now
         self.soon: Callable[[Callable[[Any], object], Any], object] = loop.call_soon
-        self.send: Callable[[Callable[[Any], object], Any], None] = Mailbox(
-            self.post, loop.call_soon).send
+        self.send: Callable[[Callable[[Any], object], Any], None] = Mailbox(self.post).send
 
     @staticmethod
     def settle_all(items: Iterable[Outcome]) -> None:

@@ -19,14 +19,12 @@ __all__ = ["Mailbox"]
 class Mailbox:
     """Posts `fn(arg)` calls to a loop through `post` (the loop's exact post), merged."""
 
-    __slots__ = ("_calls", "_pending", "_post", "_soon")
+    __slots__ = ("_calls", "_pending", "_post")
 
-    def __init__(self, post: Callable[[Callable[[Any], object], Any], bool],
-                 soon: Callable[[Callable[[Any], object], Any], object] | None = None) -> None:
+    def __init__(self, post: Callable[[Callable[[Any], object], Any], bool]) -> None:
         self._calls: deque[tuple[Callable[[Any], object], Any]] = deque()
         self._pending = False
         self._post = post
-        self._soon = soon
 
     def send(self, fn: Callable[[Any], object], arg: Any) -> None:
         """From any thread: run `fn(arg)` on the loop soon, after the calls sent before it. A
@@ -40,19 +38,10 @@ class Mailbox:
                 self._calls.clear()
 
     def _drain(self, _: object = None) -> None:
-        """On the loop: run the queued calls (with `soon`: the oldest, the next drain then
-        scheduled after the loop's ready work while more are queued)."""
+        """On the loop: run the calls queued so far, and those sent while they run."""
+        # Cleared first: a call sent from now on either runs in this drain or posts its own.
         self._pending = False
-        calls, soon = self._calls, self._soon
-        if soon is not None:
-            if not calls:
-                return
-            fn, arg = calls.popleft()
-            if calls:
-                self._pending = True
-                soon(self._drain, None)
-            fn(arg)
-            return
+        calls = self._calls
         while calls:
             fn, arg = calls.popleft()
             try:

@@ -18,10 +18,7 @@ from .queue import RequestQueue
 from .request import CANCELLED, DONE, NotStarted, Request
 from .stats import Latencies
 
-__all__ = ["SETTLE_CHUNK", "Delivery"]
-
-#: requests settled per call sent to a loop: a loop wakes at most this many tasks per drain
-SETTLE_CHUNK = 32
+__all__ = ["Delivery"]
 
 
 class Delivery:
@@ -85,10 +82,8 @@ class Delivery:
                     here.soon(self._settle, group)
                 else:
                     self._settle(group)
-            else:  # a closed loop: outputs dropped
-                send = group[0].loop.send
-                for i in range(0, len(group), SETTLE_CHUNK):
-                    send(self._settle, group[i:i + SETTLE_CHUNK])
+            else:
+                group[0].loop.send(self._settle, group)  # a closed loop: outputs dropped
 
     def _settle(self, reqs: list[Request]) -> None:
         """On the requests' loop (one loop per call)."""
