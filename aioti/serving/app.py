@@ -227,7 +227,7 @@ def app(
             return error_response(404, str(NotFound(request.path_params["name"])))
         return Response(status_code=200 if entry.model is not None else 400)
 
-    infer = Infer(repo.entries, metrics, max_body_bytes)
+    infer = Infer(repo, metrics, max_body_bytes)
 
     async def repository_index(request: Request) -> Response:
         return JSONResponse([{"name": e.name, "version": VERSION, "state": e.state,

@@ -69,12 +69,23 @@ def infer_target(scope: Scope) -> str | None:
     return None
 
 
-class Infer:
-    """`POST .../infer` over the served models, by name (a live view: loads and unloads show)."""
+class Models(Protocol):
+    """The served models by name (the app's `ModelRepository`): a live view, loads and unloads
+    show."""
 
-    def __init__(self, entries: Mapping[str, Served], metrics: Metrics,
-                 max_body_bytes: int) -> None:
-        self._entries = entries
+    @property
+    def entries(self) -> Mapping[str, Served]: ...
+
+    def get(self, name: str) -> Served:
+        """The loaded model `name`; `NotFound` if it is unknown or not loaded."""
+        ...
+
+
+class Infer:
+    """`POST .../infer` over the served models."""
+
+    def __init__(self, models: Models, metrics: Metrics, max_body_bytes: int) -> None:
+        self._models = models
         self._metrics = metrics
         self._limit = max_body_bytes
 
@@ -83,9 +94,7 @@ class Infer:
         t0 = time.perf_counter()
         outcome = "error"
         try:
-            entry = self._entries.get(name)
-            if entry is None or entry.model is None:
-                raise NotFound(name)
+            entry = self._models.get(name)
             body, header = await self._read(scope, receive)
             decoded = decode_request(body, header, entry.inputs)
             del body
@@ -120,7 +129,7 @@ class Infer:
         except Exception as exc:  # noqa: BLE001 - a failed run answers 500, the server goes on
             await error_response(500, f"{type(exc).__name__}: {exc}")(scope, receive, send)
         finally:
-            if name in self._entries:  # not a label per name a client makes up
+            if name in self._models.entries:  # not a label per name a client makes up
                 self._metrics.request(name, outcome, time.perf_counter() - t0)
 
     async def _read(self, scope: Scope, receive: Receive) -> tuple[bytes, int | None]:
