@@ -49,10 +49,24 @@ def sync_model(models, tmp_path_factory):
 
 @pytest.mark.parametrize("case, inputs, fragments", CASES, ids=[c[0] for c in CASES])
 def test_core_rejects(sync_model, case, inputs, fragments):
+    sync_model.run([X, Y, S])  # accepted first: the bad inputs meet its layout's native guard
     with pytest.raises(aioti.InputError) as info:
         sync_model.run(list(inputs))
     for f in fragments:
         assert f in str(info.value), (f, str(info.value))
+
+
+def test_accepted_layout_is_guarded_natively(sync_model):
+    """The layout accepted last is matched by torch's native tensor guard (the fast path);
+    inputs that differ only in what the guard checks beyond the model's needs (requires_grad)
+    fall back to the full check and pass."""
+    sig = sync_model.signature
+    ref = sync_model.run([X, Y, S])
+    layout = sig.check([X, Y, S], sync_model.device)
+    assert layout is sig._last and layout.guard is not None  # torch 2.11 and 2.13 have it
+    assert not layout.guard.check(X.requires_grad_(False).clone().requires_grad_(), Y, S)
+    out = sync_model.run([X.clone().requires_grad_(), Y, S])
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
 
 
 @pytest.mark.parametrize("case, inputs, fragments", CASES, ids=[c[0] for c in CASES])

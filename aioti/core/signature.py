@@ -91,9 +91,57 @@ def _split(body: str) -> list[str]:
 
 class Layout:
     """An input layout (dtype, shape, strides, device per input) that passed the full check:
-    one object per layout, so callers can key facts of their own by it (hashed by identity)."""
+    one object per layout, so callers can key facts of their own by it (hashed by identity).
+    `guard` matches inputs of this layout in one native call (`_guard`), None where torch has
+    no such check."""
 
-    __slots__ = ()
+    __slots__ = ("guard",)
+
+    def __init__(self, tensors: Sequence[torch.Tensor] = ()) -> None:
+        self.guard = _guard(tensors) if tensors else None
+
+
+def _load_guards() -> Any:
+    """torch's native tensor check (`torch._C._dynamo.guards.TensorGuards`, what compiled
+    graphs are guarded with), if this torch has it and it behaves as used here: None
+    otherwise, and every check takes the layout key."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+
+        t = torch.zeros(2, 3)
+        g = TensorGuards(t, dynamic_dims_sizes=[[2, 3]], dynamic_dims_strides=[[3, 1]])
+        if g.check(t) and not g.check(t.t()) and not g.check(t[:1]) and not g.check(t.double()):
+            return TensorGuards
+    except Exception:  # noqa: BLE001 - a private API: any surprise means "not here"
+        pass
+    return None
+
+
+_TensorGuards = _load_guards()
+
+
+_TENSOR, _STRIDED = torch.Tensor, torch.strided
+
+
+def _dense(tensors: Sequence[object]) -> bool:
+    """Whether every one is a plain dense tensor, what the native guard may be given: it
+    reads sizes and strides before comparing, and a nested tensor's abort the process."""
+    for t in tensors:
+        if type(t) is not _TENSOR or t.layout is not _STRIDED or t.is_nested:
+            return False
+    return True
+
+
+def _guard(tensors: Sequence[torch.Tensor]) -> Any:
+    """A native check that passes tensors of exactly these tensors' dtypes, devices, sizes,
+    strides, dispatch keys (the negative and conjugate bits among them) and requires_grad."""
+    if _TensorGuards is None or not _dense(tensors):
+        return None
+    try:
+        return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                             dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except Exception:  # noqa: BLE001 - a layout it cannot describe takes the key
+        return None
 
 
 @dataclass
@@ -106,6 +154,9 @@ class Signature:
     #: input layouts (dtype, shape, strides, device per input) that passed the full check:
     #: services send the same few shapes again and again, and a dict hit is cheaper than checks
     _accepted: dict[tuple[Any, ...], Layout] = field(default_factory=dict, repr=False)
+    #: the layout accepted last, matched first by its guard: one native call where building
+    #: the key reads a dozen tensor attributes
+    _last: Layout | None = field(default=None, repr=False)
 
     def batch_range(self, dim: int = 0) -> tuple[str, int | None, tuple[bool, ...]] | None:
         """The batch symbol of dim `dim`, its upper bound, and which inputs carry it; None when
@@ -157,6 +208,15 @@ class Signature:
             )
         if not full:
             return None
+        last = self._last
+        if last is not None:
+            if len(tensors) == 1:  # `_dense`, inline for the common case
+                t = tensors[0]
+                if (type(t) is _TENSOR and t.layout is _STRIDED  # type: ignore[attr-defined]
+                        and not t.is_nested and last.guard.check(t)):  # type: ignore[attr-defined]
+                    return last
+            elif _dense(tensors) and last.guard.check(*tensors):
+                return last
         try:
             if len(tensors) == 1:
                 t = tensors[0]
@@ -169,6 +229,8 @@ class Signature:
         except (AttributeError, TypeError, RuntimeError):  # not tensors; sparse, nested: checked
             key = None
         if key is not None and (layout := self._accepted.get(key)) is not None:
+            if layout.guard is not None:
+                self._last = layout
             return layout
         bound: dict[str, tuple[int, str]] = {}
         for spec, t in zip(self.inputs, tensors):
@@ -177,7 +239,9 @@ class Signature:
             return None
         if len(self._accepted) >= 1024:
             self._accepted.clear()
-        layout = self._accepted[key] = Layout()
+        layout = self._accepted[key] = Layout(tensors)  # type: ignore[arg-type]
+        if layout.guard is not None:
+            self._last = layout
         return layout
 
 
