@@ -98,26 +98,28 @@ class Layout:
     __slots__ = ("guard",)
 
     def __init__(self, tensors: Sequence[torch.Tensor] = ()) -> None:
-        self.guard = _guard(tensors) if tensors else None
+        self.guard: Any = _guard(tensors) if tensors else None
 
 
 def _load_guards() -> Any:
-    """torch's native tensor check (`torch._C._dynamo.guards.TensorGuards`, what compiled
-    graphs are guarded with), if this torch has it and it behaves as used here: None
-    otherwise, and every check takes the layout key."""
+    """torch's native tensor check (`torch._C._dynamo.guards.TensorGuards`, dynamo's tensor
+    match), if this torch has it and it behaves as relied on here: None otherwise, and every
+    check takes the layout key."""
     try:
-        from torch._C._dynamo.guards import TensorGuards
+        from torch._C._dynamo import guards
 
+        TensorGuards: Any = guards.TensorGuards  # its stub does not say the tensors it takes
         t = torch.zeros(2, 3)
         g = TensorGuards(t, dynamic_dims_sizes=[[2, 3]], dynamic_dims_strides=[[3, 1]])
-        if g.check(t) and not g.check(t.t()) and not g.check(t[:1]) and not g.check(t.double()):
+        if g.check(t) and not any(g.check(u) for u in (
+                t.t(), t[:1], t.double(), torch._neg_view(t), t.to("meta"))):
             return TensorGuards
     except Exception:  # noqa: BLE001 - a private API: any surprise means "not here"
         pass
     return None
 
 
-_TensorGuards = _load_guards()
+_TensorGuards: Any = _load_guards()
 
 
 _TENSOR, _STRIDED = torch.Tensor, torch.strided
@@ -212,8 +214,8 @@ class Signature:
         if last is not None:
             if len(tensors) == 1:  # `_dense`, inline for the common case
                 t = tensors[0]
-                if (type(t) is _TENSOR and t.layout is _STRIDED  # type: ignore[attr-defined]
-                        and not t.is_nested and last.guard.check(t)):  # type: ignore[attr-defined]
+                if (type(t) is _TENSOR and t.layout is _STRIDED and not t.is_nested
+                        and last.guard.check(t)):
                     return last
             elif _dense(tensors) and last.guard.check(*tensors):
                 return last
