@@ -109,13 +109,14 @@ class Replica:
             executor = PlainExecutor(run_many, backend.run_chunk)
             # A lone request may run on its caller's thread, while the model's runs are measured
             # short (until outputs are ready): on CPU with one native thread a run (no OpenMP
-            # team is forked on the loop's thread); on CUDA, where it launches on the lead's
-            # stream and waits for the GPU right there.
+            # team is forked on the loop's thread); on CUDA, where it launches on the caller's
+            # current stream (the lead's, with graphs: theirs are the workers') and waits for
+            # the GPU right there.
             kind = backend.device.type
             idle = lone_runs and (kind == "cuda" or (
                 kind == "cpu" and threads is not None and threads.alone == 1))
             options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name,
-                                     idle_on_loop=idle)
+                                     idle_on_loop=idle, idle_on_caller_stream=graphs is None)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,
                                 on_stopped=container.delete, on_fault=on_fault, room=room)
         return Replica(index, container, backend, dispatcher, batcher, workers, threads, graphs)

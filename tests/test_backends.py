@@ -164,9 +164,9 @@ async def test_cuda_inputs_from_caller_stream_and_constants(models):
 @cuda
 async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(models):
     """An idle CUDA model whose runs (launch to outputs ready) are measured short: a lone
-    request runs on the caller's thread, on the lead worker's stream, waits for inputs still
-    being written on the caller's stream, leaves the caller's current stream as it was, and
-    gives outputs ready on any stream; under load the workers take over."""
+    request runs on the caller's thread, on the caller's own stream, after inputs still being
+    written there, leaves the caller's current stream as it was, and gives outputs ready on
+    any stream (not only the caller's); under load the workers take over."""
     from aioti.testing import compile_model
 
     path = compile_model("small_mlp", "cuda")
@@ -174,6 +174,14 @@ async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(m
     async with aioti.load(path, device="cuda") as model:
         runner = model._dispatcher.runner
         threads = record_run_threads(model)
+        streams: list[int | None] = []
+        recording = runner._executor._run_many
+
+        def stream_recording(batch, stream):
+            streams.append(stream)
+            return recording(batch, stream)
+
+        runner._executor._run_many = stream_recording
         x = torch.randn(8, 64, device="cuda")
         for _ in range(20):  # the workers measure the model's runs first
             await model(x)
@@ -186,8 +194,14 @@ async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(m
             late.copy_(x * -1)
             out = await model(late)
             assert torch.cuda.current_stream() == s  # the caller's stream, as it was
+            other = torch.cuda.Stream()
+            with torch.cuda.stream(other):  # ready there too, without waiting for s
+                from_other = out.clone()
         assert threads == [threading.get_ident()]  # ran here
+        assert streams[-1] == s.cuda_stream  # launched on the caller's stream
         assert torch.allclose(out, eager(-x), atol=1e-4)
+        other.synchronize()
+        assert torch.equal(from_other, out)
         outs = [o for o in [await model(x) for _ in range(10)]]
         assert all(torch.allclose(o, eager(x), atol=1e-4) for o in outs)
         threads.clear()

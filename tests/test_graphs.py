@@ -150,6 +150,27 @@ async def test_inputs_on_the_callers_stream_are_waited_for(anyio_backend):
 
 @cuda
 @pytest.mark.anyio
+async def test_a_lone_request_replays_on_the_callers_thread(anyio_backend):
+    """With graphs, a lone request to the idle model runs on its caller's thread through the
+    lead worker's graphs (its stream's: not the caller's, which has none)."""
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    x = torch.randn(1, 1024, device="cuda")
+    async with aioti.load(path, device="cuda", cuda_graphs=aioti.CudaGraphs((1, 2))) as model:
+        for _ in range(20):  # the workers measure the model's runs first
+            await model(x)
+        before = model.stats()
+        outs = [await model(x) for _ in range(5)]
+        after = model.stats()
+        assert after["ran_on_caller_thread"] >= before["ran_on_caller_thread"] + 4
+        assert after["cuda_graphs"]["replays"] == before["cuda_graphs"]["replays"] + 5
+        assert after["cuda_graphs"]["fallbacks"] == before["cuda_graphs"]["fallbacks"]
+        with torch.no_grad():
+            assert all(close(o, eager(x)) for o in outs)
+
+
+@cuda
+@pytest.mark.anyio
 async def test_a_model_that_cannot_be_captured_runs_without_graphs(anyio_backend):
     path = compile_model("syncing_v1", "cuda")
     x = torch.randn(4, 16, device="cuda")

@@ -66,6 +66,18 @@ class Backend:
         stream), the caller's restored afterwards."""
         return nullcontext()
 
+    def caller_stream(self, ready: Any) -> int | None:
+        """On a caller's thread, for a lone run made there: the caller's own stream (from
+        `ready`, its request's readiness token) if the run may launch on it as the thread
+        stands, with no worker's state taken on; None to run with the lead worker's
+        (`here`, `begin_batch`, `finish`)."""
+        return None
+
+    def wait_caller_stream(self, ctx: Any, stream: int) -> None:
+        """Block until the lone run just queued on `stream` (from `caller_stream`) has
+        completed, not for what other threads queue there after it; `ctx` is the lead
+        worker's context (lone runs of a model are one at a time)."""
+
     def begin_batch(self, ctx: Any, readies: list[Any]) -> int | None:
         """In the worker, before a batch of runs: wait for the requests' readiness tokens;
         returns the stream handle for `Run` (None: the default stream / CPU)."""

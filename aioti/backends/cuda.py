@@ -85,6 +85,18 @@ class CudaBackend(Backend):
         # The model allocates outputs on the calling thread's current stream: the worker's.
         return _Here(ctx.stream)
 
+    def caller_stream(self, ready: Any) -> int | None:
+        # The caller's current stream on this device, noted by `prepare` just before; usable
+        # as the thread stands when this device is the thread's current one (the model's
+        # outputs are allocated on the current device's current stream).
+        if ready is not None and torch._C._cuda_getDevice() == self._index:
+            return ready  # type: ignore[no-any-return]
+        return None
+
+    def wait_caller_stream(self, ctx: _Worker, stream: int) -> None:
+        ctx.driver.record(ctx.lone, stream)
+        ctx.driver.synchronize(ctx.lone)
+
     def begin_batch(self, ctx: _Worker, readies: list[Any]) -> int:
         own = ctx.raw
         for raw in set(readies):
@@ -110,7 +122,7 @@ class CudaBackend(Backend):
         token[0].synchronize(token[1])
 
     def stop_worker(self, ctx: _Worker) -> None:
-        for event in (ctx.event, *ctx.done):
+        for event in (ctx.event, ctx.lone, *ctx.done):
             ctx.driver.destroy_event(event)
 
 
@@ -136,10 +148,11 @@ class _Here:
 
 
 class _Worker:
-    """A CUDA worker's context: its stream, the event its stream waits on callers with, and a
-    ring of events that mark its batches done (driver handles, made on the worker's device)."""
+    """A CUDA worker's context: its stream, the event its stream waits on callers with, a ring
+    of events that mark its batches done, and (the lead's) the event a lone run on a caller's
+    stream is waited for with (driver handles, made on the worker's device)."""
 
-    __slots__ = ("stream", "raw", "driver", "event", "done", "next_done")
+    __slots__ = ("stream", "raw", "driver", "event", "done", "next_done", "lone")
 
     def __init__(self, stream: torch.cuda.Stream, in_flight: int, driver: Driver) -> None:
         self.stream = stream  # kept alive: `raw` is its handle
@@ -148,3 +161,4 @@ class _Worker:
         self.event = driver.create_event()
         self.done = [driver.create_event() for _ in range(in_flight + 1)]
         self.next_done = 0
+        self.lone = driver.create_event()

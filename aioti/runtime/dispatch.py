@@ -50,7 +50,8 @@ class Dispatcher:
         self.queue = queue = RequestQueue(options, room)
         self.delivery = Delivery(queue)
         self.runner = runner = BatchRunner(queue, self.delivery, executor, backend, teams,
-                                           on_fault, timed=options.idle_on_loop)
+                                           on_fault, timed=options.idle_on_loop,
+                                           caller_stream=options.idle_on_caller_stream)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
         self._ran_here_on: Loop | None = None  # the loop that ran a request this iteration

@@ -26,6 +26,10 @@ class RuntimeOptions:
     on_loop: bool = False
     #: a lone request to an idle model whose runs take microseconds runs on its caller's thread
     idle_on_loop: bool = False
+    #: such a lone run launches on its caller's own current stream, where the backend allows
+    #: (`Backend.caller_stream`), instead of taking on the lead worker's (not with CUDA graphs:
+    #: their captured sets belong to the workers' streams)
+    idle_on_caller_stream: bool = False
     #: worker threads are named after it
     name: str = "aioti"
 

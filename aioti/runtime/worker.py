@@ -44,7 +44,7 @@ class BatchRunner:
     def __init__(self, queue: RequestQueue, delivery: Delivery, executor: Executor,
                  backend: Backend, teams: ThreadTeams | None = None,
                  on_fault: Callable[[BaseException], None] | None = None,
-                 timed: bool = False) -> None:
+                 timed: bool = False, caller_stream: bool = False) -> None:
         self._queue = queue
         self.delivery = delivery
         self._executor = executor
@@ -58,6 +58,8 @@ class BatchRunner:
         #: where a policy reads it)
         self.per_request_s = math.inf
         self._timed = timed
+        #: a lone run launches on its caller's stream where the backend allows (`run_alone`)
+        self._caller_stream = caller_stream
         #: the lead worker's context, once it has started (`run_alone` runs with it)
         self.lead: tuple[Any] | None = None
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
@@ -124,9 +126,10 @@ class BatchRunner:
 
     def run_alone(self, req: Request) -> None:
         """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`)
-        with the lead worker's context, until its outputs are ready (on a GPU, the caller's
-        thread waits), its outcome set, timed, counted and recorded, not delivered (the caller
-        takes it)."""
+        until its outputs are ready (on a GPU, the caller's thread waits), its outcome set,
+        timed, counted and recorded, not delivered (the caller takes it). It launches on the
+        caller's own stream where the backend allows (`caller_stream`: no worker state taken on,
+        no hand-over from the caller's stream), else with the lead worker's context."""
         assert self.lead is not None
         ctx, backend, teams, batch = self.lead[0], self._backend, self._teams, [req]
         # `run`'s steps without the queue's `begin`: nobody else holds this request yet.
@@ -134,12 +137,17 @@ class BatchRunner:
         req.began = time.perf_counter()
         own = None if teams is None else teams.borrow()
         try:
-            with backend.here(ctx):
-                stream = backend.begin_batch(ctx, [req.ready] if self._readies else [])
+            stream = backend.caller_stream(req.ready) if self._caller_stream else None
+            if stream is not None:
                 self._executor.run(batch, stream)
-                token = backend.finish(ctx)
-                if token is not None:
-                    self._wait_ready(token, batch)
+                backend.wait_caller_stream(ctx, stream)
+            else:
+                with backend.here(ctx):
+                    stream = backend.begin_batch(ctx, [req.ready] if self._readies else [])
+                    self._executor.run(batch, stream)
+                    token = backend.finish(ctx)
+                    if token is not None:
+                        self._wait_ready(token, batch)
         except Exception as exc:  # the run as a whole failed, not the request
             req.error, req.result = exc, None
             self.fault(exc)
