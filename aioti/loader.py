@@ -213,4 +213,4 @@ def _teams(backend: Backend, threads: int | None, weight_bytes: int, workers: in
     sizes = backend.worker_threads(weight_bytes, workers)
     if sizes is None:
         return None
-    return ThreadTeams(*(max(1, n // sharing) for n in sizes))
+    return ThreadTeams(*(max(1, n // sharing) for n in sizes), tune=True)

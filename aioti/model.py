@@ -159,7 +159,8 @@ class AsyncModel:
         nor are requests that closing with `cancel_queued` fails.
         `ran_on_caller_thread`: lone requests to the idle model run on their caller's thread
         (docs/concurrency.md). `latency_s`: from the request's creation to its delivery on its
-        loop."""
+        loop. On CPU, `threads`: the native team sizes of its runs (`alone`: the lead's for a
+        batch alone, as tuned among `alone_choices`; docs/devices.md)."""
         return self._replicas[0].stats()
 
     def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:

@@ -77,6 +77,10 @@ class Replica:
             out["batching"] = self.batcher.stats()
         if self.graphs is not None:
             out["cuda_graphs"] = self.graphs.stats()
+        if self.threads is not None:
+            t = self.threads
+            out["threads"] = {"alone": t.alone_now, "shared": t.shared, "others": t.others,
+                              "alone_choices": list(t.choices)}
         return out
 
     @staticmethod

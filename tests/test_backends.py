@@ -284,6 +284,102 @@ def test_team_size_per_batch():
         ThreadTeams(0, 1)
 
 
+def test_size_tuner_runs_the_faster_size_and_probes_the_other():
+    """Each size FIRST_RUN batches at first; then the faster by mean time per request, the
+    other probed for PROBE_RUN batches, PROBE_FIRST batches after a probe that changed the
+    choice and twice as long after each that did not (up to PROBE_MAX); a rise of the
+    running size's own measure switches at once, and the other is probed again within
+    PROBE_FIRST batches."""
+    from aioti.core.threads import FIRST_RUN, PROBE_FIRST, PROBE_MAX, PROBE_RUN, SizeTuner
+
+    tuner = SizeTuner((4, 2))
+    picks: list[int] = []
+
+    def serve(cost: tuple[float, float], batches: int) -> None:
+        for _ in range(batches):
+            i = tuner.pick()
+            picks.append(i)
+            tuner.record(i, cost[i] * 8, 8)  # 8 requests at cost[i] s each
+
+    serve((2e-3, 1e-3), 2 * FIRST_RUN + 2000)
+    assert picks[:2 * FIRST_RUN] == [0] * FIRST_RUN + [1] * FIRST_RUN
+    assert tuner.best == 1 and tuner.costs == pytest.approx([2e-3, 1e-3])
+    # where each probe of size 4 begins, after the first turns (size 2 is faster)
+    starts = [k for k in range(2 * FIRST_RUN, len(picks)) if picks[k - 1:k + 1] == [1, 0]]
+    assert all(picks[k:k + PROBE_RUN + 1] == [0] * PROBE_RUN + [1] for k in starts)
+    gaps = [b - a - PROBE_RUN for a, b in zip(starts, starts[1:])]
+    assert starts[0] == 2 * FIRST_RUN + PROBE_FIRST
+    assert gaps[:4] == [2 * PROBE_FIRST, 4 * PROBE_FIRST, 8 * PROBE_FIRST, 16 * PROBE_FIRST]
+    assert max(gaps) == PROBE_MAX  # doubling stops there
+    picks.clear()
+    serve((0.5e-3, 1e-3), PROBE_MAX + 2 * PROBE_RUN)  # the larger team got faster: a probe sees
+    assert tuner.best == 0 and picks[-1] == 0
+    picks.clear()
+    serve((3e-3, 1e-3), 10)  # and slower again: its own measure switches back at once
+    assert tuner.best == 1 and picks[-1] == 1 and picks.count(0) < 8
+    # ... and the size left behind is probed again soon, though the last probe was just made
+    # and the probes had grown PROBE_MAX apart
+    tuner, picks = SizeTuner((4, 2)), []
+    serve((1e-3, 2e-3), 2 * FIRST_RUN + 4 * PROBE_MAX)
+    while picks[-PROBE_RUN - 1:] != [1] * PROBE_RUN + [0]:
+        serve((1e-3, 2e-3), 1)
+    picks.clear()
+    serve((3e-3, 1e-3), PROBE_FIRST + 2 * PROBE_RUN)
+    first = picks.index(1)
+    assert picks[first + 1:].index(0) <= PROBE_FIRST
+
+
+def test_the_leads_size_alone_is_tuned_and_timed_only_when_warm():
+    """Only the lead's batches alone are tuned; the first batch after a change of the
+    thread's size is not timed (its team wakes); without `tune`, or with one thread alone,
+    there is no tuner."""
+    if thread_team_size() is None:
+        pytest.skip("no OpenMP runtime in this process")
+    teams = ThreadTeams(alone=4, shared=2, others=1, tune=True)
+    assert teams.choices == (4, 2) and teams.tuner is not None
+    got: list[tuple[int | None, int | None]] = []
+
+    def lead() -> None:
+        teams.enter(True)
+        for busy in (1, 1, 2, 1, 1):
+            got.append((teams.before_batch(busy), thread_team_size()))
+
+    def other() -> None:
+        teams.enter(False)
+        got.append((teams.before_batch(1), thread_team_size()))
+
+    for target in (lead, other):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join(30)
+    # size 4 (untimed: the thread's size changed), 4 timed, beside another: 2 untimed, then 4
+    # again (untimed), 4 timed; another thread: 1, untimed
+    assert got == [(None, 4), (0, 4), (None, 2), (None, 4), (0, 4), (None, 1)]
+    assert ThreadTeams(alone=4, shared=2, others=1).tuner is None
+    assert ThreadTeams(alone=1, shared=1, tune=True).choices == (1,)
+
+
+async def test_a_cpu_models_lead_team_is_tuned_unless_threads_are_given(models):
+    """A model with a team measures both of its lead's sizes as it serves (model.stats()
+    says them); `threads=N` fixes N, untuned."""
+    cores = torch.get_num_threads()
+    if cores < 2:
+        pytest.skip("one core: no team to tune")
+    x = torch.randn(2, 1024)
+    from aioti.core.threads import FIRST_RUN
+
+    async with aioti.load(models["mid_mlp"], workers=1) as model:
+        for _ in range(2 * FIRST_RUN + 4):  # each size's turn
+            await model(x)
+        threads = model.stats()["threads"]
+        assert threads["alone_choices"] == [cores, cores // 2]
+        assert threads["alone"] in threads["alone_choices"]
+        assert all(c > 0 for c in model.threads.tuner.costs)  # both measured
+    async with aioti.load(models["mid_mlp"], workers=1, threads=2) as model:
+        await model(x)
+        assert model.stats()["threads"]["alone_choices"] == [2]
+
+
 def test_team_of_one_sizes_a_helper_thread_for_its_work_only():
     """A load's or a constant operation's thread forks no team while it works, and has its own
     size back afterwards."""

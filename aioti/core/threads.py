@@ -20,13 +20,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-__all__ = ["ThreadTeams", "set_thread_team_size", "team_of_one", "thread_team_size"]
+__all__ = ["SizeTuner", "ThreadTeams", "set_thread_team_size", "team_of_one",
+           "thread_team_size"]
 
 
 @functools.cache
@@ -89,14 +91,92 @@ def team_of_one() -> Iterator[None]:
         ThreadTeams.give_back(own)
 
 
+#: `SizeTuner`'s schedule: the batches each size runs at first, the batches a probe runs (its
+#: first untimed), the batches from one probe to the next after a probe that changed the
+#: choice (doubling after each that did not, up to the last)
+FIRST_RUN, PROBE_RUN, PROBE_FIRST, PROBE_MAX = 8, 4, 32, 512
+#: the latest batches of a size whose mean time is its measure
+_WINDOW = 8
+
+
+class SizeTuner:
+    """The choice between two team sizes of the lead's batches alone, by measure.
+
+    A team waits at every barrier for its slowest thread; where other processes keep cores
+    busy, a thread of the team waits for a core, so that a smaller team can run faster
+    (benchmarks/README.md, the contention rows). Each size's measure is its mean time per
+    request over its latest `_WINDOW` batches: the mean, as a team that waits for a core now
+    and then is slow on average though most of its batches are fast. The sizes run
+    `FIRST_RUN` batches each at first; then the faster runs, and the other is probed now and
+    then for `PROBE_RUN` batches (its measure from those alone), so that a change of load is
+    seen: the next probe comes `PROBE_FIRST` batches after one that changed the choice, and
+    twice as long after one that did not (at most `PROBE_MAX`). A rise of the running size's
+    own measure above the other's switches at once, and the size left behind is probed again
+    `PROBE_FIRST` batches later (a few slow batches may have been a pause, not a change). The first batch after a change of size is
+    not timed (`record` is not called for it): its team's threads wake, or libgomp makes them,
+    which would make every probe of a larger team look slow. Used by the lead's thread only.
+    """
+
+    def __init__(self, sizes: tuple[int, int]) -> None:
+        self.sizes = sizes
+        #: each size's measure, seconds per request (0.0: not measured)
+        self.costs = [0.0, 0.0]
+        self._samples: list[deque[float]] = [deque(maxlen=_WINDOW), deque(maxlen=_WINDOW)]
+        self._batches = 0
+        self._interval = PROBE_FIRST
+        self._probe_at = 2 * FIRST_RUN + PROBE_FIRST
+        self._probing: tuple[int, int] | None = None  # (size index, batches left)
+        self._running = 0  # the index of the size that ran last outside a probe
+
+    @property
+    def best(self) -> int:
+        """The index of the size measured faster (an unmeasured one first)."""
+        return 0 if self.costs[0] <= self.costs[1] else 1
+
+    def pick(self) -> int:
+        """The index of the size for the next batch alone."""
+        k = self._batches
+        self._batches += 1
+        if k < 2 * FIRST_RUN:
+            return k // FIRST_RUN
+        if self._probing is not None:
+            index, left = self._probing
+            if left:
+                self._probing = (index, left - 1)
+                return index
+            self._probing = None
+            won = self.best == index
+            self._interval = PROBE_FIRST if won else min(2 * self._interval, PROBE_MAX)
+            self._probe_at = k + self._interval
+        elif k >= self._probe_at:
+            index = 1 - self.best
+            self._samples[index].clear()  # its measure from this probe's batches alone
+            self._probing = (index, PROBE_RUN - 1)
+            return index
+        best = self.best
+        if best != self._running:  # a switch: the size left behind is probed again soon
+            self._running = best
+            self._interval = PROBE_FIRST
+            self._probe_at = min(self._probe_at, k + PROBE_FIRST)
+        return best
+
+    def record(self, index: int, seconds: float, requests: int) -> None:
+        """A batch of `requests` at `sizes[index]` took `seconds`."""
+        samples = self._samples[index]
+        samples.append(seconds / max(1, requests))
+        self.costs[index] = sum(samples) / len(samples)
+
+
 class ThreadTeams:
     """A model's team sizes, by thread: its lead worker uses `alone` threads for a batch that
     runs while no other batch of the model does (a lone request gets every core), `shared`
     while others run too (busy workers do not oversubscribe the cores); every other thread
     that runs the model uses `others`. Set before each batch, in the running thread, and only
-    when it changes."""
+    when it changes. With `tune` (and `alone` > 1), the lead's size alone is `alone` or half
+    of it, whichever its `SizeTuner` measures faster."""
 
-    def __init__(self, alone: int, shared: int, others: int | None = None) -> None:
+    def __init__(self, alone: int, shared: int, others: int | None = None, *,
+                 tune: bool = False) -> None:
         others = shared if others is None else others
         if min(alone, shared, others) < 1:
             raise ValueError(f"threads must be >= 1, got {alone}, {shared} and {others}")
@@ -104,6 +184,17 @@ class ThreadTeams:
         self.shared = shared
         self.others = others
         self._current = threading.local()
+        self.tuner = SizeTuner((alone, alone // 2)) if tune and alone > 1 else None
+
+    @property
+    def choices(self) -> tuple[int, ...]:
+        """The sizes the lead may use for a batch alone."""
+        return (self.alone,) if self.tuner is None else self.tuner.sizes
+
+    @property
+    def alone_now(self) -> int:
+        """The size the lead uses for a batch alone, as measured so far."""
+        return self.alone if self.tuner is None else self.tuner.sizes[self.tuner.best]
 
     def enter(self, lead: bool) -> None:
         """In a worker thread, once before its first batch: whether it is the model's lead."""
@@ -117,14 +208,29 @@ class ThreadTeams:
             return self.others
         return self.alone if busy <= 1 else self.shared
 
-    def before_batch(self, busy: int) -> None:
+    def before_batch(self, busy: int) -> int | None:
         """In a worker, before a batch; `busy` counts the model's batches running, this one
-        included (plus one when requests wait for another worker)."""
+        included (plus one when requests wait for another worker). Returns the tuner's index
+        of the size it set, for `after_batch` (None: nothing to time)."""
         current = self._current
-        n = self.size(busy, getattr(current, "lead", True))
+        lead = getattr(current, "lead", True)
+        timed = None
+        tuner = self.tuner
+        if tuner is not None and lead and busy <= 1:
+            timed = tuner.pick()
+            n = tuner.sizes[timed]
+        else:
+            n = self.size(busy, lead)
         if getattr(current, "size", None) != n:
             set_thread_team_size(n)
             current.size = n
+            return None  # its team wakes: not a measure of its size
+        return timed
+
+    def after_batch(self, timed: int, seconds: float, requests: int) -> None:
+        """The lead's batch alone at the tuner's size `timed` took `seconds` for `requests`."""
+        assert self.tuner is not None
+        self.tuner.record(timed, seconds, requests)
 
     def borrow(self) -> int | None:
         """For a run on a thread that is not a worker's (an event loop's): size its team as a
@@ -140,4 +246,6 @@ class ThreadTeams:
             set_thread_team_size(own)
 
     def __repr__(self) -> str:
-        return f"ThreadTeams(alone={self.alone}, shared={self.shared}, others={self.others})"
+        tuned = f", tuned between {self.choices}" if len(self.choices) > 1 else ""
+        return (f"ThreadTeams(alone={self.alone}, shared={self.shared}, others={self.others}"
+                f"{tuned})")

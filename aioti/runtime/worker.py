@@ -85,8 +85,13 @@ class BatchRunner:
                     return self._execute(ctx, batch)
                 finally:
                     self._teams.give_back(own)
-            self._teams.before_batch(busy)
-            return self._execute(ctx, batch)
+            timed = self._teams.before_batch(busy)
+            if timed is None:
+                return self._execute(ctx, batch)
+            t0 = time.perf_counter()
+            token = self._execute(ctx, batch)
+            self._teams.after_batch(timed, time.perf_counter() - t0, len(batch))
+            return token
         except BaseException as exc:
             unstarted = NotStarted(exc) if self._on_fault is not None else exc
             for req in batch:
