@@ -12,8 +12,8 @@ trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching o
 `on_loop`, each paired with a sync torch loop on the same requests); naive
 `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream of hot swaps
 against steady state (mid MLP); under contention (one CPU-bound process competing for the
-cores), the sync torch loop and aioti asyncio at concurrency 1 and 64, their ratio against the
-contended sync loop. Each row is the median of `--repeats` runs.
+cores), aioti asyncio at concurrency 1 and 64, each paired with the contended sync loop. Each
+row is the median of `--repeats` runs (paired rows: the median of at least 5 pairs' ratios).
 
 The JSON is `{"machine": {...}, "rows": [...]}`: the CPU model, cores, torch, Python (and the
 GPU, where one is used) with the rows measured on it.
@@ -251,8 +251,8 @@ def plan(models: list[str]) -> list[tuple[str, str, int | None]]:
                 rows.append((model, f"batching asyncio{where} batch 8", 64))
         if model == "mid_mlp":
             rows.append((model, "hot swaps", 16))
-        # One CPU-bound process competing: aioti against the sync loop under the same load.
-        rows += [(model, "contended sync torch loop", None)]
+        # One CPU-bound process competing: aioti against the sync loop under the same load,
+        # each in pairs (the competition makes the machine's drift larger).
         rows += [(model, "contended aioti asyncio", c) for c in (1, 64)]
     return rows
 
@@ -270,24 +270,27 @@ def child_row(spec: list[Any], args: argparse.Namespace, repeats: int | None = N
     return json.loads(line[4:])  # type: ignore[no-any-return]
 
 
-def paired_rows(model: str, config: str, args: argparse.Namespace
-                ) -> list[dict[str, Any]] | None:
-    """Batching rows: `--repeats` (at least 5) pairs of child processes, the synchronous torch
-    loop on the same requests, then batching; the ratio is the median of the pairs' ratios
-    (this machine's speed drifts by 2x over minutes, so each pair is measured back to back)."""
+def paired_rows(model: str, config: str, conc: int | None, baseline: str,
+                args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """Rows against a baseline of their own (batching: the synchronous torch loop on the same
+    requests; contended: the synchronous loop under the same competition): `--repeats` (at
+    least 5) pairs of child processes, the baseline, then the row; the ratio is the median of
+    the pairs' ratios (this machine's speed drifts by 2x over minutes, so each pair is measured
+    back to back)."""
     pairs = []
     for _ in range(max(args.repeats, 5)):
-        base = child_row([model, f"{config} baseline", None], args, 1)
-        row = child_row([model, config, 64], args, 1)
+        base = child_row([model, baseline, None], args, 1)
+        row = child_row([model, config, conc], args, 1)
         if base is None or row is None:
             return None
         pairs.append((base[0], row[0]))
     med = statistics.median
     out = {k: med(p[1][k] for p in pairs)
            for k in ("requests_per_s", "p50_ms", "p90_ms", "p99_ms", "loop_lag_p99_ms",
-                     "batched_run_ms", "p99_bound_ms")}
+                     "batched_run_ms", "p99_bound_ms") if k in pairs[0][1]}
     out["errors"] = sum(p[1]["errors"] for p in pairs)
-    out["batch_rows"] = pairs[len(pairs) // 2][1]["batch_rows"]
+    if "batch_rows" in pairs[0][1]:
+        out["batch_rows"] = pairs[len(pairs) // 2][1]["batch_rows"]
     out["sync_torch_per_s"] = med(p[0]["requests_per_s"] for p in pairs)
     ratios = [p[1]["requests_per_s"] / p[0]["requests_per_s"] for p in pairs]
     out["paired_ratio"] = med(ratios)
@@ -347,7 +350,9 @@ def main() -> int:
     base: dict[tuple[str, bool], float] = {}
     for model, config, conc in plan(args.models.split(",")):
         if config.startswith("batching"):
-            found = paired_rows(model, config, args)
+            found = paired_rows(model, config, conc, f"{config} baseline", args)
+        elif config.startswith("contended "):
+            found = paired_rows(model, config, conc, "contended sync torch loop", args)
         else:
             found = child_row([model, config, conc], args)
         if found is None:
@@ -367,8 +372,10 @@ def main() -> int:
             extra = (f"  ({row['hot_swaps']} swaps, {row['hot_swap_ms']:.1f} ms each)"
                      if row.get("hot_swaps") else "")
             if "paired_ratio" in row:
+                bound = row.get("p99_bound_ms")
                 extra = (f"  (sync torch {row['sync_torch_per_s']:.0f}/s, pairs "
-                         f"{row['pair_ratios']}, p99 bound {row['p99_bound_ms']:.2f} ms)")
+                         f"{row['pair_ratios']}"
+                         f"{'' if bound is None else f', p99 bound {bound:.2f} ms'})")
             print(f"{model:10} {name:30} {conc or '-':>4} {row['requests_per_s']:9.0f}/s "
                   f"x{row['ratio'] or 0:5.2f}  p50 {row['p50_ms']:7.3f} ms  "
                   f"p99 {row['p99_ms']:7.3f} ms  lag p99 "
