@@ -6,7 +6,10 @@ thread; `begin_batch` before each batch of runs in that thread, after setting th
 team size from `worker_threads(...)` (waits for the batch's inputs to be ready and returns the
 stream handle to pass to the native `Run`); `finish` once after each batch (None when the outputs
 are ready to use on any stream, else a token: the worker polls it with `ready`, blocks on it with
-`wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits.
+`wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits. A
+lone request run on its caller's thread asks `caller_stream` first: a stream it may launch on
+as that thread stands (then `wait_caller_stream`), or None for the lead worker's steps under
+`here`.
 A backend lives as long as the process: models keep theirs after the registry replaces it.
 """
 
