@@ -228,7 +228,8 @@ class ThreadTeams:
         return timed
 
     def after_batch(self, timed: int, seconds: float, requests: int) -> None:
-        """The lead's batch alone at the tuner's size `timed` took `seconds` for `requests`."""
+        """The lead's batch alone at the tuner's size `timed` took `seconds` for `requests`
+        (the caller leaves out a batch that another batch of the model ran beside)."""
         assert self.tuner is not None
         self.tuner.record(timed, seconds, requests)
 

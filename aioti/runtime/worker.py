@@ -90,7 +90,8 @@ class BatchRunner:
                 return self._execute(ctx, batch)
             t0 = time.perf_counter()
             token = self._execute(ctx, batch)
-            self._teams.after_batch(timed, time.perf_counter() - t0, len(batch))
+            if self._queue.running <= 1:  # no other batch began beside it: its size's measure
+                self._teams.after_batch(timed, time.perf_counter() - t0, len(batch))
             return token
         except BaseException as exc:
             unstarted = NotStarted(exc) if self._on_fault is not None else exc

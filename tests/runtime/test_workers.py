@@ -5,6 +5,7 @@ flight; and the dispatcher's backpressure on real asyncio and trio loops."""
 from __future__ import annotations
 
 import threading
+import time
 
 import anyio
 import pytest
@@ -245,3 +246,44 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
     finally:
         d.shutdown(wait=5)
 
+
+
+def test_the_leads_batches_alone_are_measured_only_when_they_stayed_alone():
+    """The lead's team size is tuned by the time of its batches alone; one that another
+    worker's batch ran beside is not a measure of its size, and is not recorded."""
+    from aioti.core.threads import ThreadTeams
+
+    teams = ThreadTeams(alone=2, shared=1, others=1, tune=True)
+    assert teams.tuner is not None
+    recorded: list[int] = []
+    record = teams.tuner.record
+    teams.tuner.record = lambda i, s, n: (recorded.append(n), record(i, s, n))  # type: ignore[method-assign]
+    ex = DoublingExecutor()
+    d = Dispatcher(ex, CPU, RuntimeOptions(workers=2), teams=teams)
+    loop = PlainLoop()
+
+    def lone(x: float) -> None:
+        assert d.try_submit(request(torch.tensor(x), loop))
+        loop.drain(1)
+
+    lone(1.0)  # the lead's first batch: untimed (its team size was just set)
+    lone(2.0)
+    assert recorded == [1]
+    ex.gate, ex.started = threading.Event(), threading.Event()
+    held = request(torch.tensor(3.0), loop)
+    assert d.try_submit(held)  # alone when it begins ...
+    assert ex.started.wait(5)
+    beside = request(torch.tensor(4.0), loop)
+    assert d.try_submit(beside)  # ... but the other worker's batch begins beside it
+    for _ in range(5000):  # at most 5 s for the other worker to take it
+        if d.queue.running == 2:
+            break
+        time.sleep(0.001)
+    assert d.queue.running == 2
+    ex.gate.set()
+    loop.drain(2)
+    assert recorded == [1]  # not a measure of its size
+    ex.gate = None
+    lone(5.0)
+    assert recorded == [1, 1]
+    d.shutdown(wait=5)
