@@ -126,8 +126,9 @@ _TENSOR, _STRIDED = torch.Tensor, torch.strided
 
 
 def _dense(tensors: Sequence[object]) -> bool:
-    """Whether every one is a plain dense tensor, what the native guard may be given: it
-    reads sizes and strides before comparing, and a nested tensor's abort the process."""
+    """Whether every one is a plain dense tensor, the only kind handed to the native guard:
+    it reads sizes and strides before it compares, which aborts the process for a nested
+    tensor (seen with torch 2.13)."""
     for t in tensors:
         if type(t) is not _TENSOR or t.layout is not _STRIDED or t.is_nested:
             return False

@@ -112,9 +112,10 @@ class SizeTuner:
     seen: the next probe comes `PROBE_FIRST` batches after one that changed the choice, and
     twice as long after one that did not (at most `PROBE_MAX`). A rise of the running size's
     own measure above the other's switches at once, and the size left behind is probed again
-    `PROBE_FIRST` batches later (a few slow batches may have been a pause, not a change). The first batch after a change of size is
-    not timed (`record` is not called for it): its team's threads wake, or libgomp makes them,
-    which would make every probe of a larger team look slow. Used by the lead's thread only.
+    within `PROBE_FIRST` batches (a few slow batches may have been a pause, not a change).
+    `record` is not called for the first batch after a change of size (its team's threads
+    wake, or libgomp makes them, which would make every probe of a larger team look slow), nor
+    for one that another batch of the model ran beside. Used by the lead's thread only.
     """
 
     def __init__(self, sizes: tuple[int, int]) -> None:
