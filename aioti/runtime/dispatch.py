@@ -81,14 +81,17 @@ class Dispatcher:
 
     def run_here_if_idle(self, req: Request) -> bool:
         """With `options.idle_on_loop`: run a lone request right here, on its caller's thread,
-        when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, and
-        this loop ran none so in its current iteration: no thread hand-off, no worker to wake.
+        when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, the last
+        batch its workers completed held one request (more says concurrent callers, whose
+        requests the run would hold up on this thread, and on a GPU behind its wait), and this
+        loop ran none so in its current iteration: no thread hand-off, no worker to wake.
         Its outcome is set in it, for the caller to take after yielding to the loop's ready tasks
         once (as a queued request's caller does). False, doing nothing, otherwise."""
         loop = req.loop
         runner = self.runner
-        if (runner.per_request_s > IDLE_RUN_MAX_S or self._ran_here_on is loop
-                or runner.lead is None or not self.queue.claim_idle(req)):
+        if (runner.per_request_s > IDLE_RUN_MAX_S or runner.last_batch > 1
+                or self._ran_here_on is loop or runner.lead is None
+                or not self.queue.claim_idle(req)):
             return False
         # One such run at a time: the requests of a burst made by the loop's other ready tasks,
         # which run before its caller resumes (`ran_here_over`), go to the workers.

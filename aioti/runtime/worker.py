@@ -62,6 +62,9 @@ class BatchRunner:
         self._caller_stream = caller_stream
         #: the lead worker's context, once it has started (`run_alone` runs with it)
         self.lead: tuple[Any] | None = None
+        #: the requests of the last batch a worker (or an on-loop run) completed: more than
+        #: one says the model is serving concurrent callers
+        self.last_batch = 0
         # The base backend's begin_batch waits on nothing: skip collecting readiness tokens.
         self._readies = type(backend).begin_batch is not Backend.begin_batch
 
@@ -124,6 +127,7 @@ class BatchRunner:
                  ) -> None:
         """A batch's outputs are ready: time it (with `timed`), and have it delivered
         (`Delivery.complete`)."""
+        self.last_batch = len(batch)
         if self._timed:
             began = [r.began for r in batch if r.began]
             if began:

@@ -243,6 +243,21 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
         assert not d.run_here_if_idle(request(torch.tensor(5.0), loop))  # a batch runs
         ex.gate.set()
         loop.drain(1)
+        # a batch of several requests completed: concurrent callers, so the workers take the
+        # next one too, until a batch of one says the load is gone
+        ex.gate, ex.started = threading.Event(), threading.Event()
+        pair = [request(torch.tensor(7.0), loop), request(torch.tensor(8.0), loop)]
+        held = request(torch.tensor(1.0), loop)
+        assert d.try_submit(held) and ex.started.wait(5)
+        assert all(d.try_submit(r) for r in pair)
+        ex.gate.set()
+        loop.drain(2)
+        assert d.runner.last_batch == 2
+        after = request(torch.tensor(2.0), loop)
+        assert not d.run_here_if_idle(after)
+        assert d.try_submit(after) and loop.drain(1) == [[after]]
+        assert d.run_here_if_idle(request(torch.tensor(3.0), loop))
+        d.ran_here_over(loop)
     finally:
         d.shutdown(wait=5)
 
