@@ -347,7 +347,7 @@ def main() -> int:
     for model in args.models.split(","):
         compile_model(model, verbose=True)
     rows: list[dict[str, Any]] = []
-    base: dict[tuple[str, bool], float] = {}
+    base: dict[str, float] = {}  # each model's sync torch loop (contended rows pair their own)
     for model, config, conc in plan(args.models.split(",")):
         if config.startswith("batching"):
             found = paired_rows(model, config, conc, f"{config} baseline", args)
@@ -360,13 +360,12 @@ def main() -> int:
         for row in found:
             name = row.pop("row", config)
             row.update(model=model, config=name, concurrency=conc)
-            key = (model, name.startswith("contended "))
-            if name.removeprefix("contended ") == "sync torch loop":
-                base[key] = row["requests_per_s"]
+            if name == "sync torch loop":
+                base[model] = row["requests_per_s"]
             if "paired_ratio" in row:
                 row["ratio"] = row["paired_ratio"]  # against its own paired sync loop
-            else:  # against the sync loop of the same conditions (contended or not)
-                row["ratio"] = row["requests_per_s"] / base[key] if key in base else None
+            else:
+                row["ratio"] = row["requests_per_s"] / base[model] if model in base else None
             rows.append(row)
             lag = row.get("loop_lag_p99_ms")
             extra = (f"  ({row['hot_swaps']} swaps, {row['hot_swap_ms']:.1f} ms each)"
