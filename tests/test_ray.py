@@ -95,13 +95,17 @@ def perturbed(seed: int) -> torch.nn.Module:
 
 async def replica_stats(handle: Any, replicas: int = 2) -> list[dict[str, Any]]:
     """Each replica's stats: rounds of concurrent calls (which Ray spreads over the replicas),
-    until every replica answered."""
+    until every replica answered, for at most WAIT_S. Ray's router picks by the replicas'
+    queue lengths as they answer its probes: on a loaded machine the other node's replica can
+    answer late round after round, so the rounds go on until it is seen (with a pause between
+    them that lets the router's cached lengths expire), not for a fixed count."""
     seen: dict[str, dict[str, Any]] = {}
-    for _ in range(20):
+    deadline = time.monotonic() + WAIT_S
+    while len(seen) < replicas and time.monotonic() < deadline:
         for s in await asyncio.gather(*(handle.stats.remote() for _ in range(32))):
             seen[s["replica"]] = s
-        if len(seen) == replicas:
-            break
+        if len(seen) < replicas:
+            await asyncio.sleep(0.1)
     return list(seen.values())
 
 
