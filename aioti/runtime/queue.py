@@ -58,6 +58,7 @@ class RequestQueue:
         self._drop_queued = False
         self._paused = 0
         self.running = 0  # batches taken and not yet finished
+        self.begun = 0  # batches taken so far (a lone run on a caller's thread included)
         self._running_rows = 0
         self._sleeping: list[threading.Condition] = []  # idle workers, the most recent last
         self._lead_free = False  # worker 0 is between its batches, on its way to `take`
@@ -225,6 +226,7 @@ class RequestQueue:
                     continue
                 batch = self._take_locked(self._workers)
                 self.running += 1
+                self.begun += 1
                 if index == 0:
                     self._lead_free = False
                 if items and self._sleeping:  # the rest is another worker's share
@@ -247,6 +249,7 @@ class RequestQueue:
             if self._items or self.running or self._paused or self.closing or not self._alive:
                 return False
             self.running += 1
+            self.begun += 1
             self._running_rows += req.rows
             return True
 
@@ -267,6 +270,7 @@ class RequestQueue:
                 return None
             batch = self._take_locked(1)
             self.running += 1
+            self.begun += 1
             more = bool(self._items) and self._scheduled_on is None
             if more:
                 self._scheduled_on = loop

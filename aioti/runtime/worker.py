@@ -91,9 +91,10 @@ class BatchRunner:
             timed = self._teams.before_batch(busy)
             if timed is None:
                 return self._execute(ctx, batch)
-            t0 = time.perf_counter()
+            queue, t0 = self._queue, time.perf_counter()
+            begun = queue.begun
             token = self._execute(ctx, batch)
-            if self._queue.running <= 1:  # no other batch began beside it: its size's measure
+            if queue.begun == begun and queue.running <= 1:  # no other batch began beside it
                 self._teams.after_batch(timed, time.perf_counter() - t0, len(batch))
             return token
         except BaseException as exc:
