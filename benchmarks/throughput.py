@@ -9,7 +9,8 @@ aioti 38k/s before a synchronous torch loop, 17-21k/s after it). Rows (per model
 mid MLP, batch 8): sync loops over torch's loader and over aioti's core; aioti on asyncio and
 trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching on (small MLP,
 64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, batches run by the worker or
-`on_loop`, each paired with a sync torch loop on the same requests); naive
+`on_loop`, each paired with a sync torch loop on the same requests; and the on-loop rows' floor,
+a minimal batcher per loop without aioti's checks and bookkeeping, `reference.py`); naive
 `anyio.to_thread.run_sync` and `asyncio.to_thread`; request latency during a stream of hot swaps
 against steady state (mid MLP); under contention (one CPU-bound process competing for the
 cores), aioti asyncio at concurrency 1 and 64, each paired with the contended sync loop. Each
@@ -162,6 +163,9 @@ def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
         sync_loop(loader, x, duration / 4)
         return sync_loop(loader, x, duration)
     core = aioti.core.open_container(aioti.core.open_model(path))
+    loop_kind = config.split()[1]
+    if "reference" in config:
+        return reference_row(core, x, cfg.max_batch_size, loop_kind, duration)
     full = torch.randn(cfg.max_batch_size, 64)
     runs = []
     for _ in range(1000):
@@ -178,7 +182,6 @@ def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
             row["batch_rows"] = model.stats()["batching"]["batch_rows"]
             return row
 
-    loop_kind = config.split()[1]
     if loop_kind == "trio":
         import trio
 
@@ -192,6 +195,24 @@ def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
     row["batched_run_ms"] = run_ms
     row["p99_bound_ms"] = cfg.max_delay_ms + 2 * run_ms
     return row
+
+
+def reference_row(core: Any, x: torch.Tensor, max_rows: int, loop_kind: str, duration: float
+                  ) -> dict[str, Any]:
+    """The on-loop rows' floor: a minimal batcher for one loop over the same core
+    (`reference.py`), from the same 64 tasks."""
+    from reference import AsyncioReference, TrioReference
+
+    async def go() -> dict[str, Any]:
+        batcher = (TrioReference if loop_kind == "trio" else AsyncioReference)(core, max_rows)
+        await measure(batcher, [x], 64, duration / 4)  # warm-up
+        return await measure(batcher, [x], 64, duration)
+
+    if loop_kind == "trio":
+        import trio
+
+        return trio.run(go)  # type: ignore[no-any-return]
+    return asyncio.run(go())
 
 
 HOG = "while True: sum(range(10000))"
@@ -249,6 +270,8 @@ def plan(models: list[str]) -> list[tuple[str, str, int | None]]:
                 rows += [(model, f"batching {k}{where} batch 1", 64)
                          for k in ("asyncio", "uvloop", "trio")]
                 rows.append((model, f"batching asyncio{where} batch 8", 64))
+            # The floor of on-loop batching: a minimal batcher per loop (benchmarks/reference.py).
+            rows += [(model, f"batching {k} reference batch 1", 64) for k in ("asyncio", "trio")]
         if model == "mid_mlp":
             rows.append((model, "hot swaps", 16))
         # One CPU-bound process competing: aioti against the sync loop under the same load,
