@@ -7,7 +7,8 @@ every row once, so the ratios pair rows of the same round):
   replayed, the stream synchronized (torch's `CUDAGraph.replay`, on the graph aioti captured);
 - aioti at concurrency 1 (asyncio, one worker stream) without and with CUDA graphs: p50 and
   its ratio to the raw call's p50 (issue #19's GPU c1 row), the graphs row also to the bare
-  replay's (#23's latency);
+  replay's (#23's latency). These four take turns of a fraction of a second within a round
+  (`c1_rows`): the ratios pair each turn's row with the same turn's baseline;
 - aioti at concurrency 64 without graphs (four worker streams, the CUDA default, and one) and
   with graphs on one, two and four streams: requests/s, each graphs row also as a ratio to the
   same row without graphs (`vs [...]`); with dynamic batching (64 rows, one stream) without and
@@ -43,35 +44,60 @@ def timed(call: Callable[[], object], duration: float) -> dict[str, float]:
     return {"p50_ms": percentile(lat, 50) * 1e3, "runs_per_s": len(lat) / sum(lat)}
 
 
-def raw_call(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
-    c = open_container(open_model(path), device="cuda")
+def c1_rows(path: Any, x: torch.Tensor, duration: float, turns: int = 6) -> dict[str, Any]:
+    """The concurrency-1 rows and their baselines in one process, taking turns: the raw call,
+    aioti c1 without graphs, the bare replay and aioti c1 with graphs, each for
+    `duration / turns` s a turn (after one turn of warm-up). This host's speed moves by a third
+    within seconds, so rows measured seconds apart drift apart; turns of a fraction of a second
+    pair each row with its baseline. p50s are the medians of the turns'; each ratio the median
+    of the turns' ratios."""
+    core = open_container(open_model(path), device="cuda")
+    side = torch.cuda.Stream()
+    n = x.shape[0]
 
-    def call() -> None:
-        c.run([x])
-        torch.cuda.synchronize()
+    async def go() -> dict[str, Any]:
+        async with aioti.load(path, device="cuda", workers=1) as plain, aioti.load(
+                path, device="cuda", workers=1, cuda_graphs=aioti.CudaGraphs((n,))) as graphed:
+            graph = graphed._replicas[0].graphs._sets[0][n]  # type: ignore[union-attr]
 
-    call()  # warm-up
-    row = timed(call, duration)
-    c.delete()
-    return row
+            def raw() -> None:
+                core.run([x])
+                torch.cuda.synchronize()
 
-
-def bare_replay(path: Any, x: torch.Tensor, duration: float) -> dict[str, float]:
-    async def go() -> dict[str, float]:
-        async with aioti.load(path, device="cuda", workers=1,
-                              cuda_graphs=aioti.CudaGraphs((x.shape[0],))) as model:
-            graph = model._replicas[0].graphs._sets[0][x.shape[0]]  # type: ignore[union-attr]
-            side = torch.cuda.Stream()
-
-            def replay() -> None:
+            def replay() -> None:  # on `side`, made current around its turn
                 graph.inputs[0].copy_(x, non_blocking=True)
                 graph.graph.replay()
                 side.synchronize()
 
-            with torch.cuda.stream(side):
-                return timed(replay, duration)
+            got: dict[str, list[dict[str, Any]]] = {k: [] for k in (
+                "raw", "replay", "aioti c1, 1 stream", "aioti c1, 1 stream, graphs")}
+            d = duration / turns
+            for turn in range(turns + 1):
+                with torch.cuda.stream(side):
+                    replayed = timed(replay, d)
+                rows = {"raw": timed(raw, d), "replay": replayed,
+                        "aioti c1, 1 stream": await measure(plain, [x], 1, d),
+                        "aioti c1, 1 stream, graphs": await measure(graphed, [x], 1, d)}
+                if turn:
+                    for k, row in rows.items():
+                        got[k].append(row)
+            stats = graphed.stats()["cuda_graphs"]
+        med = statistics.median
+        out: dict[str, Any] = {k: {key: med(r[key] for r in rs) for key in rs[0]}
+                               for k, rs in got.items()}
+        raws, replays = got["raw"], got["replay"]
+        for name in ("aioti c1, 1 stream", "aioti c1, 1 stream, graphs"):
+            out[name]["p50_vs_raw_call"] = med(
+                r["p50_ms"] / b["p50_ms"] for r, b in zip(got[name], raws))
+        out["aioti c1, 1 stream, graphs"]["p50_vs_bare_replay"] = med(
+            r["p50_ms"] / b["p50_ms"] for r, b in zip(got["aioti c1, 1 stream, graphs"], replays))
+        out["aioti c1, 1 stream, graphs"]["cuda_graphs"] = stats
+        return out
 
-    return anyio.run(go)
+    try:
+        return anyio.run(go)
+    finally:
+        core.delete()
 
 
 def aioti_row(path: Any, x: torch.Tensor, tasks: int, workers: int, duration: float,
@@ -94,9 +120,7 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
     x1 = torch.randn(1, 1024, device="cuda")
     x64 = torch.randn(64, 1024, device="cuda")
     # name, input, tasks, worker streams, graphs, batching
-    plans = [("aioti c1, 1 stream", x1, 1, 1, False, False),
-             ("aioti c1, 1 stream, graphs", x1, 1, 1, True, False),
-             ("aioti c64, 4 streams", x1, 64, 4, False, False),
+    plans = [("aioti c64, 4 streams", x1, 64, 4, False, False),
              ("aioti c64, 1 stream", x1, 64, 1, False, False),
              ("aioti c64, 1 stream, graphs", x1, 64, 1, True, False),
              ("aioti c64, 2 streams, graphs", x1, 64, 2, True, False),
@@ -107,8 +131,7 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
              ("batch 64: aioti c64, 1 stream, graphs", x64, 64, 1, True, False)]
     rounds: list[dict[str, Any]] = []
     for _ in range(repeats):
-        got: dict[str, Any] = {"raw": raw_call(path, x1, duration),
-                               "replay": bare_replay(path, x1, duration)}
+        got: dict[str, Any] = c1_rows(path, x1, 2 * duration)
         for name, x, tasks, workers, graphs, batching in plans:
             got[name] = aioti_row(path, x, tasks, workers, duration, graphs, batching)
         rounds.append(got)
@@ -118,16 +141,17 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{"config": "raw sync core call (run + synchronize)", **raw},
                                   {"config": "bare graph replay (copy in, replay, synchronize)",
                                    **replay}]
-    for name, x, *_ in plans:
+    c1 = [("aioti c1, 1 stream", x1), ("aioti c1, 1 stream, graphs", x1)]
+    for name, x, *_ in c1 + plans:
         row = {"config": name, "batch": x.shape[0],
                "p50_ms": med(r[name]["p50_ms"] for r in rounds),
                "requests_per_s": med(r[name]["requests_per_s"] for r in rounds),
                "loop_lag_p99_ms": med(r[name]["loop_lag_p99_ms"] for r in rounds)}
-        if x.shape[0] == 1:
+        for key in ("p50_vs_raw_call", "p50_vs_bare_replay"):
+            if key in rounds[0][name]:  # the c1 rows: measured in turns with their baselines
+                row[key] = med(r[name][key] for r in rounds)
+        if x.shape[0] == 1 and "p50_vs_raw_call" not in row:
             row["p50_vs_raw_call"] = med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds)
-        if name == "aioti c1, 1 stream, graphs":
-            row["p50_vs_bare_replay"] = med(r[name]["p50_ms"] / r["replay"]["p50_ms"]
-                                            for r in rounds)
         if name.endswith(", graphs"):
             plain = name.removesuffix(", graphs")
             for base in {plain, plain.replace("2 streams", "1 stream").replace(
