@@ -15,66 +15,75 @@ from typing import Any
 import torch
 
 
-class AsyncioReference:
-    """`run(inputs)`: one call's rows through a shared flush, on the running asyncio loop."""
+class _Reference:
+    """The batching shared by both loops; a loop's kind says how a flush is scheduled
+    (`_soon`) and how a waiter is woken with its outputs (`_wake`)."""
 
     def __init__(self, core: Any, max_rows: int) -> None:
-        import asyncio
-
-        self._loop = asyncio.get_running_loop()
         self._run = core.run_tensors
         self._max = max_rows
         self._xs: list[torch.Tensor] = []
         self._waiters: list[Any] = []
 
-    async def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        fut = self._loop.create_future()
-        self._xs.append(inputs[0])
-        self._waiters.append(fut)
+    def _add(self, x: torch.Tensor, waiter: Any) -> None:
+        self._xs.append(x)
+        self._waiters.append(waiter)
         if len(self._waiters) == 1:
-            self._loop.call_soon(self._flush)
-        return await fut  # type: ignore[no-any-return]
+            self._soon(self._flush)
 
     def _flush(self) -> None:
         xs, waiters = self._xs[:self._max], self._waiters[:self._max]
         del self._xs[:self._max], self._waiters[:self._max]
         if self._waiters:
-            self._loop.call_soon(self._flush)
+            self._soon(self._flush)
         out = self._run([torch.cat(xs)], None)[0]
-        for fut, row in zip(waiters, out.split([x.shape[0] for x in xs])):
-            fut.set_result([row])
+        wake = self._wake
+        for waiter, row in zip(waiters, out.split([x.shape[0] for x in xs])):
+            wake(waiter, [row])
+
+    def _soon(self, fn: Any) -> None:
+        raise NotImplementedError
+
+    def _wake(self, waiter: Any, outputs: list[torch.Tensor]) -> None:
+        raise NotImplementedError
 
 
-class TrioReference:
-    """The same on trio: callers park with `wait_task_rescheduled`, a system task flushes."""
+class AsyncioReference(_Reference):
+    """`run(inputs)` on the running asyncio loop: callers await a future each."""
+
+    def __init__(self, core: Any, max_rows: int) -> None:
+        import asyncio
+
+        super().__init__(core, max_rows)
+        self._loop = asyncio.get_running_loop()
+        self._soon = self._loop.call_soon  # type: ignore[method-assign]
+
+    async def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        fut = self._loop.create_future()
+        self._add(inputs[0], fut)
+        return await fut  # type: ignore[no-any-return]
+
+    def _wake(self, waiter: Any, outputs: list[torch.Tensor]) -> None:
+        waiter.set_result(outputs)
+
+
+class TrioReference(_Reference):
+    """The same on trio: callers park with `wait_task_rescheduled`."""
 
     def __init__(self, core: Any, max_rows: int) -> None:
         import trio
+        from outcome import Value
 
-        self._trio = trio
-        self._run = core.run_tensors
-        self._max = max_rows
-        self._xs: list[torch.Tensor] = []
-        self._tasks: list[Any] = []
-        self._token = trio.lowlevel.current_trio_token()
+        super().__init__(core, max_rows)
+        self._lowlevel = trio.lowlevel
+        self._value = Value
+        self._soon = trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[method-assign]
 
     async def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        lowlevel = self._trio.lowlevel
-        self._xs.append(inputs[0])
-        self._tasks.append(lowlevel.current_task())
-        if len(self._tasks) == 1:
-            self._token.run_sync_soon(self._flush)
+        lowlevel = self._lowlevel
+        self._add(inputs[0], lowlevel.current_task())
         return await lowlevel.wait_task_rescheduled(  # type: ignore[no-any-return]
             lambda _: lowlevel.Abort.FAILED)
 
-    def _flush(self) -> None:
-        from outcome import Value
-
-        xs, tasks = self._xs[:self._max], self._tasks[:self._max]
-        del self._xs[:self._max], self._tasks[:self._max]
-        if self._tasks:
-            self._token.run_sync_soon(self._flush)
-        out = self._run([torch.cat(xs)], None)[0]
-        reschedule = self._trio.lowlevel.reschedule
-        for task, row in zip(tasks, out.split([x.shape[0] for x in xs])):
-            reschedule(task, Value([row]))
+    def _wake(self, waiter: Any, outputs: list[torch.Tensor]) -> None:
+        self._lowlevel.reschedule(waiter, self._value(outputs))
