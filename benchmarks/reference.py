@@ -16,11 +16,12 @@ import torch
 
 
 class _Reference:
-    """The batching shared by both loops; a loop's kind says how a flush is scheduled
-    (`_soon`) and how a waiter is woken with its outputs (`_wake`)."""
+    """The batching shared by both loops; a loop's kind gives how a flush is scheduled
+    (`soon`) and says how a waiter is woken with its outputs (`_wake`)."""
 
-    def __init__(self, core: Any, max_rows: int) -> None:
+    def __init__(self, core: Any, max_rows: int, soon: Any) -> None:
         self._run = core.run_tensors
+        self._soon = soon
         self._max = max_rows
         self._xs: list[torch.Tensor] = []
         self._waiters: list[Any] = []
@@ -41,9 +42,6 @@ class _Reference:
         for waiter, row in zip(waiters, out.split([x.shape[0] for x in xs])):
             wake(waiter, [row])
 
-    def _soon(self, fn: Any) -> None:
-        raise NotImplementedError
-
     def _wake(self, waiter: Any, outputs: list[torch.Tensor]) -> None:
         raise NotImplementedError
 
@@ -54,9 +52,8 @@ class AsyncioReference(_Reference):
     def __init__(self, core: Any, max_rows: int) -> None:
         import asyncio
 
-        super().__init__(core, max_rows)
         self._loop = asyncio.get_running_loop()
-        self._soon = self._loop.call_soon  # type: ignore[method-assign]
+        super().__init__(core, max_rows, self._loop.call_soon)
 
     async def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         fut = self._loop.create_future()
@@ -74,10 +71,9 @@ class TrioReference(_Reference):
         import trio
         from outcome import Value
 
-        super().__init__(core, max_rows)
+        super().__init__(core, max_rows, trio.lowlevel.current_trio_token().run_sync_soon)
         self._lowlevel = trio.lowlevel
         self._value = Value
-        self._soon = trio.lowlevel.current_trio_token().run_sync_soon  # type: ignore[method-assign]
 
     async def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         lowlevel = self._lowlevel
