@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -182,16 +183,7 @@ def batching_row(path: Path, config: str, duration: float) -> dict[str, Any]:
             row["batch_rows"] = model.stats()["batching"]["batch_rows"]
             return row
 
-    if loop_kind == "trio":
-        import trio
-
-        row = trio.run(go)
-    elif loop_kind == "uvloop":
-        import uvloop
-
-        row = uvloop.run(go())
-    else:
-        row = asyncio.run(go())
+    row = run_on(loop_kind, go)
     row["batched_run_ms"] = run_ms
     row["p99_bound_ms"] = cfg.max_delay_ms + 2 * run_ms
     return row
@@ -208,10 +200,20 @@ def reference_row(core: Any, x: torch.Tensor, max_rows: int, loop_kind: str, dur
         await measure(batcher, [x], 64, duration / 4)  # warm-up
         return await measure(batcher, [x], 64, duration)
 
+    return run_on(loop_kind, go)
+
+
+def run_on(loop_kind: str, go: Callable[[], Coroutine[Any, Any, dict[str, Any]]]
+           ) -> dict[str, Any]:
+    """Run `go` to its end on an event loop of `loop_kind` (asyncio, uvloop or trio)."""
     if loop_kind == "trio":
         import trio
 
         return trio.run(go)  # type: ignore[no-any-return]
+    if loop_kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(go())  # type: ignore[no-any-return]
     return asyncio.run(go())
 
 

@@ -262,7 +262,6 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
         d.shutdown(wait=5)
 
 
-
 def test_the_leads_batches_alone_are_measured_only_when_they_stayed_alone():
     """The lead's team size is tuned by the time of its batches alone; one that another
     worker's batch ran beside is not a measure of its size, and is not recorded."""
