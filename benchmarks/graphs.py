@@ -58,7 +58,7 @@ def c1_rows(path: Any, x: torch.Tensor, duration: float, turns: int = 6) -> dict
     async def go() -> dict[str, Any]:
         async with aioti.load(path, device="cuda", workers=1) as plain, aioti.load(
                 path, device="cuda", workers=1, cuda_graphs=aioti.CudaGraphs((n,))) as graphed:
-            graph = graphed._replicas[0].graphs._sets[0][n]  # type: ignore[union-attr]
+            graph = graphed._replicas[0].graphs._sets[0].graphs[n]  # type: ignore[union-attr]
 
             def raw() -> None:
                 core.run([x])

@@ -14,6 +14,10 @@ goes to the container as before.
   cannot be captured. Each set is captured on a stream of its own that nothing else uses:
   cuBLAS keeps a workspace per stream, which the captured kernels use whichever stream replays
   them, so graphs captured on one stream and replayed by two workers at once would share it.
+- Order: a worker's replays are queued on its stream under its set's lock, each one's copies
+  in, launch and copies out together. A lone run on a caller's thread replays the lead's set
+  on the lead's stream while the lead may be queueing a batch of another loop's requests there:
+  without the lock, one's launch could run on the other's inputs.
 - Padding: a run of n rows replays the smallest captured size >= n when the model's rows are
   independent (the batching probe says so), its outputs sliced back to n; otherwise only runs of
   exactly a captured size replay.
@@ -90,6 +94,16 @@ class _Graph:
         self.out_ptrs = [t.data_ptr() for t in outputs]
 
 
+class _Set:
+    """One worker's graphs by batch size, and the lock its replays are queued under."""
+
+    __slots__ = ("graphs", "lock")
+
+    def __init__(self, graphs: dict[int, _Graph]) -> None:
+        self.graphs = graphs
+        self.lock = threading.Lock()
+
+
 class GraphRunner:
     """Graph replay for one replica's container and its `workers` worker streams."""
 
@@ -115,8 +129,8 @@ class GraphRunner:
                 f"static, and this model has other dynamic sizes ({', '.join(sorted(others))})")
         self.sizes = sorted({int(n) for n in options.batch_sizes if high is None or n <= high})
         self.workers = workers
-        self._sets: list[dict[int, _Graph]] = []
-        self._by_stream: dict[int, dict[int, _Graph]] = {}
+        self._sets: list[_Set] = []
+        self._by_stream: dict[int, _Set] = {}
         self._lock = threading.Lock()
         self._generation = -1
         self._capture_streams: list[torch.cuda.ExternalStream] = []
@@ -136,7 +150,7 @@ class GraphRunner:
         """The sizes captured for every worker."""
         if not self._sets:
             return []
-        return sorted(set.intersection(*(set(s) for s in self._sets)))
+        return sorted(set.intersection(*(set(s.graphs) for s in self._sets)))
 
     @property
     def stale(self) -> bool:
@@ -180,7 +194,7 @@ class GraphRunner:
                         continue
                     graphs[n] = g
                     used += g.nbytes
-                self._sets.append(graphs)
+                self._sets.append(_Set(graphs))
         except Exception as exc:  # not capturable: plain runs from here on
             self._drop()
             self._end_failed_capture()
@@ -253,24 +267,25 @@ class GraphRunner:
     def run_many(self, batch: Sequence[Sequence[torch.Tensor]], stream: int | None
                  ) -> list[list[torch.Tensor] | Exception]:
         """`Container.run_many`, replaying graphs where a run fits one."""
-        graphs = (self._graphs(stream) if stream is not None
-                  and self._generation == self.container.buffers.generation else None)
-        if graphs is None or stream is None:
+        own = (self._graphs(stream) if stream is not None
+               and self._generation == self.container.buffers.generation else None)
+        if own is None or stream is None:
             self.fallbacks += len(batch)
             return self.container.run_many(batch, stream)
         out: list[list[torch.Tensor] | Exception | None] = [None] * len(batch)
         direct: list[tuple[int, _Graph, int]] = []
         for i, inputs in enumerate(batch):
-            fit = self._fit(graphs, inputs)
+            fit = self._fit(own.graphs, inputs)
             if fit is None:
                 continue
             g, rows = fit
             if g.direct is not None and all(t.is_contiguous() for t in inputs):
                 direct.append((i, g, rows))
             else:
-                out[i] = self._replay(g, inputs, rows)
+                with own.lock:
+                    out[i] = self._replay(g, inputs, rows)
         if direct:
-            self._replay_direct(batch, direct, out, stream)
+            self._replay_direct(batch, direct, out, own, stream)
         rest = [i for i, o in enumerate(out) if o is None]
         self.replays += len(batch) - len(rest)
         if rest:
@@ -279,7 +294,7 @@ class GraphRunner:
                 out[i] = ran
         return out  # type: ignore[return-value]
 
-    def _graphs(self, stream: int) -> dict[int, _Graph] | None:
+    def _graphs(self, stream: int) -> _Set | None:
         """This worker stream's graphs (a free set is claimed by a stream on first use)."""
         graphs = self._by_stream.get(stream)
         if graphs is not None:
@@ -328,7 +343,8 @@ class GraphRunner:
 
     def _replay_direct(self, batch: Sequence[Sequence[torch.Tensor]],
                        direct: list[tuple[int, _Graph, int]],
-                       out: list[list[torch.Tensor] | Exception | None], stream: int) -> None:
+                       out: list[list[torch.Tensor] | Exception | None], own: _Set,
+                       stream: int) -> None:
         """Replay through the driver: each run's inputs copied into its graph's static inputs,
         the graph launched, its outputs copied out, all queued on `stream` in one native call.
         Where rows are independent (every output carries the batch dim), the outputs of the
@@ -355,7 +371,8 @@ class GraphRunner:
             for r, ptr in zip(results, g.out_ptrs):
                 ops += (r.data_ptr(), ptr, r.nbytes)
             out[i] = results
-        self._queue(ops, stream)
+        with own.lock:
+            self._queue(ops, stream)
 
     def _queue(self, ops: list[int], stream: int) -> None:
         """Queue copies and launches (`_replay_direct`) on `stream`: in one native call, GIL
@@ -381,10 +398,10 @@ class GraphRunner:
     def stats(self) -> dict[str, Any]:
         return {
             "sizes": self.captured,
-            "graphs": sum(len(s) for s in self._sets),
-            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.values()),
+            "graphs": sum(len(s.graphs) for s in self._sets),
+            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.graphs.values()),
             "padding": self.pad,
-            "direct": all(g.direct is not None for s in self._sets for g in s.values()),
+            "direct": all(g.direct is not None for s in self._sets for g in s.graphs.values()),
             "replays": self.replays,
             "fallbacks": self.fallbacks,
             "captures": self.captures,
