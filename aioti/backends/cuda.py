@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -83,13 +84,14 @@ class CudaBackend(Backend):
 
     def here(self, ctx: _Worker) -> AbstractContextManager[object]:
         # The model allocates outputs on the calling thread's current stream: the worker's.
-        return _Here(ctx.stream)
+        return _Here(ctx.stream, self._driver)
 
     def caller_stream(self, ready: Any) -> int | None:
         # The caller's current stream on this device, noted by `prepare` just before; usable
         # as the thread stands when this device is the thread's current one (the model's
         # outputs are allocated on the current device's current stream).
         if ready is not None and torch._C._cuda_getDevice() == self._index:
+            self._driver.bind(self._index)
             return ready  # type: ignore[no-any-return]
         return None
 
@@ -102,9 +104,12 @@ class CudaBackend(Backend):
         for raw in set(readies):
             if raw is not None and raw != own and not ctx.driver.idle(raw):
                 # One event per worker, re-recorded: creating one per batch cost two more
-                # driver calls (create, destroy) on every batch.
-                ctx.driver.record(ctx.event, raw)
-                ctx.driver.stream_wait(own, ctx.event)
+                # driver calls (create, destroy) on every batch. The pair under the worker's
+                # lock: a lone run on a caller's thread may begin with the lead's context while
+                # the lead begins a batch, and the stream must wait on its own caller's record.
+                with ctx.lock:
+                    ctx.driver.record(ctx.event, raw)
+                    ctx.driver.stream_wait(own, ctx.event)
         return own
 
     def finish(self, ctx: _Worker) -> tuple[Driver, int]:
@@ -127,19 +132,22 @@ class CudaBackend(Backend):
 
 
 class _Here:
-    """A worker's stream made the calling thread's current one (its device with it), the
-    caller's stream and device put back after: torch's own C calls, a few microseconds where
-    `torch.cuda.stream` takes several Python frames each way."""
+    """A worker's stream made the calling thread's current one (its device with it, and that
+    device's context: `Driver.bind`), the caller's stream and device put back after: torch's
+    own C calls, a few microseconds where `torch.cuda.stream` takes several Python frames each
+    way."""
 
-    __slots__ = ("_target", "_device", "_saved")
+    __slots__ = ("_target", "_driver", "_device", "_saved")
 
-    def __init__(self, stream: torch.cuda.Stream) -> None:
+    def __init__(self, stream: torch.cuda.Stream, driver: Driver) -> None:
         self._target = (stream.stream_id, stream.device_index, stream.device_type)
+        self._driver = driver
 
     def __enter__(self) -> None:
         self._device = torch._C._cuda_getDevice()
         self._saved = torch._C._cuda_getCurrentStream(self._target[1])
         torch._C._cuda_setStream(*self._target)  # sets its device current too
+        self._driver.bind(self._target[1])
 
     def __exit__(self, *exc: object) -> None:
         torch._C._cuda_setStream(*self._saved)
@@ -148,11 +156,12 @@ class _Here:
 
 
 class _Worker:
-    """A CUDA worker's context: its stream, the event its stream waits on callers with, a ring
-    of events that mark its batches done, and (the lead's) the event a lone run on a caller's
-    stream is waited for with (driver handles, made on the worker's device)."""
+    """A CUDA worker's context: its stream, the event its stream waits on callers with (and the
+    lock it is recorded and waited on under), a ring of events that mark its batches done, and
+    (the lead's) the event a lone run on a caller's stream is waited for with (driver handles,
+    made on the worker's device)."""
 
-    __slots__ = ("stream", "raw", "driver", "event", "done", "next_done", "lone")
+    __slots__ = ("stream", "raw", "driver", "event", "done", "next_done", "lone", "lock")
 
     def __init__(self, stream: torch.cuda.Stream, in_flight: int, driver: Driver) -> None:
         self.stream = stream  # kept alive: `raw` is its handle
@@ -162,3 +171,4 @@ class _Worker:
         self.done = [driver.create_event() for _ in range(in_flight + 1)]
         self.next_done = 0
         self.lone = driver.create_event()
+        self.lock = threading.Lock()

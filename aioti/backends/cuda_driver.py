@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from ctypes import byref, c_char_p, c_int, c_uint, c_void_p
 
 from ..errors import BackendError
@@ -57,6 +58,17 @@ class Driver:
         self._stream_create = held.cuStreamCreate
         self._stream_create.argtypes = [ctypes.POINTER(c_void_p), c_uint]
         self._stream_create.restype = c_int
+        self._ctx_get = held.cuCtxGetCurrent
+        self._ctx_get.argtypes = [ctypes.POINTER(c_void_p)]
+        self._device_get = held.cuDeviceGet
+        self._device_get.argtypes = [ctypes.POINTER(c_int), c_int]
+        self._retain = held.cuDevicePrimaryCtxRetain
+        self._retain.argtypes = [ctypes.POINTER(c_void_p), c_int]
+        self._ctx_set = held.cuCtxSetCurrent
+        self._ctx_set.argtypes = [c_void_p]
+        for fn in (self._ctx_get, self._device_get, self._retain, self._ctx_set):
+            fn.restype = c_int
+        self._bound = threading.local()
         self._error_name = held.cuGetErrorName
         self._error_name.argtypes = [c_int, ctypes.POINTER(c_char_p)]
         self._error_name.restype = c_int
@@ -67,6 +79,23 @@ class Driver:
             self._error_name(code, byref(name))
             label = name.value.decode() if name.value else "unknown error"
             raise BackendError(f"CUDA {what} failed: {label} (code {code})")
+
+    def bind(self, index: int) -> None:
+        """Make device `index`'s primary context the calling thread's current one if the thread
+        has none yet (checked once per thread). The CUDA runtime does it at a thread's first
+        runtime call, and torch skips that call where the thread's device is `index` already
+        (device 0, in a thread that never used CUDA); the driver's calls then fail there
+        (CUDA_ERROR_INVALID_CONTEXT). Call it with `index` the thread's current device."""
+        if getattr(self._bound, "done", False):
+            return
+        current = c_void_p()
+        self._check(self._ctx_get(byref(current)), "cuCtxGetCurrent")
+        if not current.value:
+            device, context = c_int(), c_void_p()
+            self._check(self._device_get(byref(device), index), "cuDeviceGet")
+            self._check(self._retain(byref(context), device), "cuDevicePrimaryCtxRetain")
+            self._check(self._ctx_set(context), "cuCtxSetCurrent")
+        self._bound.done = True
 
     def create_stream(self) -> int:
         """A new non-blocking stream of the calling thread's current context (device), never
