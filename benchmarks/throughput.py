@@ -7,7 +7,8 @@ same run. Each row runs in a child process of its own: threads a row leaves behi
 of the model's kernels, `to_thread` pools) measurably slow later rows in the same process (seen:
 aioti 38k/s before a synchronous torch loop, 17-21k/s after it). Rows (per model: small MLP and
 mid MLP, batch 8): sync loops over torch's loader and over aioti's core; aioti on asyncio and
-trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64); batching on (small MLP,
+trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64; asyncio at concurrency 1
+paired with the sync torch loop, the ratios of #19's c1 targets); batching on (small MLP,
 64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, batches run by the worker or
 `on_loop`, each paired with a sync torch loop on the same requests; and the on-loop rows' floor,
 a minimal batcher per loop without aioti's checks and bookkeeping, `reference.py`); naive
@@ -298,10 +299,11 @@ def child_row(spec: list[Any], args: argparse.Namespace, repeats: int | None = N
 def paired_rows(model: str, config: str, conc: int | None, baseline: str,
                 args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """Rows against a baseline of their own (batching: the synchronous torch loop on the same
-    requests; contended: the synchronous loop under the same competition): `--repeats` (at
-    least 5) pairs of child processes, the baseline, then the row; the ratio is the median of
-    the pairs' ratios (this machine's speed drifts by 2x over minutes, so each pair is measured
-    back to back)."""
+    requests; contended: the synchronous loop under the same competition; asyncio at
+    concurrency 1: the synchronous loop): `--repeats` (at least 5) pairs of child processes,
+    the baseline, then the row; the ratio is the median of the pairs' ratios, and so is the
+    ratio of p50 latencies (this machine's speed drifts by 2x over minutes, so each pair is
+    measured back to back)."""
     pairs = []
     for _ in range(max(args.repeats, 5)):
         base = child_row([model, baseline, None], args, 1)
@@ -319,6 +321,7 @@ def paired_rows(model: str, config: str, conc: int | None, baseline: str,
     out["sync_torch_per_s"] = med(p[0]["requests_per_s"] for p in pairs)
     ratios = [p[1]["requests_per_s"] / p[0]["requests_per_s"] for p in pairs]
     out["paired_ratio"] = med(ratios)
+    out["paired_p50_ratio"] = med(p[1]["p50_ms"] / p[0]["p50_ms"] for p in pairs)
     out["pair_ratios"] = [round(r, 2) for r in ratios]
     return [out]
 
@@ -378,6 +381,8 @@ def main() -> int:
             found = paired_rows(model, config, conc, f"{config} baseline", args)
         elif config.startswith("contended "):
             found = paired_rows(model, config, conc, "contended sync torch loop", args)
+        elif config == "aioti asyncio" and conc == 1:  # #19's c1 targets: against its pair
+            found = paired_rows(model, config, conc, "sync torch loop", args)
         else:
             found = child_row([model, config, conc], args)
         if found is None:
@@ -400,6 +405,8 @@ def main() -> int:
                 extra = (f"  (sync torch {row['sync_torch_per_s']:.0f}/s, pairs "
                          f"{row['pair_ratios']}"
                          f"{'' if bound is None else f', p99 bound {bound:.2f} ms'})")
+            if "paired_p50_ratio" in row and conc == 1:
+                extra += f"  (p50 x{row['paired_p50_ratio']:.2f} the sync loop's)"
             print(f"{model:10} {name:30} {conc or '-':>4} {row['requests_per_s']:9.0f}/s "
                   f"x{row['ratio'] or 0:5.2f}  p50 {row['p50_ms']:7.3f} ms  "
                   f"p99 {row['p99_ms']:7.3f} ms  lag p99 "
