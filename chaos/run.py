@@ -2,19 +2,24 @@
 with a timeout, one line per scenario with its figures and a summary line; exit 1 if any
 scenario failed (a wrong output or exception type, memory growth, a crash, a hang).
 
-    python chaos/run.py [--only NAME[,NAME...]] [--exit-runs N]
+    python chaos/run.py [--only NAME[,NAME...]] [--exit-runs N] [--device cuda] [--jobs N]
 
 A scenario holds when it printed its figures, within its timeout, with no wrong outcome and
 less than `RSS_LIMIT_MB` of memory growth. Bounded to about ten minutes on two cores.
+
+`--device cuda` runs the scenarios that apply to a GPU model (not on-loop batching, a truncated
+library, forks or exits) with and without CUDA graphs; `make chaos` runs them on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -22,10 +27,17 @@ RSS_LIMIT_MB = 50.0
 
 LOOPS = ("asyncio", "trio")
 MODES = ("plain", "batched", "on_loop")
+CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched")
+CUDA_SCENARIOS = ("cancel_storm", "hot_swap_under_load", "close_under_load", "backpressure",
+                  "malformed", "soak")
 
 
-def plan(exit_runs: int) -> list[tuple[str, str, str, float]]:
+def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float]]:
     """(scenario, loop, mode, timeout s)."""
+    if device != "cpu":
+        rows = [(name, loop, mode, 120.0) for name in CUDA_SCENARIOS for loop in LOOPS
+                for mode in CUDA_MODES]
+        return rows + [("several_loops", "mixed", mode, 120.0) for mode in CUDA_MODES]
     rows = []
     for name, timeout, modes in (
         ("cancel_storm", 90, MODES), ("hot_swap_under_load", 90, MODES),
@@ -44,7 +56,7 @@ def run_one(name: str, loop: str, mode: str, timeout: float) -> tuple[bool, str]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(HERE / "scenarios.py"), name, loop, mode],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, timeout=timeout, env=os.environ)
     except subprocess.TimeoutExpired:
         return False, f"HANG: no result within {timeout:.0f} s"
     took = time.perf_counter() - t0
@@ -69,18 +81,24 @@ def main() -> int:
     ap.add_argument("--only", help="comma-separated scenario names")
     ap.add_argument("--exit-runs", type=int, default=30,
                     help="interpreter exits per loop kind in exit_during_swaps")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="where the models run (cuda: with and without graphs)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="scenarios at once (each its own process; for machines with cores "
+                         "to spare: they compete for them)")
     args = ap.parse_args()
+    os.environ["AIOTI_CHAOS_DEVICE"] = args.device
     only = set(args.only.split(",")) if args.only else None
     held = failed = 0
     t0 = time.perf_counter()
-    for name, loop, mode, timeout in plan(args.exit_runs):
-        if only and name not in only:
-            continue
-        ok, text = run_one(name, loop, mode, timeout)
-        held += ok
-        failed += not ok
-        label = f"{name} {loop} {mode if name != 'exit_during_swaps' else ''}".strip()
-        print(f"{'held  ' if ok else 'FAILED'} {label:38} {text}", flush=True)
+    rows = [row for row in plan(args.exit_runs, args.device) if not only or row[0] in only]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        outcomes = pool.map(lambda row: run_one(*row), rows)
+        for (name, loop, mode, _), (ok, text) in zip(rows, outcomes):
+            held += ok
+            failed += not ok
+            label = f"{name} {loop} {mode if name != 'exit_during_swaps' else ''}".strip()
+            print(f"{'held  ' if ok else 'FAILED'} {label:38} {text}", flush=True)
     print(f"chaos: {held} held, {failed} failed in {time.perf_counter() - t0:.0f} s")
     return 1 if failed else 0
 

@@ -1,6 +1,9 @@
 """Chaos scenarios, one per call of this script (`run.py` starts each in a child process of its
 own, with a timeout): python chaos/scenarios.py NAME LOOP MODE.
 
+The models run on `$AIOTI_CHAOS_DEVICE` (`run.py --device`; "cpu" by default); on "cuda" the
+modes "graphs" and "graphs_batched" add CUDA graph replay to "plain" and "batched".
+
 Each prints one `RESULT {json}` line with its figures: requests sent / completed / cancelled /
 failed (an expected error), `wrong` (a wrong output, a torn one, or an unexpected exception
 type), `rss_mb` (resident memory growth over the scenario's steady part) and `note`. A crash or
@@ -33,16 +36,35 @@ from aioti.testing import compile_model, eager_model
 
 Figures = dict[str, Any]
 
+#: where the scenarios' models and inputs are
+DEVICE = os.environ.get("AIOTI_CHAOS_DEVICE", "cpu")
+
+
+def randn(*shape: int, **kw: Any) -> torch.Tensor:
+    """`torch.randn` on `DEVICE`."""
+    return torch.randn(*shape, **kw).to(DEVICE)
+
+
+def small() -> Path:
+    """The small MLP, compiled for `DEVICE`."""
+    return compile_model("small_mlp", DEVICE)
+
+
+def eager_small() -> torch.nn.Module:
+    return eager_model("small_mlp", DEVICE)
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def batching_for(mode: str, max_batch_size: int = 32) -> aioti.Batching | None:
-    if mode == "plain":
-        return None
-    return aioti.Batching(max_batch_size, 1.0, on_loop=mode == "on_loop")
+def options(mode: str, max_batch_size: int = 32) -> dict[str, Any]:
+    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched."""
+    batching = None if mode in ("plain", "graphs") else aioti.Batching(
+        max_batch_size, 1.0, on_loop=mode == "on_loop")
+    graphs = aioti.CudaGraphs() if mode.startswith("graphs") else None
+    return {"device": DEVICE, "batching": batching, "cuda_graphs": graphs}
 
 
 def figures(**kw: Any) -> Figures:
@@ -75,10 +97,10 @@ async def counted_call(f: Figures, model: Any, x: torch.Tensor, ref: torch.Tenso
 async def cancel_storm(mode: str) -> Figures:
     """64 callers, each request with a random deadline of 0-10 ms: many are cancelled queued or
     running; every completed output is right, the counts add up, memory stays flat."""
-    eager = eager_model("small_mlp")
+    eager = eager_small()
     f = figures()
-    async with aioti.load(compile_model("small_mlp"), batching=batching_for(mode)) as model:
-        xs = [torch.randn(1 + i % 4, 64) for i in range(64)]
+    async with aioti.load(small(), **options(mode)) as model:
+        xs = [randn(1 + i % 4, 64) for i in range(64)]
         refs = [eager(x).detach() for x in xs]
         base = None
 
@@ -116,17 +138,17 @@ async def cancel_storm(mode: str) -> Figures:
 async def hot_swap_under_load(mode: str) -> Figures:
     """Callers run while the weights flip between two sets 100 times: every output equals the
     eager module with one set or the other (a torn output matches neither)."""
-    a = eager_model("small_mlp")
-    b = eager_model("small_mlp")
+    a = eager_small()
+    b = eager_small()
     with torch.no_grad():
         for p in b.parameters():
             p.mul_(-0.5)
     sets = [a.state_dict(), b.state_dict()]
-    x = torch.randn(2, 64)
+    x = randn(2, 64)
     refs = [a(x).detach(), b(x).detach()]
     f = figures()
     done = False
-    async with aioti.load(compile_model("small_mlp"), batching=batching_for(mode)) as model:
+    async with aioti.load(small(), **options(mode)) as model:
 
         async def caller() -> None:
             while not done:
@@ -154,11 +176,11 @@ async def hot_swap_under_load(mode: str) -> Figures:
 async def close_under_load(mode: str) -> Figures:
     """aclose() while 64 callers hammer the model: each call ends with an output or a
     ClosedError, and closing returns."""
-    eager = eager_model("small_mlp")
-    x = torch.randn(3, 64)
+    eager = eager_small()
+    x = randn(3, 64)
     ref = eager(x).detach()
     f = figures()
-    model = await aioti.load(compile_model("small_mlp"), batching=batching_for(mode))
+    model = await aioti.load(small(), **options(mode))
 
     async def caller() -> None:
         while not await counted_call(f, model, x, ref, aioti.ClosedError):
@@ -176,13 +198,13 @@ async def close_under_load(mode: str) -> Figures:
 async def backpressure(mode: str) -> Figures:
     """max_queue 4 under 64 callers, half waiting for room and half refused: every call ends
     with an output or QueueFullError."""
-    eager = eager_model("small_mlp")
-    x = torch.randn(1, 64)
+    eager = eager_small()
+    x = randn(1, 64)
     ref = eager(x).detach()
     f = figures()
     for on_full in ("wait", "raise"):
-        async with aioti.load(compile_model("small_mlp"), max_queue=4, on_full=on_full,
-                              batching=batching_for(mode)) as model:
+        async with aioti.load(small(), max_queue=4, on_full=on_full,
+                              **options(mode)) as model:
 
             async def caller() -> None:
                 for _ in range(100):
@@ -197,23 +219,23 @@ async def backpressure(mode: str) -> Figures:
 
 
 def malformed_inputs() -> list[tuple[str, Callable[[], Any]]]:
-    x = torch.randn(4, 64)
-    c = torch.randn(4, 64, dtype=torch.complex64)
+    x = randn(4, 64)
+    c = randn(4, 64, dtype=torch.complex64)
     return [
         ("wrong dtype", lambda: x.double()),
         ("int", lambda: x.long()),
         ("rank 1", lambda: x[0]),
         ("rank 3", lambda: x[None]),
-        ("static size", lambda: torch.randn(4, 63)),
-        ("batch 0", lambda: torch.randn(0, 64)),
-        ("too many rows", lambda: torch.randn(5000, 64)),
-        ("transposed", lambda: torch.randn(64, 4).t()),
-        ("strided view", lambda: torch.randn(4, 128)[:, ::2]),
-        ("expanded", lambda: torch.randn(1, 64).expand(4, 64)),
+        ("static size", lambda: randn(4, 63)),
+        ("batch 0", lambda: randn(0, 64)),
+        ("too many rows", lambda: randn(5000, 64)),
+        ("transposed", lambda: randn(64, 4).t()),
+        ("strided view", lambda: randn(4, 128)[:, ::2]),
+        ("expanded", lambda: randn(1, 64).expand(4, 64)),
         ("sparse coo", lambda: x.to_sparse()),
         ("sparse csr", lambda: x.to_sparse_csr()),
         ("sparse csc", lambda: x.to_sparse_csc()),
-        ("nested", lambda: torch.nested.nested_tensor([torch.randn(2, 64), torch.randn(3, 64)])),
+        ("nested", lambda: torch.nested.nested_tensor([randn(2, 64), randn(3, 64)])),
         ("negative bit", lambda: torch._neg_view(x)),
         ("conjugate bit", lambda: c.conj()),
         ("meta", lambda: torch.empty(4, 64, device="meta")),
@@ -231,10 +253,10 @@ async def malformed(mode: str) -> Figures:
     import warnings
 
     warnings.simplefilter("ignore")
-    eager = eager_model("small_mlp")
+    eager = eager_small()
     f = figures()
     bad_kinds: list[str] = []
-    async with aioti.load(compile_model("small_mlp"), batching=batching_for(mode)) as model:
+    async with aioti.load(small(), **options(mode)) as model:
         for name, make in malformed_inputs():
             for _ in range(50):
                 f["sent"] += 1
@@ -250,7 +272,7 @@ async def malformed(mode: str) -> Figures:
                 f["wrong"] += 1  # ran: a silent result for an input that is not the model's
                 bad_kinds.append(f"{name}: ran")
                 break
-            for args in ((), (torch.randn(2, 64), torch.randn(2, 64))):  # wrong counts
+            for args in ((), (randn(2, 64), randn(2, 64))):  # wrong counts
                 f["sent"] += 1
                 try:
                     await model(*args)
@@ -259,7 +281,7 @@ async def malformed(mode: str) -> Figures:
                 except Exception as exc:  # noqa: BLE001
                     f["wrong"] += 1
                     bad_kinds.append(f"{len(args)} inputs: {type(exc).__name__}")
-        x = torch.randn(4, 64)
+        x = randn(4, 64)
         f["sent"] += 1
         if close_to(await model(x), eager(x).detach()):
             f["completed"] += 1
@@ -287,7 +309,7 @@ async def truncated_library(mode: str) -> Figures:
             f["sent"] += 1
             try:
                 async with aioti.load(path, cache_dir=Path(tmp) / "cache") as model:
-                    await model(torch.randn(1, 64))
+                    await model(randn(1, 64))
                 bad.append(f"cut at {k}/11 loaded and ran")
                 f["wrong"] += 1
             except aioti.ModelLoadError:
@@ -302,8 +324,8 @@ async def truncated_library(mode: str) -> Figures:
 async def on_loop_stall(mode: str) -> Figures:
     """On-loop batching, max_queue 8: a loop in another thread fills the queue and its thread
     then blocks; callers on this loop must still be served (its runs take the queue)."""
-    x = torch.randn(1, 64)
-    ref = eager_model("small_mlp")(x).detach()
+    x = randn(1, 64)
+    ref = eager_small()(x).detach()
     f = figures()
     async with aioti.load(compile_model("small_mlp"), max_queue=8,
                           batching=aioti.Batching(8, 1.0, on_loop=True)) as model:
@@ -341,11 +363,11 @@ async def on_loop_stall(mode: str) -> Figures:
 
 async def soak(mode: str) -> Figures:
     """30k requests from 64 callers with distinct inputs: right outputs, flat memory."""
-    eager = eager_model("small_mlp")
-    xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
+    eager = eager_small()
+    xs = [randn(1 + i % 3, 64) for i in range(64)]
     refs = [eager(x).detach() for x in xs]
     f = figures()
-    async with aioti.load(compile_model("small_mlp"), batching=batching_for(mode)) as model:
+    async with aioti.load(small(), **options(mode)) as model:
         marks: list[float] = []
 
         async def caller(i: int, n: int) -> None:
@@ -367,20 +389,19 @@ async def soak(mode: str) -> Figures:
 def several_loops(mode: str) -> Figures:
     """One model, four loops in four threads (asyncio and trio alternately), 32 callers each:
     every output is right."""
-    eager = eager_model("small_mlp")
+    eager = eager_small()
     f = figures()
     lock = threading.Lock()
     model_box: list[Any] = []
 
     async def opener() -> None:
-        model_box.append(await aioti.load(compile_model("small_mlp"),
-                                          batching=batching_for(mode)))
+        model_box.append(await aioti.load(small(), **options(mode)))
 
     anyio.run(opener)
     model = model_box[0]
 
     async def callers(seed: int) -> None:
-        xs = [torch.randn(1 + i % 3, 64, generator=torch.Generator().manual_seed(seed + i))
+        xs = [randn(1 + i % 3, 64, generator=torch.Generator().manual_seed(seed + i))
               for i in range(32)]
         refs = [eager(x).detach() for x in xs]
 
@@ -455,8 +476,7 @@ def fork_child(mode: str) -> Figures:
     model_box: list[Any] = []
 
     async def opener() -> None:
-        model_box.append(await aioti.load(compile_model("small_mlp"),
-                                          batching=batching_for(mode)))
+        model_box.append(await aioti.load(small(), **options(mode)))
 
     anyio.run(opener)
     pid = os.fork()
@@ -464,7 +484,7 @@ def fork_child(mode: str) -> Figures:
         async def child() -> int:
             try:
                 with anyio.fail_after(5):
-                    await model_box[0](torch.randn(1, 64))
+                    await model_box[0](randn(1, 64))
             except aioti.ClosedError:
                 return 0
             except BaseException:  # noqa: BLE001
