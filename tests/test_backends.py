@@ -164,9 +164,11 @@ async def test_cuda_inputs_from_caller_stream_and_constants(models):
 @cuda
 async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(models):
     """An idle CUDA model whose runs (launch to outputs ready) are measured short: a lone
-    request runs on the caller's thread, on the caller's own stream, after inputs still being
-    written there, leaves the caller's current stream as it was, and gives outputs ready on
-    any stream (not only the caller's); under load the workers take over."""
+    request runs on the caller's thread, on the caller's own stream, leaves the caller's current
+    stream as it was, and gives outputs ready on any stream (not only the caller's). One whose
+    caller's stream still has work queued (its inputs being written) goes to a worker, which
+    waits for that work on the GPU: on the caller's thread the loop would wait for it. Under
+    load the workers take over."""
     from aioti.testing import compile_model
 
     path = compile_model("small_mlp", "cuda")
@@ -189,10 +191,9 @@ async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(m
         threads.clear()
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):
-            late = torch.empty(8, 64, device="cuda")
-            torch.cuda._sleep(50_000_000)  # the caller's stream is busy for a while
-            late.copy_(x * -1)
-            out = await model(late)
+            y = x * -1
+            s.synchronize()  # nothing left queued on the caller's stream
+            out = await model(y)
             assert torch.cuda.current_stream() == s  # the caller's stream, as it was
             other = torch.cuda.Stream()
             with torch.cuda.stream(other):  # ready there too, without waiting for s
@@ -202,6 +203,14 @@ async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(m
         assert torch.allclose(out, eager(-x), atol=1e-4)
         other.synchronize()
         assert torch.equal(from_other, out)
+        threads.clear()
+        with torch.cuda.stream(s):
+            late = torch.empty(8, 64, device="cuda")
+            torch.cuda._sleep(50_000_000)  # the caller's stream is busy for a while
+            late.copy_(x * 2)
+            out = await model(late)
+        assert threads and threading.get_ident() not in threads  # a worker ran it
+        assert torch.allclose(out, eager(2 * x), atol=1e-4)
         outs = [o for o in [await model(x) for _ in range(10)]]
         assert all(torch.allclose(o, eager(x), atol=1e-4) for o in outs)
         threads.clear()

@@ -199,7 +199,8 @@ async def test_inputs_on_the_callers_stream_are_waited_for(anyio_backend):
 @pytest.mark.anyio
 async def test_a_lone_request_replays_on_the_callers_thread(anyio_backend):
     """With graphs, a lone request to the idle model runs on its caller's thread through the
-    lead worker's graphs (its stream's: not the caller's, which has none)."""
+    lead worker's graphs (its stream's: not the caller's, which has none); one whose caller's
+    stream still has work queued goes to the worker (the caller's thread would wait for it)."""
     path = compile_model("mid_mlp", "cuda")
     eager = eager_model("mid_mlp", "cuda")
     x = torch.randn(1, 1024, device="cuda")
@@ -212,8 +213,14 @@ async def test_a_lone_request_replays_on_the_callers_thread(anyio_backend):
         assert after["ran_on_caller_thread"] >= before["ran_on_caller_thread"] + 4
         assert after["cuda_graphs"]["replays"] == before["cuda_graphs"]["replays"] + 5
         assert after["cuda_graphs"]["fallbacks"] == before["cuda_graphs"]["fallbacks"]
+        late = torch.empty(1, 1024, device="cuda")
+        torch.cuda._sleep(50_000_000)  # the caller's stream is busy for a while
+        late.copy_(x * 2)
+        busy = await model(late)
+        assert model.stats()["ran_on_caller_thread"] == after["ran_on_caller_thread"]
         with torch.no_grad():
             assert all(close(o, eager(x)) for o in outs)
+            assert close(busy, eager(2 * x))
 
 
 @cuda

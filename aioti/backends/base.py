@@ -7,9 +7,10 @@ team size from `worker_threads(...)` (waits for the batch's inputs to be ready a
 stream handle to pass to the native `Run`); `finish` once after each batch (None when the outputs
 are ready to use on any stream, else a token: the worker polls it with `ready`, blocks on it with
 `wait_ready`, and delivers the batch once it is ready); `stop_worker` when the worker exits. A
-lone request run on its caller's thread asks `caller_stream` first: a stream it may launch on
-as that thread stands (then `wait_caller_stream`), or None for the lead worker's steps under
-`here`.
+lone request runs on its caller's thread only when `caller_idle` says nothing the caller queued
+before it is still pending (the thread would wait for that too), and asks `caller_stream`
+first: a stream it may launch on as that thread stands (then `wait_caller_stream`), or None for
+the lead worker's steps under `here`.
 A backend lives as long as the process: models keep theirs after the registry replaces it.
 """
 
@@ -68,6 +69,12 @@ class Backend:
         lead's): the thread state the worker's own thread has for its runs (device, current
         stream), the caller's restored afterwards."""
         return nullcontext()
+
+    def caller_idle(self, ready: Any) -> bool:
+        """On a caller's thread, before a lone run there: whether the work its request's inputs
+        may wait on (`ready`, from `prepare`) is done, so that the run waits for itself only.
+        The base has nothing to wait on."""
+        return True
 
     def caller_stream(self, ready: Any) -> int | None:
         """On a caller's thread, for a lone run made there: the caller's own stream (from

@@ -86,6 +86,23 @@ class CudaBackend(Backend):
         # The model allocates outputs on the calling thread's current stream: the worker's.
         return _Here(ctx.stream, self._driver)
 
+    def caller_idle(self, ready: Any) -> bool:
+        # A lone run waits for the GPU on the caller's thread: with work still queued on the
+        # caller's stream (a long kernel of another task), it would wait for that too, holding
+        # the event loop. A worker's stream waits for it on the GPU instead.
+        if ready is None:
+            return True
+        device = torch._C._cuda_getDevice()
+        if device == self._index:
+            self._driver.bind(self._index)
+            return self._driver.idle(ready)
+        # A stream of this device (0: its legacy stream), queried with this device current.
+        torch._C._cuda_setDevice(self._index)
+        try:
+            return self._driver.idle(ready)
+        finally:
+            torch._C._cuda_setDevice(device)
+
     def caller_stream(self, ready: Any) -> int | None:
         # The caller's current stream on this device, noted by `prepare` just before; usable
         # as the thread stands when this device is the thread's current one (the model's

@@ -54,6 +54,7 @@ class Dispatcher:
                                            caller_stream=options.idle_on_caller_stream)
         self._on_loop = OnLoop(queue, runner) if options.on_loop else None
         self._on_stopped = on_stopped
+        self._caller_idle = backend.caller_idle
         self._ran_here_on: Loop | None = None  # the loop that ran a request this iteration
         #: lone requests run on their caller's thread so far (`run_here_if_idle`)
         self.ran_here = 0
@@ -83,14 +84,17 @@ class Dispatcher:
         """With `options.idle_on_loop`: run a lone request right here, on its caller's thread,
         when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, the last
         batch its workers completed held one request (more says concurrent callers, whose
-        requests the run would hold up on this thread, and on a GPU behind its wait), and this
-        loop ran none so in its current iteration: no thread hand-off, no worker to wake.
+        requests the run would hold up on this thread, and on a GPU behind its wait), this
+        loop ran none so in its current iteration, and nothing its inputs may wait on is still
+        pending (`Backend.caller_idle`: on a GPU, the caller's stream has no work left, which
+        the thread would wait for too): no thread hand-off, no worker to wake.
         Its outcome is set in it, for the caller to take after yielding to the loop's ready tasks
         once (as a queued request's caller does). False, doing nothing, otherwise."""
         loop = req.loop
         runner = self.runner
         if (runner.per_request_s > IDLE_RUN_MAX_S or runner.last_batch > 1
                 or self._ran_here_on is loop or runner.lead is None
+                or (req.ready is not None and not self._caller_idle(req.ready))
                 or not self.queue.claim_idle(req)):
             return False
         # One such run at a time: the requests of a burst made by the loop's other ready tasks,

@@ -153,8 +153,8 @@ class BatchRunner:
                 self._executor.run(batch, stream)
                 backend.wait_caller_stream(ctx, stream)
             else:
-                with backend.here(ctx):
-                    stream = backend.begin_batch(ctx, [req.ready] if self._readies else [])
+                with backend.here(ctx):  # its inputs are ready (`Backend.caller_idle`)
+                    stream = backend.begin_batch(ctx, [])
                     self._executor.run(batch, stream)
                     token = backend.finish(ctx)
                     if token is not None:
