@@ -262,6 +262,45 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
         d.shutdown(wait=5)
 
 
+def test_a_lone_request_whose_inputs_are_pending_goes_to_the_workers():
+    """`Backend.caller_idle`: a lone request whose readiness token still has work pending (on
+    a GPU, its caller's stream) is not run on its caller's thread, which would wait for that
+    work too; the worker takes it (and its `begin_batch` waits for the token). One whose token
+    is done runs here, and the lead's steps are not given the token again."""
+
+    class Pending(Backend):
+        def __init__(self) -> None:
+            super().__init__(torch.device("cpu"))
+            self.pending: set[object] = set()
+            self.begun: list[list[object]] = []
+
+        def caller_idle(self, ready: object) -> bool:
+            return ready not in self.pending
+
+        def begin_batch(self, ctx: object, readies: list[object]) -> None:
+            self.begun.append(readies)
+
+    backend = Pending()
+    ex = DoublingExecutor()
+    d = Dispatcher(ex, backend, RuntimeOptions(idle_on_loop=True))
+    loop = PlainLoop()
+    try:
+        first = request(torch.tensor(1.0), loop)
+        assert d.try_submit(first) and loop.drain(1) == [[first]]
+        d.runner.per_request_s = 0.0  # measured short
+        backend.pending.add("busy stream")
+        busy = Request([torch.tensor(2.0)], "busy stream", loop)
+        assert not d.run_here_if_idle(busy)
+        assert d.try_submit(busy) and loop.drain(1) == [[busy]]
+        assert backend.begun[-1] == ["busy stream"] and d.ran_here == 0
+        idle = Request([torch.tensor(3.0)], "idle stream", loop)
+        assert d.run_here_if_idle(idle) and torch.equal(idle.result[0], torch.tensor(6.0))
+        assert backend.begun[-1] == [] and d.ran_here == 1
+        d.ran_here_over(loop)
+    finally:
+        d.shutdown(wait=5)
+
+
 def test_the_leads_batches_alone_are_measured_only_when_they_stayed_alone():
     """The lead's team size is tuned by the time of its batches alone; one that another
     worker's batch ran beside is not a measure of its size, and is not recorded."""
