@@ -87,6 +87,13 @@ def main() -> int:
                     help="scenarios at once (each its own process; for machines with cores "
                          "to spare: they compete for them)")
     args = ap.parse_args()
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("chaos: --device cuda needs a CUDA GPU, and this machine has none "
+                  "(or a CPU-only torch)", file=sys.stderr)
+            return 2
     os.environ["AIOTI_CHAOS_DEVICE"] = args.device
     only = set(args.only.split(",")) if args.only else None
     held = failed = 0
