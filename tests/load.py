@@ -66,3 +66,41 @@ async def swap_under_load(model: Any, xs: Sequence[Any], before: Sequence[Any],
         for i in range(len(xs)):
             tg.start_soon(call, i)
     return torn, late
+
+
+async def call_from_three_loops(model: Any, eager: Any, callers: int,
+                                rows: Callable[[int], int], timeout: float
+                                ) -> dict[str, list[bool]]:
+    """`callers` tasks on this loop, on an asyncio loop and on a trio loop in two other threads,
+    all at once, each calling `model` 20 times on inputs of its own (`rows(i)` rows); whether
+    each output matched `eager`, by loop ("here", "asyncio", "trio")."""
+    import asyncio
+
+    import torch
+    import trio
+
+    async def clients(tag: int) -> list[bool]:
+        ok: list[bool] = []
+
+        async def one(i: int) -> None:
+            x = torch.full((rows(i), 64), float(tag * 100 + i)) / 1000
+            for _ in range(20):
+                ok.append(torch.allclose(await model(x), eager(x), atol=1e-4))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(callers):
+                tg.start_soon(one, i)
+        return ok
+
+    results: dict[str, list[bool]] = {}
+    threads = [
+        threading.Thread(target=lambda: results.update(asyncio=asyncio.run(clients(1)))),
+        threading.Thread(target=lambda: results.update(trio=trio.run(clients, 2))),
+    ]
+    for t in threads:
+        t.start()
+    with anyio.fail_after(timeout):
+        results["here"] = await clients(3)
+        while any(t.is_alive() for t in threads):
+            await anyio.sleep(0.01)
+    return results

@@ -8,6 +8,7 @@ import threading
 import anyio
 import pytest
 import torch
+from load import call_from_three_loops
 from outcomes import outcome
 
 import aioti
@@ -288,40 +289,11 @@ async def test_on_loop_serves_other_loops(models):
     """One on_loop model, awaited from this loop and from an asyncio and a trio loop in two
     other threads at once: a batch runs on whichever loop's thread takes it, and every caller
     gets its own rows back on its own loop."""
-    import asyncio
-
-    import trio
-
     eager = eager_model("small_mlp")
     async with aioti.load(models["small_mlp"], batching=aioti.Batching(64, 5, on_loop=True)
                           ) as model:
-
-        async def clients(tag: int) -> list[bool]:
-            ok: list[bool] = []
-
-            async def one(i: int) -> None:
-                x = torch.full((1, 64), float(tag * 100 + i)) / 1000
-                for _ in range(20):
-                    ok.append(torch.allclose(await model(x), eager(x), atol=1e-4))
-
-            async with anyio.create_task_group() as tg:
-                for i in range(8):
-                    tg.start_soon(one, i)
-            return ok
-
-        results: dict[str, list[bool]] = {}
-        threads = [
-            threading.Thread(target=lambda: results.update(a=asyncio.run(clients(1)))),
-            threading.Thread(target=lambda: results.update(t=trio.run(clients, 2))),
-        ]
-        for t in threads:
-            t.start()
-        with anyio.fail_after(30):
-            here = await clients(3)
-            while any(t.is_alive() for t in threads):
-                await anyio.sleep(0.01)
-    assert here == [True] * 160
-    assert results == {"a": [True] * 160, "t": [True] * 160}
+        results = await call_from_three_loops(model, eager, 8, lambda i: 1, 30)
+    assert results == {"here": [True] * 160, "asyncio": [True] * 160, "trio": [True] * 160}
 
 
 async def test_on_loop_close_with_queued_requests(models):

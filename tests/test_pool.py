@@ -10,6 +10,7 @@ import time
 import anyio
 import pytest
 import torch
+from load import call_from_three_loops
 
 import aioti
 from aioti.backends.cpu import CpuBackend
@@ -81,40 +82,11 @@ async def test_loops_in_threads_share_a_pool(models):
     """One pool awaited from this loop and from an asyncio and a trio loop in two other
     threads at once: every caller gets its own input's output, on its own loop, and both
     replicas serve."""
-    import asyncio
-
-    import trio
-
     eager = eager_model("small_mlp")
     async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
-
-        async def clients(tag: int) -> list[bool]:
-            ok: list[bool] = []
-
-            async def one(i: int) -> None:
-                x = torch.full((1 + i % 3, 64), float(tag * 100 + i)) / 1000
-                for _ in range(20):
-                    ok.append(torch.allclose(await model(x), eager(x), atol=1e-4))
-
-            async with anyio.create_task_group() as tg:
-                for i in range(16):
-                    tg.start_soon(one, i)
-            return ok
-
-        results: dict[str, list[bool]] = {}
-        threads = [
-            threading.Thread(target=lambda: results.update(a=asyncio.run(clients(1)))),
-            threading.Thread(target=lambda: results.update(t=trio.run(clients, 2))),
-        ]
-        for t in threads:
-            t.start()
-        with anyio.fail_after(60):
-            here = await clients(3)
-            while any(t.is_alive() for t in threads):
-                await anyio.sleep(0.01)
+        results = await call_from_three_loops(model, eager, 16, lambda i: 1 + i % 3, 60)
         served = [r["completed"] for r in model.stats()["replicas"]]
-    assert here == [True] * 320
-    assert results == {"a": [True] * 320, "t": [True] * 320}
+    assert results == {"here": [True] * 320, "asyncio": [True] * 320, "trio": [True] * 320}
     assert min(served) > 0 and sum(served) == 960
 
 
