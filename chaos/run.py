@@ -56,7 +56,7 @@ def run_one(name: str, loop: str, mode: str, timeout: float) -> tuple[bool, str]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, str(HERE / "scenarios.py"), name, loop, mode],
-                              capture_output=True, text=True, timeout=timeout, env=os.environ)
+                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return False, f"HANG: no result within {timeout:.0f} s"
     took = time.perf_counter() - t0
