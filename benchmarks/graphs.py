@@ -9,14 +9,16 @@ every row once, so the ratios pair rows of the same round):
   its ratio to the raw call's p50 (issue #19's GPU c1 row), the graphs row also to the bare
   replay's (#23's latency). These four take turns of a fraction of a second within a round
   (`c1_rows`): the ratios pair each turn's row with the same turn's baseline;
-- aioti at concurrency 64 without graphs (four worker streams, the CUDA default, and one) and
-  with graphs on one, two and four streams: requests/s, each graphs row also as a ratio to the
-  same row without graphs (`vs [...]`); with dynamic batching (64 rows, one stream) without and
-  with graphs; and at batch 64, one stream, without and with graphs.
+- aioti at concurrency 64 without graphs (four worker streams and one) and with graphs on one,
+  two and four streams: requests/s, each graphs row also as a ratio to the same row without
+  graphs (`vs [...]`); with dynamic batching (64 rows, one stream) without and with graphs; and
+  at batch 64, one stream, without and with graphs. These take turns too (`turns_rows`): every
+  model loaded at once, each measured a quarter of its time a turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -100,19 +102,49 @@ def c1_rows(path: Any, x: torch.Tensor, duration: float, turns: int = 6) -> dict
         core.delete()
 
 
-def aioti_row(path: Any, x: torch.Tensor, tasks: int, workers: int, duration: float,
-              graphs: bool, batching: bool = False) -> dict[str, Any]:
+def turns_rows(path: Any, plans: list[tuple[str, torch.Tensor, int, int, bool, bool]],
+               duration: float, turns: int = 4) -> dict[str, Any]:
+    """The concurrency-64 rows of one round, taking turns: every plan's model is loaded at
+    once, then each is measured for `duration / turns` s a turn, plan after plan (after a warm-
+    up turn). A graphs row's `vs [...]` ratios are the medians of the turns' ratios to the row
+    named (`c1_rows`'s reason: measured seconds apart, rows drift apart with the host)."""
     async def go() -> dict[str, Any]:
-        async with aioti.load(path, device="cuda", workers=workers,
-                              batching=aioti.Batching(64, 2.0) if batching else None,
-                              cuda_graphs=aioti.CudaGraphs(SIZES) if graphs else None) as model:
-            await model.run([x])
-            row = await measure(model, [x], tasks, duration)
-            if graphs:
-                row["cuda_graphs"] = model.stats()["cuda_graphs"]
-            return row
+        async with contextlib.AsyncExitStack() as stack:
+            models = {}
+            for name, x, _tasks, workers, graphs, batching in plans:
+                models[name] = await stack.enter_async_context(aioti.load(
+                    path, device="cuda", workers=workers,
+                    batching=aioti.Batching(64, 2.0) if batching else None,
+                    cuda_graphs=aioti.CudaGraphs(SIZES) if graphs else None))
+                await models[name].run([x])
+            got: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in plans}
+            d = duration / turns
+            for turn in range(turns + 1):
+                for name, x, tasks, *_ in plans:
+                    row = await measure(models[name], [x], tasks, d)
+                    if turn:
+                        got[name].append(row)
+            stats = {name: models[name].stats()["cuda_graphs"]
+                     for name, *_rest, graphs, _batching in plans if graphs}
+        med = statistics.median
+        out: dict[str, Any] = {name: {key: med(r[key] for r in rs) for key in rs[0]}
+                               for name, rs in got.items()}
+        for name, graphed in stats.items():
+            out[name]["cuda_graphs"] = graphed
+            for base in _bases(name) & set(got):
+                out[name][f"vs [{base}]"] = med(
+                    r["requests_per_s"] / b["requests_per_s"]
+                    for r, b in zip(got[name], got[base]))
+        return out
 
     return anyio.run(go)
+
+
+def _bases(name: str) -> set[str]:
+    """The rows without graphs a graphs row is compared with: the same configuration, and one
+    stream."""
+    plain = name.removesuffix(", graphs")
+    return {plain, plain.replace("2 streams", "1 stream").replace("4 streams", "1 stream")}
 
 
 def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
@@ -132,8 +164,7 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
     rounds: list[dict[str, Any]] = []
     for _ in range(repeats):
         got: dict[str, Any] = c1_rows(path, x1, 2 * duration)
-        for name, x, tasks, workers, graphs, batching in plans:
-            got[name] = aioti_row(path, x, tasks, workers, duration, graphs, batching)
+        got.update(turns_rows(path, plans, duration))
         rounds.append(got)
     med = statistics.median
     raw = {k: med(r["raw"][k] for r in rounds) for k in ("p50_ms", "runs_per_s")}
@@ -153,11 +184,11 @@ def run_graphs(duration: float, repeats: int) -> list[dict[str, Any]]:
         if x.shape[0] == 1 and "p50_vs_raw_call" not in row:
             row["p50_vs_raw_call"] = med(r[name]["p50_ms"] / r["raw"]["p50_ms"] for r in rounds)
         if name.endswith(", graphs"):
-            plain = name.removesuffix(", graphs")
-            for base in {plain, plain.replace("2 streams", "1 stream").replace(
-                    "4 streams", "1 stream")} & set(rounds[0]):
-                row[f"vs [{base}]"] = med(r[name]["requests_per_s"] / r[base]["requests_per_s"]
-                                          for r in rounds)
+            for base in _bases(name) & set(rounds[0]):
+                key = f"vs [{base}]"  # the c64 rows': paired in turns (`turns_rows`)
+                row[key] = med(r[name][key] if key in r[name] else
+                               r[name]["requests_per_s"] / r[base]["requests_per_s"]
+                               for r in rounds)
             row["cuda_graphs"] = rounds[-1][name]["cuda_graphs"]
         rows.append(row)
     for row in rows:

@@ -83,14 +83,17 @@ async def test_replays_match_eager(anyio_backend):
 
 
 @cuda
-@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "plain"])
-def test_loops_in_threads_get_their_own_outputs(graphs):
+@pytest.mark.parametrize("graphs,device", [(True, "cuda"), (False, "cuda"),
+                                           (True, ["cuda:0", "cuda:0"])],
+                         ids=["graphs", "plain", "pool-graphs"])
+def test_loops_in_threads_get_their_own_outputs(graphs, device):
     """Two asyncio and two trio loops, each in a thread that never used CUDA itself, send lone
     requests to a model with one worker. With graphs, one loop's lone run replays the lead's
     graphs on its own thread while the lead replays another loop's request: before the replays
     of a set were queued under its lock, 1 in 240 to 1 in 2000 requests got another loop's
     output (H200 runs). In such a thread no CUDA context is current until aioti makes the
-    device's current (the driver's calls failed with CUDA_ERROR_INVALID_CONTEXT)."""
+    device's current (the driver's calls failed with CUDA_ERROR_INVALID_CONTEXT). A pool of two
+    replicas on one GPU runs them all on its workers, each replaying its own graphs."""
     import asyncio
     import threading
 
@@ -103,7 +106,7 @@ def test_loops_in_threads_get_their_own_outputs(graphs):
         want = [eager(x) for x in xs]
 
     async def opened() -> aioti.AsyncModel:
-        return await aioti.load(path, device="cuda", workers=1,
+        return await aioti.load(path, device=device, workers=1,
                                 cuda_graphs=aioti.CudaGraphs((1,)) if graphs else None)
 
     model = asyncio.run(opened())
@@ -124,7 +127,11 @@ def test_loops_in_threads_get_their_own_outputs(graphs):
         stats = model.stats()
     finally:
         asyncio.run(model.aclose())
-    assert stats["ran_on_caller_thread"] > 0 and stats["completed"] == 4 * 3000
+    assert stats["completed"] == 4 * 3000
+    if "replicas" in stats:  # a pool runs every request on a worker; both replicas serve
+        assert all(r["completed"] > 0 for r in stats["replicas"])
+    else:
+        assert stats["ran_on_caller_thread"] > 0
     wrong = [sum(not close(o, w) for o in outs) for outs, w in zip(got, want)]
     assert wrong == [0, 0, 0, 0]
 
