@@ -180,8 +180,7 @@ def load(
                     replicas.append(Replica.build(
                         i, name, container, backend, workers=n, max_queue=max_queue,
                         batching=batching, threads=team, room=room,
-                        on_fault=fault(i) if pool else None, cuda_graphs=cuda_graphs,
-                        lone_runs=not pool))
+                        on_fault=fault(i) if pool else None, cuda_graphs=cuda_graphs))
 
         try:
             await anyio.to_thread.run_sync(blocking)

@@ -38,12 +38,25 @@ from .loops import current_loop
 from .loops.lock import CrossLoopLock
 from .replica import Replica
 from .runtime import lifecycle
+from .runtime.dispatch import Dispatcher
 from .runtime.graphs import GraphRunner
 from .runtime.request import Request
 
 __all__ = ["AsyncModel"]
 
 T = TypeVar("T")
+
+
+async def _ran_here(dispatcher: Dispatcher, req: Request) -> list[torch.Tensor]:
+    """The outcome of a request run on its caller's thread (`Dispatcher.run_here_if_idle`),
+    taken after yielding to the loop's ready tasks once, as a queued request's caller does."""
+    try:
+        await req.loop.checkpoint()
+    finally:
+        dispatcher.ran_here_over(req.loop)
+    if req.error is not None:
+        raise req.error
+    return req.result  # type: ignore[no-any-return]
 
 
 async def _in_thread(fn: Callable[[], T]) -> T:
@@ -247,13 +260,7 @@ class AsyncModel:
             if boxed:
                 flat.clear()
             del tensors, flat
-            try:
-                await req.loop.checkpoint()  # ran here: the loop's ready tasks go first, as ever
-            finally:
-                dispatcher.ran_here_over(req.loop)
-            if req.error is not None:
-                raise req.error
-            return req.result  # type: ignore[no-any-return]
+            return await _ran_here(dispatcher, req)
         if not dispatcher.try_submit(req):
             await dispatcher.submit(req, wait=self._on_full_wait)
         if boxed:

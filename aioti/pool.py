@@ -22,7 +22,7 @@ import torch
 from .errors import ClosedError, QueueFullError
 from .loops import current_loop
 from .loops.parking import ParkingLot
-from .model import AsyncModel, _in_thread
+from .model import AsyncModel, _in_thread, _ran_here
 from .replica import Replica
 from .runtime.request import NotStarted, Request
 from .runtime.router import Router
@@ -45,8 +45,10 @@ class ReplicaPool(AsyncModel):
         return list(self._replicas)
 
     async def _submit(self, flat: list[Any], *, boxed: bool = False) -> list[torch.Tensor]:
-        """Route, prepare, check and queue on one replica; a request handed back unstarted (its
-        replica failed) goes again, to another, at most once per replica."""
+        """Route, prepare, check and queue on one replica (or run a lone request on this thread
+        with the replica's lead, as a single model does: `Dispatcher.run_here_if_idle`); a
+        request handed back unstarted (its replica failed) goes again, to another, at most once
+        per replica."""
         router = self.router
         flat_given = flat
         first = next((t for t in flat if isinstance(t, torch.Tensor)), None)
@@ -71,6 +73,12 @@ class ReplicaPool(AsyncModel):
                 req = Request(tensors, ready, current_loop())
                 if rep.batcher is not None:
                     rep.batcher.admit(req, layout)
+                if self._idle_on_loop and rep.dispatcher.run_here_if_idle(req):
+                    # Ran here (a started run: its failure is the caller's, not handed back).
+                    if boxed:
+                        flat_given.clear()
+                    del tensors, flat, flat_given
+                    return await _ran_here(rep.dispatcher, req)
                 if rep.dispatcher.try_submit(req):
                     break
             if boxed:  # kept here instead, in case the request must go to another replica

@@ -88,11 +88,10 @@ class Replica:
               max_queue: int, batching: Batching | None, threads: ThreadTeams | None,
               room: ParkingLot | None = None,
               on_fault: Callable[[BaseException], None] | None = None,
-              cuda_graphs: CudaGraphs | None = None, lone_runs: bool = True) -> Replica:
+              cuda_graphs: CudaGraphs | None = None) -> Replica:
         """Wire a replica's runtime: CUDA graphs (captured here) if asked for, the executor
         (plain or batched), its options, and the dispatcher, which deletes the container once
-        its workers are gone. `lone_runs`: its facade may run a lone request on the caller's
-        thread (a pool's routes every request to a replica's queue)."""
+        its workers are gone."""
         graphs = None
         run_many = container.run_many
         if cuda_graphs is not None:
@@ -117,8 +116,8 @@ class Replica:
             # current stream (the lead's, with graphs: theirs are the workers') and waits for
             # the GPU right there.
             kind = backend.device.type
-            idle = lone_runs and (kind == "cuda" or (
-                kind == "cpu" and threads is not None and threads.alone == 1))
+            idle = kind == "cuda" or (
+                kind == "cpu" and threads is not None and threads.alone == 1)
             options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name,
                                      idle_on_loop=idle, idle_on_caller_stream=graphs is None)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,

@@ -90,6 +90,25 @@ async def test_loops_in_threads_share_a_pool(models):
     assert min(served) > 0 and sum(served) == 960
 
 
+async def test_a_lone_request_runs_on_the_callers_thread(models):
+    """At concurrency 1 a pool runs a request on its caller's thread with the chosen replica's
+    lead, as a single model does (no hand-off to a worker and back); concurrent callers still
+    go to the replicas' workers."""
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"], threads=1) as model:
+        lone = [await model(x) for x in xs for _ in range(10)]
+        ran_here = model.stats()["ran_on_caller_thread"]
+        together = await call_all(model, xs, rounds=4)
+        stats = model.stats()
+    with torch.no_grad():
+        want = [eager(x) for x in xs]
+    assert all(torch.allclose(r, w, atol=1e-5) for r, w in zip(lone[::10], want))
+    assert all(torch.allclose(r, w, atol=1e-5) for r, w in zip(together, want))
+    assert ran_here > 300  # the first runs, timed on the workers, decide; then most run here
+    assert stats["completed"] == 640 + 256 and stats["ran_on_caller_thread"] < 640 + 256 - 128
+
+
 async def test_a_slow_replica_gets_less(models, other_backend):
     other_backend(SlowCpuBackend)
     xs = [torch.randn(2, 64) for _ in range(64)]
