@@ -73,19 +73,17 @@ class ReplicaPool(AsyncModel):
                 req = Request(tensors, ready, current_loop())
                 if rep.batcher is not None:
                     rep.batcher.admit(req, layout)
-                if self._idle_on_loop and rep.dispatcher.run_here_if_idle(req):
-                    # Ran here (a started run: its failure is the caller's, not handed back).
-                    if boxed:
-                        flat_given.clear()
-                    del tensors, flat, flat_given
-                    return await _ran_here(rep.dispatcher, req)
-                if rep.dispatcher.try_submit(req):
+                ran_here = (rep.dispatcher.options.idle_on_loop
+                            and rep.dispatcher.run_here_if_idle(req))
+                if ran_here or rep.dispatcher.try_submit(req):
                     break
             if boxed:  # kept here instead, in case the request must go to another replica
                 flat, boxed = list(flat), False
                 flat_given.clear()
             del tensors
             try:
+                if ran_here:
+                    return await _ran_here(rep.dispatcher, req)
                 return await req.waiter  # type: ignore[no-any-return]
             except NotStarted as exc:
                 handed = exc

@@ -140,27 +140,34 @@ class BatchRunner:
         until its outputs are ready (on a GPU, the caller's thread waits), its outcome set,
         timed, counted and recorded, not delivered (the caller takes it). It launches on the
         caller's own stream where the backend allows (`caller_stream`: no worker state taken on,
-        no hand-over from the caller's stream), else with the lead worker's context."""
+        no hand-over from the caller's stream), else with the lead worker's context. A failure
+        of the backend's step before the run is `NotStarted` for a replica of a pool, as a
+        queued request's would be."""
         assert self.lead is not None
         ctx, backend, teams, batch = self.lead[0], self._backend, self._teams, [req]
-        # `run`'s steps without the queue's `begin`: nobody else holds this request yet.
-        req.state = RUNNING
+        # `run`'s steps without the queue's `begin`: nobody else holds this request yet; it
+        # is RUNNING from its run's start.
         req.began = time.perf_counter()
         own = None if teams is None else teams.borrow()
         try:
             stream = backend.caller_stream(req.ready) if self._caller_stream else None
             if stream is not None:
+                req.state = RUNNING
                 self._executor.run(batch, stream)
                 backend.wait_caller_stream(ctx, stream)
             else:
                 with backend.here(ctx):  # its inputs are ready (`Backend.caller_idle`)
                     stream = backend.begin_batch(ctx, [])
+                    req.state = RUNNING
                     self._executor.run(batch, stream)
                     token = backend.finish(ctx)
                     if token is not None:
                         self._wait_ready(token, batch)
         except Exception as exc:  # the run as a whole failed, not the request
-            req.error, req.result = exc, None
+            # As in `run`: a replica's request that had not started may run elsewhere.
+            req.error = (NotStarted(exc) if req.state == QUEUED and self._on_fault is not None
+                         else exc)
+            req.result = None
             self.fault(exc)
         finally:  # counted over whatever escapes: the model must not stay busy
             if teams is not None:
