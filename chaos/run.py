@@ -26,8 +26,8 @@ HERE = Path(__file__).resolve().parent
 RSS_LIMIT_MB = 50.0
 
 LOOPS = ("asyncio", "trio")
-MODES = ("plain", "batched", "on_loop")
-CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched")
+MODES = ("plain", "batched", "on_loop", "pool")
+CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched", "pool")
 CUDA_SCENARIOS = ("cancel_storm", "hot_swap_under_load", "close_under_load", "backpressure",
                   "malformed", "soak")
 

@@ -2,7 +2,8 @@
 own, with a timeout): python chaos/scenarios.py NAME LOOP MODE.
 
 The models run on `$AIOTI_CHAOS_DEVICE` (`run.py --device`; "cpu" by default); on "cuda" the
-modes "graphs" and "graphs_batched" add CUDA graph replay to "plain" and "batched".
+modes "graphs" and "graphs_batched" add CUDA graph replay to "plain" and "batched". The mode
+"pool" loads two replicas on that device behind one model.
 
 Each prints one `RESULT {json}` line with its figures: requests sent / completed / cancelled /
 failed (an expected error), `wrong` (a wrong output, a torn one, or an unexpected exception
@@ -60,11 +61,13 @@ def rss_mb() -> float:
 
 
 def options(mode: str, max_batch_size: int = 32) -> dict[str, Any]:
-    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched."""
-    batching = None if mode in ("plain", "graphs") else aioti.Batching(
+    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched, or
+    pool (two replicas on `DEVICE`, a `ReplicaPool`)."""
+    batching = None if mode in ("plain", "graphs", "pool") else aioti.Batching(
         max_batch_size, 1.0, on_loop=mode == "on_loop")
     graphs = aioti.CudaGraphs() if mode.startswith("graphs") else None
-    return {"device": DEVICE, "batching": batching, "cuda_graphs": graphs}
+    device: str | list[str] = [DEVICE, DEVICE] if mode == "pool" else DEVICE
+    return {"device": device, "batching": batching, "cuda_graphs": graphs}
 
 
 def figures(**kw: Any) -> Figures:

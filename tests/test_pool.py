@@ -146,6 +146,31 @@ async def test_a_lone_request_on_a_failing_replica_goes_to_another(models, other
     assert other["healthy"] and other["completed"] >= 64 and stats["failed"] == 0
 
 
+async def test_callers_waiting_for_room_are_woken(models):
+    """max_queue 4 per replica under 64 callers that wait for room: a worker taking a batch
+    wakes the callers parked in the pool's lot (before, each queue had a lot of its own, and
+    every caller that parked waited forever: found by `make chaos`)."""
+    eager = eager_model("small_mlp")
+    x = torch.randn(1, 64)
+    done = 0
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"], max_queue=4,
+                          on_full="wait") as model:
+
+        async def caller() -> None:
+            nonlocal done
+            for _ in range(50):
+                assert torch.allclose(await model(x), eager(x), atol=1e-5)
+                done += 1
+                await anyio.sleep(0)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for _ in range(64):
+                    tg.start_soon(caller)
+        stats = model.stats()
+    assert done == 64 * 50 and stats["completed"] == 64 * 50
+
+
 async def test_a_slow_replica_gets_less(models, other_backend):
     other_backend(SlowCpuBackend)
     xs = [torch.randn(2, 64) for _ in range(64)]

@@ -52,7 +52,9 @@ class RequestQueue:
         self._cond = threading.Condition(self._lock)  # hot paths enter self._lock directly
         self._items: deque[Request] = deque()
         self._rows = 0  # queued rows
-        self._room = room or ParkingLot()  # callers waiting for room (shared by a pool's)
+        # Callers waiting for room (a pool's replicas share one lot: `is None`, since an
+        # empty lot is falsy).
+        self._room = room if room is not None else ParkingLot()
         self.closing = False
         self.closed_reason = "the model is closed"
         self._drop_queued = False
