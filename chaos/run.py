@@ -5,10 +5,12 @@ scenario failed (a wrong output or exception type, memory growth, a crash, a han
     python chaos/run.py [--only NAME[,NAME...]] [--exit-runs N] [--device cuda] [--jobs N]
 
 A scenario holds when it printed its figures, within its timeout, with no wrong outcome and
-less than `RSS_LIMIT_MB` of memory growth. Bounded to about ten minutes on two cores.
+less than `RSS_LIMIT_MB` of memory growth. Bounded to about ten minutes on two cores (about
+five in practice).
 
 `--device cuda` runs the scenarios that apply to a GPU model (not on-loop batching, a truncated
-library, forks or exits) with and without CUDA graphs; `make chaos` runs them on the CPU.
+library, forks or exits) with and without CUDA graphs and on a pool of two replicas of one
+GPU; `make chaos` runs them on the CPU.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 RSS_LIMIT_MB = 50.0
 
 LOOPS = ("asyncio", "trio")
-MODES = ("plain", "batched", "on_loop", "pool")
-CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched", "pool")
+MODES = ("plain", "batched", "on_loop", "pool", "pool_batched", "pool_on_loop")
+CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched", "pool", "pool_batched")
 CUDA_SCENARIOS = ("cancel_storm", "hot_swap_under_load", "close_under_load", "backpressure",
                   "malformed", "soak")
 

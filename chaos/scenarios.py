@@ -61,12 +61,12 @@ def rss_mb() -> float:
 
 
 def options(mode: str, max_batch_size: int = 32) -> dict[str, Any]:
-    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched, or
-    pool (two replicas on `DEVICE`, a `ReplicaPool`)."""
+    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched, and
+    pool, pool_batched, pool_on_loop (two replicas on `DEVICE`, a `ReplicaPool`)."""
     batching = None if mode in ("plain", "graphs", "pool") else aioti.Batching(
-        max_batch_size, 1.0, on_loop=mode == "on_loop")
+        max_batch_size, 1.0, on_loop=mode.endswith("on_loop"))
     graphs = aioti.CudaGraphs() if mode.startswith("graphs") else None
-    device: str | list[str] = [DEVICE, DEVICE] if mode == "pool" else DEVICE
+    device: str | list[str] = [DEVICE, DEVICE] if mode.startswith("pool") else DEVICE
     return {"device": device, "batching": batching, "cuda_graphs": graphs}
 
 
