@@ -31,7 +31,7 @@ LOOPS = ("asyncio", "trio")
 MODES = ("plain", "batched", "on_loop", "pool", "pool_batched", "pool_on_loop")
 CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched", "pool", "pool_batched")
 CUDA_SCENARIOS = ("cancel_storm", "hot_swap_under_load", "close_under_load", "backpressure",
-                  "malformed", "soak")
+                  "room_storm", "malformed", "soak")
 
 
 def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float]]:
@@ -43,7 +43,7 @@ def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float
     rows = []
     for name, timeout, modes in (
         ("cancel_storm", 90, MODES), ("hot_swap_under_load", 90, MODES),
-        ("close_under_load", 60, MODES), ("backpressure", 90, MODES),
+        ("close_under_load", 60, MODES), ("backpressure", 90, MODES), ("room_storm", 60, MODES),
         ("malformed", 60, MODES), ("soak", 120, MODES),
         ("on_loop_stall", 40, ("on_loop",)), ("truncated_library", 60, ("plain",)),
     ):

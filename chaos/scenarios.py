@@ -221,6 +221,38 @@ async def backpressure(mode: str) -> Figures:
     return f
 
 
+async def room_storm(mode: str) -> Figures:
+    """max_queue 2, callers waiting for room, each call with a random deadline of 0-4 ms (many
+    are cancelled while they wait for room, some just after they were given it), then aclose
+    with requests queued: every call ends with an output, a cancellation or ClosedError, and
+    closing ends every caller."""
+    eager = eager_small()
+    x = randn(2, 64)
+    ref = eager(x).detach()
+    f = figures()
+    model = await aioti.load(small(), max_queue=2, on_full="wait", **options(mode))
+
+    async def caller(i: int) -> None:
+        rnd = random.Random(i)
+        while True:
+            with anyio.move_on_after(rnd.random() * 0.004) as scope:
+                if await counted_call(f, model, x, ref, aioti.ClosedError):
+                    return
+            if scope.cancelled_caught:
+                f["cancelled"] += 1
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for i in range(64):
+                tg.start_soon(caller, i)
+            await anyio.sleep(1.5)
+            await model.aclose(cancel_queued=True)
+    if f["failed"] != 64:
+        f["wrong"] += 1
+        f["note"] = f"{f['failed']} callers saw ClosedError, not 64"
+    return f
+
+
 def malformed_inputs() -> list[tuple[str, Callable[[], Any]]]:
     x = randn(4, 64)
     c = randn(4, 64, dtype=torch.complex64)
@@ -507,6 +539,7 @@ def fork_child(mode: str) -> Figures:
 ASYNC: dict[str, Callable[[str], Awaitable[Figures]]] = {
     "cancel_storm": cancel_storm, "hot_swap_under_load": hot_swap_under_load,
     "close_under_load": close_under_load, "backpressure": backpressure,
+    "room_storm": room_storm,
     "malformed": malformed, "truncated_library": truncated_library,
     "on_loop_stall": on_loop_stall, "soak": soak,
 }

@@ -87,8 +87,9 @@ class RequestQueue:
             self._rows += req.rows
             if self._sleeping:
                 self._wake_locked()
-            if self._lingering and self._rows >= self._max_rows:
-                self._cond.notify()
+            if self._lingering and (self._rows >= self._max_rows
+                                    or len(self._items) >= self.max_queue):
+                self._cond.notify()  # as full as the batch (or the queue) gets
         return True
 
     def _wake_locked(self) -> None:
@@ -310,10 +311,12 @@ class RequestQueue:
         return bool(self._linger) and self._last_take > 1
 
     def _should_linger(self) -> bool:
-        """Wait for a fuller batch? Only under demand, short of a full batch, and until the
-        oldest request has waited the delay."""
+        """Wait for a fuller batch? Only under demand, short of a full batch with room in the
+        queue for more (a full queue takes no request until this one takes some), and until
+        the oldest request has waited the delay."""
         return (
-            self._under_demand() and self._rows < self._max_rows and not self.closing
+            self._under_demand() and self._rows < self._max_rows
+            and len(self._items) < self.max_queue and not self.closing
             and time.perf_counter() - self._items[0].t0 < self._linger
         )
 

@@ -54,6 +54,36 @@ def test_rows_fill_a_batch():
     assert [r.rows for r in batch] == [3, 3, 3]  # stops once 8 rows are reached or passed
 
 
+def _taken_in_a_thread(q: RequestQueue) -> tuple[threading.Thread, list[object]]:
+    out: list[object] = []
+    t = threading.Thread(target=lambda: out.append(q.take(0, in_flight=False)), daemon=True)
+    t.start()
+    return t, out
+
+
+def test_a_full_queue_is_taken_without_lingering():
+    """Under demand a worker waits up to the delay for a fuller batch; a queue bounded below a
+    batch (here 2 requests of 1 row, batches of 8) cannot fill one: the worker takes it at
+    once, and one already lingering is woken when the queue fills (before, it waited out the
+    delay - 60 s here - for every batch)."""
+    q = RequestQueue(RuntimeOptions(max_queue=2, max_batch_size=8, max_delay_ms=60_000))
+    a, b, c, d = make(4)
+    q.try_put(a), q.try_put(b)
+    assert q.take(0, in_flight=False)[0] == [a, b]  # a merged take: demand from now on
+    q.try_put(c)
+    t, out = _taken_in_a_thread(q)  # lingers: one request, room for another
+    t.join(0.2)
+    assert t.is_alive()
+    q.try_put(d)  # the queue is full: no fuller batch can come
+    t.join(10)
+    assert not t.is_alive() and out[0][0] == [c, d]  # type: ignore[index]
+    e, f = make(2)
+    q.try_put(e), q.try_put(f)
+    t, out = _taken_in_a_thread(q)  # full already: taken without lingering
+    t.join(10)
+    assert not t.is_alive() and out[0][0] == [e, f]  # type: ignore[index]
+
+
 def test_cancel_queued_and_taken_not_begun():
     q = RequestQueue(RuntimeOptions())
     a, b, c = make(3)
