@@ -29,7 +29,7 @@ lint: venv
 bench: venv
 	$(PY) benchmarks/throughput.py --json out/throughput.json
 
-# Not part of `make test`: about five minutes on two cores (chaos/run.py).
+# Not part of `make test`: about seven minutes on two cores (chaos/run.py).
 chaos: venv
 	$(PY) chaos/run.py
 

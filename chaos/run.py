@@ -6,7 +6,7 @@ scenario failed (a wrong output or exception type, memory growth, a crash, a han
 
 A scenario holds when it printed its figures, within its timeout, with no wrong outcome and
 less than `RSS_LIMIT_MB` of memory growth. Bounded to about ten minutes on two cores (about
-five in practice).
+seven in practice).
 
 `--device cuda` runs the scenarios that apply to a GPU model (not on-loop batching, a truncated
 library, forks or exits) with and without CUDA graphs and on a pool of two replicas of one
