@@ -223,9 +223,10 @@ def test_bad_bodies_unknown_models_and_binary_sizes(server):
     assert r.status_code == 400 and "the body has" in r.json()["error"]
 
 
-def test_queue_full_is_503_and_too_large_is_413(models):
-    s = Server(app({"mid": models["mid_mlp"]}, workers=1, max_queue=1, max_body_bytes=1 << 20,
-                   log=lambda line: None))
+@pytest.mark.parametrize("device", ["cpu", ["cpu", "cpu"]], ids=["model", "pool"])
+def test_queue_full_is_503_and_too_large_is_413(models, device):
+    s = Server(app({"mid": models["mid_mlp"]}, device=device, workers=1, max_queue=1,
+                   max_body_bytes=1 << 20, log=lambda line: None))
     try:
         x = np.random.rand(256, 1024).astype(np.float32)
         head = json.dumps({"inputs": [{"name": "input0", "shape": [256, 1024],
