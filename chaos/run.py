@@ -39,7 +39,8 @@ def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float
     if device != "cpu":
         rows = [(name, loop, mode, 120.0) for name in CUDA_SCENARIOS for loop in LOOPS
                 for mode in CUDA_MODES]
-        return rows + [("several_loops", "mixed", mode, 120.0) for mode in CUDA_MODES]
+        return rows + [(name, "mixed", mode, 120.0) for name in ("several_loops",
+                       "swaps_from_loops") for mode in CUDA_MODES]
     rows = []
     for name, timeout, modes in (
         ("cancel_storm", 90, MODES), ("hot_swap_under_load", 90, MODES),
@@ -48,7 +49,8 @@ def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float
         ("on_loop_stall", 40, ("on_loop",)), ("truncated_library", 60, ("plain",)),
     ):
         rows += [(name, loop, mode, timeout) for loop in LOOPS for mode in modes]
-    rows += [("several_loops", "mixed", mode, 90) for mode in MODES]
+    rows += [(name, "mixed", mode, 90) for name in ("several_loops", "swaps_from_loops")
+             for mode in MODES]
     rows += [("fork", "asyncio", mode, 60) for mode in MODES]
     rows += [("exit_during_swaps", loop, str(exit_runs), 40.0 + 4 * exit_runs) for loop in LOOPS]
     return rows

@@ -462,6 +462,80 @@ def several_loops(mode: str) -> Figures:
     return f
 
 
+def swaps_from_loops(mode: str) -> Figures:
+    """One model, callers on an asyncio and a trio loop in two threads, while a third thread's
+    loop swaps the weights between two sets 50 times, and a fourth's (trio) updates the
+    inactive set and swaps too: every output equals one set's (a torn output matches neither),
+    and every swap succeeds."""
+    a, b = eager_small(), eager_small()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-0.5)
+    sets = [a.state_dict(), b.state_dict()]
+    x = randn(2, 64)
+    refs = [a(x).detach(), b(x).detach()]
+    f = figures()
+    lock = threading.Lock()
+    model_box: list[Any] = []
+    stop = threading.Event()
+
+    async def opener() -> None:
+        model_box.append(await aioti.load(small(), **options(mode)))
+
+    anyio.run(opener)
+    model = model_box[0]
+
+    async def callers() -> None:
+        async def one() -> None:
+            while not stop.is_set():
+                try:
+                    out = await model(x)
+                except Exception as exc:  # noqa: BLE001 - reported as the scenario's failure
+                    with lock:
+                        f["wrong"] += 1
+                        f["note"] = f"a call failed: {type(exc).__name__}: {exc}"
+                    return
+                with lock:
+                    f["sent"] += 1
+                    f["completed" if close_to(out, refs[0]) or close_to(out, refs[1])
+                      else "wrong"] += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(16):
+                tg.start_soon(one)
+
+    async def swapper(first: int) -> None:
+        try:
+            for i in range(50):
+                if first:
+                    await model.update_inactive_constants(sets[(i + first) % 2])
+                    await model.swap_constants()
+                else:
+                    await model.hot_swap(sets[(i + 1) % 2])
+                await anyio.sleep(0.001)
+        except Exception as exc:  # noqa: BLE001 - reported as the scenario's failure
+            with lock:
+                f["wrong"] += 1
+                f["note"] = f"a swap failed: {type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=anyio.run, args=(callers,), kwargs={"backend": k})
+               for k in ("asyncio", "trio")]
+    swappers = [threading.Thread(target=anyio.run, args=(swapper, k),
+                                 kwargs={"backend": ("asyncio", "trio")[k]}) for k in (0, 1)]
+    for t in threads + swappers:
+        t.start()
+    for t in swappers:
+        t.join(60)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    if any(t.is_alive() for t in threads + swappers):
+        f["wrong"] += 1
+        f["note"] = "a thread did not finish"
+    anyio.run(model.aclose)
+    return f
+
+
 EXIT_CHILD = """
 import sys, threading, time, random, anyio, torch, aioti
 from aioti.testing import compile_model, eager_model
@@ -553,6 +627,8 @@ def main() -> None:
         out = anyio.run(ASYNC[name], mode, backend=loop)
     elif name == "several_loops":
         out = several_loops(mode)
+    elif name == "swaps_from_loops":
+        out = swaps_from_loops(mode)
     elif name == "exit_during_swaps":
         out = exit_during_swaps(loop, int(mode))
     elif name == "fork":
