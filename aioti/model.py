@@ -179,7 +179,8 @@ class AsyncModel:
     def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:
         """Call `fn(latencies, queue_waits)` (seconds) for each batch of requests delivered,
         on the loop they are delivered to: each request's time from its call to its result, and
-        from its call to the start of its batch (for metrics; keep `fn` quick)."""
+        from its call to the start of its batch (for metrics; keep `fn` quick). An exception
+        `fn` raises is said once, in a RuntimeWarning, and stops nothing."""
         for r in self._replicas:
             r.dispatcher.delivery.observers.append(fn)
 

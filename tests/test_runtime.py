@@ -189,6 +189,36 @@ async def test_errors_are_isolated(models):
         assert (await model(good)).shape == (3, 10)
 
 
+@pytest.mark.parametrize("batching", [None, aioti.Batching(16, 1.0),
+                                      aioti.Batching(16, 1.0, on_loop=True)],
+                         ids=["plain", "batched", "on_loop"])
+async def test_an_observer_that_raises_stops_nothing(models, batching):
+    """`observe`'s function runs on the loop as results are delivered: one that raises is
+    said once, in a RuntimeWarning, and every caller still gets its outputs (before, the
+    exception reached the loop from a callback: trio ended its run with TrioInternalError)."""
+    calls = 0
+
+    def broken(latencies: list[float], waits: list[float]) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("observer bug")
+
+    x = torch.randn(2, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with aioti.load(models["small_mlp"], batching=batching) as model:
+            model.observe(broken)
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(16):
+                        tg.start_soon(model.run, [x])
+            got = await model(x)
+            stats = model.stats()
+    said = [w for w in caught if "observer bug" in str(w.message)]
+    assert got.shape == (2, 10) and stats["completed"] == 17 and stats["failed"] == 0
+    assert calls >= 2 and len(said) == 1 and said[0].category is RuntimeWarning
+
+
 def test_two_event_loops_in_two_threads(models):
     eager = eager_model("small_mlp")  # built once: seeding is process-global
     xs = [torch.randn(2, 64) for _ in range(50)]

@@ -10,6 +10,7 @@ Settling skips waiters whose task stopped waiting; a loop that has closed drops 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ class Delivery:
         self.latency = Latencies()
         #: called on the loop with each delivered batch's (latencies, queue waits) in seconds
         self.observers: list[Callable[[list[float], list[float]], object]] = []
+        self._failed_observers: list[Callable[..., object]] = []
 
     def complete(self, batch: list[Request], here: Loop | None = None,
                  soon: bool = False) -> None:
@@ -96,4 +98,20 @@ class Delivery:
         latencies = [now - req.t0 for req in reqs]
         self.latency.extend(latencies)
         for observe in self.observers:
-            observe(latencies, [req.began - req.t0 for req in reqs if req.began])
+            try:
+                observe(latencies, [req.began - req.t0 for req in reqs if req.began])
+            except Exception as exc:  # noqa: BLE001 - a user's observer must not stop delivery
+                self._observer_failed(observe, exc)
+
+    def _observer_failed(self, observe: Callable[..., object], exc: Exception) -> None:
+        """An observer raised: said once per observer (it is still called). Raised on, it would
+        reach the loop from a callback: trio ends its run on that (TrioInternalError), and
+        asyncio would log it for every batch."""
+        if observe in self._failed_observers:
+            return
+        self._failed_observers.append(observe)
+        try:
+            warnings.warn(f"aioti: the observer {observe!r} raised {type(exc).__name__}: {exc} "
+                          "(ignored; the requests were delivered)", RuntimeWarning, stacklevel=2)
+        except Exception:  # noqa: BLE001 - warnings made errors (-W error) must not escape
+            pass
