@@ -253,6 +253,24 @@ async def test_on_loop_warns_once_when_a_batch_holds_the_loop(models, monkeypatc
     assert "on_loop=False" in str(warned[0].message)
 
 
+async def test_on_loop_warning_made_an_error_stops_nothing(models, monkeypatch):
+    """With warnings made errors (`-W error`), the slow on-loop warning is dropped rather than
+    raised from the loop's callback (where it reached no caller, and ended a trio run)."""
+    import warnings
+
+    from aioti.runtime import inline
+
+    monkeypatch.setattr(inline, "ON_LOOP_WARN_S", 0.0)
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        async with aioti.load(models["small_mlp"],
+                              batching=aioti.Batching(8, 5, on_loop=True)) as model:
+            with anyio.fail_after(30):
+                outs = [await model(x) for _ in range(4)]
+    assert all(o.shape == (4, 10) for o in outs)
+
+
 async def test_on_loop_cancelled_request_never_runs(models):
     """A request whose caller leaves before the loop runs its batch is left out of it."""
     eager = eager_model("small_mlp")

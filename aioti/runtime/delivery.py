@@ -19,7 +19,17 @@ from .queue import RequestQueue
 from .request import CANCELLED, DONE, NotStarted, Request
 from .stats import Latencies
 
-__all__ = ["Delivery"]
+__all__ = ["Delivery", "warn_on_loop"]
+
+
+def warn_on_loop(message: str) -> None:
+    """A RuntimeWarning from code that runs in an event loop's callback (a delivery, an on-loop
+    run). Warnings made errors (`-W error`) are dropped there: raised from a callback, one
+    would end a trio run (TrioInternalError) and reach no caller."""
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    except Exception:  # noqa: BLE001 - see above
+        pass
 
 
 class Delivery:
@@ -110,8 +120,5 @@ class Delivery:
         if observe in self._failed_observers:
             return
         self._failed_observers.append(observe)
-        try:
-            warnings.warn(f"aioti: the observer {observe!r} raised {type(exc).__name__}: {exc} "
-                          "(ignored; the requests were delivered)", RuntimeWarning, stacklevel=2)
-        except Exception:  # noqa: BLE001 - warnings made errors (-W error) must not escape
-            pass
+        warn_on_loop(f"aioti: the observer {observe!r} raised {type(exc).__name__}: {exc} "
+                     "(ignored; the requests were delivered)")

@@ -14,9 +14,9 @@ collection pause that landed in it).
 from __future__ import annotations
 
 import time
-import warnings
 
 from ..loops import Loop
+from .delivery import warn_on_loop
 from .queue import RequestQueue
 from .worker import BatchRunner
 
@@ -50,10 +50,9 @@ class OnLoop:
             return
         if self._slow_before is not None and not self._warned:
             self._warned = True
-            warnings.warn(
+            warn_on_loop(
                 f"on-loop batches (this one of {len(batch)} requests) kept the event loop busy "
                 f"for {min(took, self._slow_before) * 1e3:.1f} ms or more each, twice in a row; "
                 "on_loop=True suits models whose batched run takes microseconds "
-                "(Batching(on_loop=False) runs batches in a worker thread)",
-                RuntimeWarning, stacklevel=1)
+                "(Batching(on_loop=False) runs batches in a worker thread)")
         self._slow_before = took
