@@ -81,6 +81,18 @@ def close_to(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def two_weight_sets() -> tuple[list[dict[str, torch.Tensor]], torch.Tensor,
+                                 list[torch.Tensor]]:
+    """The small MLP's weights and a second set (scaled by -0.5), an input, and the eager
+    outputs of each set on it: a torn output matches neither."""
+    a, b = eager_small(), eager_small()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.mul_(-0.5)
+    x = randn(2, 64)
+    return [a.state_dict(), b.state_dict()], x, [a(x).detach(), b(x).detach()]
+
+
 async def counted_call(f: Figures, model: Any, x: torch.Tensor, ref: torch.Tensor,
                        refused: type[Exception]) -> bool:
     """One call, counted in `f` (completed, wrong, or failed with the expected `refused`);
@@ -141,14 +153,7 @@ async def cancel_storm(mode: str) -> Figures:
 async def hot_swap_under_load(mode: str) -> Figures:
     """Callers run while the weights flip between two sets 100 times: every output equals the
     eager module with one set or the other (a torn output matches neither)."""
-    a = eager_small()
-    b = eager_small()
-    with torch.no_grad():
-        for p in b.parameters():
-            p.mul_(-0.5)
-    sets = [a.state_dict(), b.state_dict()]
-    x = randn(2, 64)
-    refs = [a(x).detach(), b(x).detach()]
+    sets, x, refs = two_weight_sets()
     f = figures()
     done = False
     async with aioti.load(small(), **options(mode)) as model:
@@ -467,13 +472,7 @@ def swaps_from_loops(mode: str) -> Figures:
     loop swaps the weights between two sets 50 times, and a fourth's (trio) updates the
     inactive set and swaps too: every output equals one set's (a torn output matches neither),
     and every swap succeeds."""
-    a, b = eager_small(), eager_small()
-    with torch.no_grad():
-        for p in b.parameters():
-            p.mul_(-0.5)
-    sets = [a.state_dict(), b.state_dict()]
-    x = randn(2, 64)
-    refs = [a(x).detach(), b(x).detach()]
+    sets, x, refs = two_weight_sets()
     f = figures()
     lock = threading.Lock()
     model_box: list[Any] = []
