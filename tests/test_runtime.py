@@ -8,6 +8,7 @@ import sys
 import textwrap
 import threading
 import warnings
+from typing import Any
 
 import anyio
 import pytest
@@ -240,6 +241,50 @@ def test_two_event_loops_in_two_threads(models):
         t.join(60)
     assert results == [True, True]
     anyio.run(shared.aclose)
+
+
+@pytest.mark.parametrize("batching", [None, aioti.Batching(16, 1.0, on_loop=True)],
+                         ids=["plain", "on_loop"])
+def test_a_trio_guest_run_and_its_asyncio_host_both_call(models, batching):
+    """trio in guest mode on an asyncio loop (one thread, both loops' tasks): each task's
+    requests are delivered to its own loop. Before, an asyncio task there was taken for a trio
+    one (a trio run was on) and its call failed ("must be called from async context")."""
+    import asyncio
+
+    import trio
+
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 3, 64) for i in range(8)]
+    with torch.no_grad():
+        refs = [eager(x) for x in xs]
+
+    async def calls(model: aioti.AsyncModel, i: int) -> list[bool]:
+        return [torch.allclose(await model(xs[i]), refs[i], atol=1e-5) for _ in range(20)]
+
+    async def host() -> tuple[list[list[bool]], list[list[bool]]]:
+        async with aioti.load(models["small_mlp"], batching=batching) as model:
+            loop = asyncio.get_running_loop()
+            guest_done: asyncio.Future[Any] = loop.create_future()
+            from_trio: list[list[bool]] = []
+
+            async def trio_main() -> None:
+                async def one(i: int) -> None:
+                    from_trio.append(await calls(model, i))
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(8):
+                        nursery.start_soon(one, i)
+
+            trio.lowlevel.start_guest_run(
+                trio_main, run_sync_soon_threadsafe=loop.call_soon_threadsafe,
+                done_callback=guest_done.set_result)
+            from_asyncio = await asyncio.wait_for(
+                asyncio.gather(*(calls(model, i) for i in range(8))), 60)
+            (await asyncio.wait_for(guest_done, 60)).unwrap()
+            return list(from_asyncio), from_trio
+
+    from_asyncio, from_trio = asyncio.run(host())
+    assert from_asyncio == [[True] * 20] * 8 and from_trio == [[True] * 20] * 8
 
 
 def test_successive_loops_in_one_thread(models):

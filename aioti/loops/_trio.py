@@ -92,7 +92,10 @@ _cache = threading.local()
 
 
 def current() -> TrioLoop | None:
-    if not trio.lowlevel.in_trio_run():
+    """The trio run of the calling task, wrapped; None outside a trio task. (A task, not a run:
+    in a trio guest run the host loop's own tasks, asyncio's, run in the same thread while it
+    is on.)"""
+    if not trio.lowlevel.in_trio_task():
         return None
     token = trio.lowlevel.current_trio_token()
     loop: TrioLoop | None = getattr(_cache, "loop", None)
