@@ -87,8 +87,7 @@ class RequestQueue:
             self._rows += req.rows
             if self._sleeping:
                 self._wake_locked()
-            if self._lingering and (self._rows >= self._max_rows
-                                    or len(self._items) >= self.max_queue):
+            if self._lingering and (self._rows >= self._max_rows or self.full):
                 self._cond.notify()  # as full as the batch (or the queue) gets
         return True
 
@@ -315,8 +314,8 @@ class RequestQueue:
         queue for more (a full queue takes no request until this one takes some), and until
         the oldest request has waited the delay."""
         return (
-            self._under_demand() and self._rows < self._max_rows
-            and len(self._items) < self.max_queue and not self.closing
+            self._under_demand() and self._rows < self._max_rows and not self.full
+            and not self.closing
             and time.perf_counter() - self._items[0].t0 < self._linger
         )
 

@@ -98,7 +98,7 @@ class BatchRunner:
                 self._teams.after_batch(timed, time.perf_counter() - t0, len(batch))
             return token
         except BaseException as exc:
-            unstarted = NotStarted(exc) if self._on_fault is not None else exc
+            unstarted = self._unstarted(exc)
             for req in batch:
                 if req.error is None and req.result is None:
                     req.error = unstarted if req.state == QUEUED else exc
@@ -117,6 +117,11 @@ class BatchRunner:
             if live:
                 executor.run(live, stream)
         return backend.finish(ctx)
+
+    def _unstarted(self, exc: BaseException) -> BaseException:
+        """The outcome of a request that had not started when its batch failed as a whole:
+        `NotStarted` for a replica of a pool (it may run on another), else the error."""
+        return NotStarted(exc) if self._on_fault is not None else exc
 
     def _time(self, took: float) -> None:
         """A batch's time per request, from its start until its outputs were ready, joins the
@@ -165,8 +170,7 @@ class BatchRunner:
                         self._wait_ready(token, batch)
         except Exception as exc:  # the run as a whole failed, not the request
             # As in `run`: a replica's request that had not started may run elsewhere.
-            req.error = (NotStarted(exc) if req.state == QUEUED and self._on_fault is not None
-                         else exc)
+            req.error = self._unstarted(exc) if req.state == QUEUED else exc
             req.result = None
             self.fault(exc)
         finally:  # counted over whatever escapes: the model must not stay busy
