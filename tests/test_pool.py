@@ -39,17 +39,6 @@ class FlakyCpuBackend(CpuBackend):
         return super().begin_batch(ctx, readies)
 
 
-class BreakableCpuBackend(CpuBackend):
-    """The CPU, but every batch fails (as a lost device would) once `broken` is set on it."""
-
-    broken = False
-
-    def begin_batch(self, ctx, readies):
-        if self.broken:
-            raise RuntimeError("device lost")
-        return super().begin_batch(ctx, readies)
-
-
 @pytest.fixture
 def other_backend():
     """Register a backend class for device type privateuseone (a CPU underneath)."""
@@ -124,20 +113,23 @@ async def test_a_lone_request_on_a_failing_replica_goes_to_another(models, other
     """A lone request runs on its caller's thread with the replica the router picked; when that
     replica's backend step fails before the run, the request runs on the other replica (its
     caller gets its outputs) and the failing one is taken out."""
-    other_backend(BreakableCpuBackend)
+    other_backend(FlakyCpuBackend)  # replica 0's; replica 1 is on the plain CPU backend
     eager = eager_model("small_mlp")
     xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
-    async with aioti.load(models["small_mlp"], device=["privateuseone:0", "cpu"],
-                          threads=1) as model:
-        await call_all(model, xs)  # both replicas run, and time their runs
-        model.router._last = 0  # lone requests go to replica 0 (ties go to the last one)
-        for x in xs:
-            await model(x)
-        before = model.stats()["replicas"][0]["ran_on_caller_thread"]
-        assert before > 0
-        model.replicas[0].backend.broken = True
-        got = [await model(x) for x in xs]
-        stats = model.stats()
+    try:
+        async with aioti.load(models["small_mlp"], device=["privateuseone:0", "cpu"],
+                              threads=1) as model:
+            await call_all(model, xs)  # both replicas run, and time their runs
+            model.router._last = 0  # lone requests go to replica 0 (ties go to the last one)
+            for x in xs:
+                await model(x)
+            before = model.stats()["replicas"][0]["ran_on_caller_thread"]
+            assert before > 0
+            FlakyCpuBackend.broken.set()
+            got = [await model(x) for x in xs]
+            stats = model.stats()
+    finally:
+        FlakyCpuBackend.broken.clear()
     with torch.no_grad():
         assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(got, xs))
     broken, other = stats["replicas"]
