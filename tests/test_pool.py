@@ -255,9 +255,11 @@ async def test_a_failing_replica_is_taken_out_and_the_rest_serve(models, other_b
 async def test_close_with_work_in_flight(models):
     x = torch.randn(64, 1024)
     model = await aioti.load(models["mid_mlp"], device=["cpu", "cpu"])
-    # the cores are split between the replicas on the CPU
+    # the cores are split between the replicas on the CPU (each replica's lead keeps a core for
+    # every other worker of its own: the exact split depends on the machine's worker count)
     cores = torch.get_num_threads()
-    assert all(r.threads.alone == max(1, cores // 2) for r in model.replicas)
+    teams = [r.threads.alone for r in model.replicas]
+    assert all(1 <= t <= max(1, cores // 2) for t in teams), (teams, cores)
     got = []
 
     async def caller():
