@@ -130,6 +130,21 @@ def _tensor_from_json(entry: dict[str, Any], dtype: torch.dtype, shape: list[int
     return t.reshape(shape)
 
 
+def _params(holder: dict[str, Any], what: str) -> dict[str, Any]:
+    """The `parameters` object of a request, an input or an output ({} when absent)."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{what}: 'parameters' must be an object, got {params!r}")
+    return params
+
+
+def _is_int(value: Any) -> bool:
+    """A JSON integer (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for d in shape:
@@ -151,6 +166,8 @@ def decode_request(body: bytes, header_length: int | None, names: list[str]) -> 
         req = _loads(head)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request is not JSON: {exc}") from exc
+    except RecursionError as exc:  # the standard library's parser recurses per nesting level
+        raise BadRequest(f"the request's JSON is nested too deeply: {exc}") from exc
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise BadRequest("the request needs an 'inputs' list")
     by_name: dict[str, torch.Tensor] = {}
@@ -159,21 +176,21 @@ def decode_request(body: bytes, header_length: int | None, names: list[str]) -> 
         if not isinstance(entry, dict) or not {"name", "shape", "datatype"} <= set(entry):
             raise BadRequest("each input needs 'name', 'shape' and 'datatype'")
         name = entry["name"]
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise BadRequest(f"unknown input {name!r}; the model takes {names}")
         if name in by_name:
             raise BadRequest(f"input {name!r} is given twice")
-        dtype = DATATYPES.get(entry["datatype"])
+        dtype = DATATYPES.get(entry["datatype"]) if isinstance(entry["datatype"], str) else None
         if dtype is None:
             raise BadRequest(f"input {name!r}: datatype {entry['datatype']!r} is not supported "
                              f"(supported: {', '.join(DATATYPES)})")
         shape = entry["shape"]
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise BadRequest(f"input {name!r}: shape must be a list of sizes, got {shape!r}")
-        size = (entry.get("parameters") or {}).get("binary_data_size")
+        size = _params(entry, f"input {name!r}").get("binary_data_size")
         if size is not None:
             want = _numel(shape) * dtype.itemsize
-            if size != want or offset + size > len(rest):
+            if not _is_int(size) or size != want or offset + size > len(rest):
                 raise BadRequest(
                     f"input {name!r}: binary_data_size {size}, but shape {shape} of "
                     f"{entry['datatype']} needs {want} bytes and {len(rest) - offset} are left")
@@ -188,7 +205,7 @@ def decode_request(body: bytes, header_length: int | None, names: list[str]) -> 
     missing = [n for n in names if n not in by_name]
     if missing:
         raise BadRequest(f"missing inputs {missing}; the model takes {names}")
-    params = req.get("parameters") or {}
+    params = _params(req, "the request")
     wanted = req.get("outputs")
     outputs = None
     binary: dict[str, bool] = {}
@@ -197,10 +214,10 @@ def decode_request(body: bytes, header_length: int | None, names: list[str]) -> 
             raise BadRequest("'outputs' must be a list")
         outputs = []
         for o in wanted:
-            if not isinstance(o, dict) or "name" not in o:
-                raise BadRequest("each requested output needs a 'name'")
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise BadRequest(f"each requested output needs a 'name' string, got {o!r}")
             outputs.append(o["name"])
-            flag = (o.get("parameters") or {}).get("binary_data")
+            flag = _params(o, f"output {o['name']!r}").get("binary_data")
             if flag is not None:
                 binary[o["name"]] = bool(flag)
     rid = req.get("id")

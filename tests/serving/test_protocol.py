@@ -72,3 +72,55 @@ def test_non_finite_floats(codec: str) -> None:
 def test_bad_json_is_a_bad_request(codec: str, body: bytes) -> None:
     with pytest.raises(BadRequest):
         decode_request(body, None, ["input0"])
+
+
+def _request(**changes: object) -> dict[str, object]:
+    """A valid request for inputs `input0` (JSON) and `scale` (binary, 4 bytes), with entries
+    replaced: `input0_<key>`, `scale_<key>`, `output_<key>` or a top-level key."""
+    req: dict[str, object] = {"inputs": [
+        {"name": "input0", "shape": [2], "datatype": "FP32", "data": [1.0, 2.0]},
+        {"name": "scale", "shape": [1], "datatype": "FP32",
+         "parameters": {"binary_data_size": 4}}],
+        "outputs": [{"name": "output0"}]}
+    entries = {"input0": req["inputs"][0], "scale": req["inputs"][1],  # type: ignore[index]
+               "output": req["outputs"][0]}  # type: ignore[index]
+    for key, value in changes.items():
+        head, _, rest = key.partition("_")
+        if head in entries and rest:
+            entries[head][rest] = value
+        else:
+            req[key] = value
+    return req
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"input0_datatype": ["FP32"]}, "datatype ['FP32'] is not supported"),
+    ({"input0_datatype": {}}, "datatype {} is not supported"),
+    ({"input0_name": ["input0"]}, "unknown input ['input0']"),
+    ({"input0_shape": [True, 1]}, "shape must be a list of sizes"),
+    ({"scale_parameters": [4]}, "input 'scale': 'parameters' must be an object"),
+    ({"scale_parameters": {"binary_data_size": 4.0}}, "binary_data_size 4.0"),
+    ({"scale_parameters": {"binary_data_size": True}}, "binary_data_size True"),
+    ({"parameters": "binary"}, "the request: 'parameters' must be an object"),
+    ({"output_parameters": 1.5}, "output 'output0': 'parameters' must be an object"),
+    ({"output_name": ["output0"]}, "needs a 'name' string"),
+])
+def test_malformed_requests_name_what_is_wrong(codec: str, changes: dict[str, object],
+                                               named: str) -> None:
+    """Each answers BadRequest (HTTP 400) saying what is wrong, never another error (a 500)."""
+    head = json.dumps(_request(**changes)).encode()
+    with pytest.raises(BadRequest) as caught:
+        decode_request(head + b"\0" * 4, len(head), ["input0", "scale"])
+    assert named in str(caught.value)
+
+
+def test_the_valid_request_of_the_malformed_ones_decodes(codec: str) -> None:
+    head = json.dumps(_request()).encode()
+    decoded = decode_request(head + b"\0" * 4, len(head), ["input0", "scale"])
+    assert decoded.inputs[0].tolist() == [1.0, 2.0] and decoded.outputs == ["output0"]
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
+def test_deeply_nested_json_is_a_bad_request(codec: str, body: bytes) -> None:
+    with pytest.raises(BadRequest, match="nested too deeply|not JSON"):
+        decode_request(body, None, ["input0"])
