@@ -1,6 +1,9 @@
-"""Every exception aioti raises on purpose. All derive from `AiotiError`."""
+"""Every exception aioti raises on purpose (all derive from `AiotiError`), and the checks of
+option values that raise the built-in ones."""
 
 from __future__ import annotations
+
+import math
 
 __all__ = [
     "AiotiError",
@@ -11,6 +14,8 @@ __all__ = [
     "ModelRunError",
     "QueueFullError",
     "UnsupportedOperation",
+    "check_count",
+    "check_duration",
 ]
 
 
@@ -45,3 +50,24 @@ class QueueFullError(AiotiError):
 
 class BackendError(AiotiError):
     """A device backend is unknown, unavailable, or failed to initialize."""
+
+
+def check_count(name: str, value: object, minimum: int | None = 1) -> int:
+    """`value` if it is an int (not a bool) of at least `minimum` (None: any); else TypeError
+    (not an int) or ValueError, naming the option, what it takes and what was given."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_duration(name: str, value: object, *, positive: bool = False) -> float:
+    """`value` if it is a finite real number >= 0 (> 0 with `positive`); else TypeError or
+    ValueError, as `check_count`."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                         f"got {value}")
+    return value

@@ -23,7 +23,7 @@ from .core.container import Container, open_container
 from .core.package import ModelFiles, discard, open_model
 from .core.threads import ThreadTeams, team_of_one
 from .core.weights import read_state_dict
-from .errors import InputError
+from .errors import InputError, check_count
 from .loops.parking import ParkingLot
 from .model import AsyncModel
 from .pool import ReplicaPool
@@ -118,10 +118,15 @@ def load(
     """
     if on_full not in ("wait", "raise"):
         raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if threads is not None:
+        check_count("threads", threads)
+    if workers is not None:
+        check_count("workers", workers)
+    check_count("max_queue", max_queue)
+    if batching is not None and not isinstance(batching, Batching):
+        raise TypeError(f"batching must be an aioti.Batching or None, got {batching!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, CudaGraphs):
+        raise TypeError(f"cuda_graphs must be an aioti.CudaGraphs or None, got {cuda_graphs!r}")
     wanted = devices(device)
 
     async def opener() -> AsyncModel:

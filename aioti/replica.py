@@ -33,6 +33,9 @@ def devices(spec: str | torch.device | Sequence[str | torch.device]) -> list[str
     that type (`torch.TYPE.device_count()`)."""
     if isinstance(spec, (str, torch.device)):
         spec = [spec]
+    elif not isinstance(spec, Sequence):
+        raise TypeError("device must be a device name, a torch.device or a list of them, "
+                        f"got {spec!r} ({type(spec).__name__})")
     out: list[str | torch.device] = []
     for d in spec:
         if isinstance(d, str) and d.endswith(":*"):

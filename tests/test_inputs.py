@@ -177,3 +177,44 @@ async def test_a_specialized_non_tensor_argument_warns_once():
                           capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr[-2000:]
     assert "non-tensor 1 argument(s) specialized at export" in info.stdout
+
+
+# (load options, the exception, fragments its message must contain)
+BAD_OPTIONS = [
+    ({"workers": 0}, ValueError, ["workers", ">= 1", "0"]),
+    ({"workers": "2"}, TypeError, ["workers", "an int", "'2'"]),
+    ({"threads": 2.5}, TypeError, ["threads", "an int", "2.5"]),
+    ({"max_queue": True}, TypeError, ["max_queue", "an int", "True"]),
+    ({"max_queue": None}, TypeError, ["max_queue", "an int", "None"]),
+    ({"device": 3}, TypeError, ["device", "a device name", "3"]),
+    ({"batching": True}, TypeError, ["batching", "aioti.Batching", "True"]),
+    ({"cuda_graphs": True}, TypeError, ["cuda_graphs", "aioti.CudaGraphs", "True"]),
+    ({"on_full": None}, ValueError, ["on_full", "'wait' or 'raise'", "None"]),
+]
+
+
+@pytest.mark.parametrize(("options", "error", "fragments"), BAD_OPTIONS,
+                         ids=[next(iter(o)) + "=" + repr(next(iter(o.values()))) for o, *_ in
+                              BAD_OPTIONS])
+async def test_bad_load_options_name_what_is_wrong(models, options, error, fragments):
+    with pytest.raises(error) as caught:
+        await aioti.load(models["small_mlp"], **options)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+@pytest.mark.parametrize(("make", "fragments"), [
+    (lambda: aioti.Batching(max_delay_ms=float("inf")), ["max_delay_ms", "finite", "inf"]),
+    (lambda: aioti.Batching(max_delay_ms=float("nan")), ["max_delay_ms", "finite", "nan"]),
+    (lambda: aioti.Batching(max_batch_size=1.5), ["max_batch_size", "an int", "1.5"]),
+    (lambda: aioti.Batching(dim="0"), ["dim", "an int", "'0'"]),
+    (lambda: aioti.CudaGraphs(batch_sizes=(1, 2.0)), ["batch_sizes", "an int", "2.0"]),
+    (lambda: aioti.CudaGraphs(max_memory_mb=float("inf")), ["max_memory_mb", "finite", "inf"]),
+    (lambda: aioti.CudaGraphs(warmup=0), ["warmup", ">= 1", "0"]),
+])
+def test_bad_option_values_name_what_is_wrong(make, fragments):
+    """A delay of inf once crashed the worker that waited on it (OverflowError)."""
+    with pytest.raises((TypeError, ValueError)) as caught:
+        make()
+    for fragment in fragments:
+        assert fragment in str(caught.value)

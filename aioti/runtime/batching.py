@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..core.signature import Layout, Signature
-from ..errors import InputError
+from ..errors import InputError, check_count, check_duration
 from .executor import RunMany
 from .request import Request
 from .stats import Latencies
@@ -50,10 +50,9 @@ class Batching:
     on_loop: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_delay_ms < 0:
-            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        check_count("max_batch_size", self.max_batch_size)
+        check_duration("max_delay_ms", self.max_delay_ms)
+        check_count("dim", self.dim, None)
 
 
 RunOne = Callable[[list[torch.Tensor], "int | None"], list[torch.Tensor]]

@@ -39,7 +39,7 @@ import torch
 
 from ..backends.cuda_driver import driver
 from ..core import runmany
-from ..errors import InputError, ModelRunError
+from ..errors import InputError, ModelRunError, check_count, check_duration
 from .batching import probe_batch_dim
 
 if TYPE_CHECKING:
@@ -64,13 +64,15 @@ class CudaGraphs:
     warmup: int = 2
 
     def __post_init__(self) -> None:
-        if not self.batch_sizes or any(int(n) < 1 for n in self.batch_sizes):
-            raise ValueError(f"batch_sizes must be sizes >= 1, got {self.batch_sizes!r}")
-        if self.max_memory_mb is not None and self.max_memory_mb <= 0:
-            raise ValueError(f"max_memory_mb must be > 0, got {self.max_memory_mb}")
-        if self.warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (capture needs a run before it), "
-                             f"got {self.warmup}")
+        sizes = self.batch_sizes
+        if not isinstance(sizes, (tuple, list)) or not sizes:
+            raise ValueError(f"batch_sizes must be sizes >= 1, got {sizes!r}")
+        for n in sizes:
+            check_count("each of batch_sizes", n)
+        if self.max_memory_mb is not None:
+            check_duration("max_memory_mb", self.max_memory_mb, positive=True)
+        check_count("dim", self.dim, None)
+        check_count("warmup (capture needs a run before it)", self.warmup)
 
 
 class _Graph:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import check_count, check_duration
+
 __all__ = ["RuntimeOptions"]
 
 
@@ -34,11 +36,9 @@ class RuntimeOptions:
     name: str = "aioti"
 
     def __post_init__(self) -> None:
-        for field, least in (("workers", 1), ("max_queue", 1), ("max_batch_size", 1)):
-            if getattr(self, field) < least:
-                raise ValueError(f"{field} must be >= {least}, got {getattr(self, field)}")
-        if self.max_delay_ms < 0:
-            raise ValueError(f"max_delay_ms must be >= 0, got {self.max_delay_ms}")
+        for field in ("workers", "max_queue", "max_batch_size"):
+            check_count(field, getattr(self, field))
+        check_duration("max_delay_ms", self.max_delay_ms)
 
     @property
     def max_delay_s(self) -> float:

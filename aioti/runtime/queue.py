@@ -35,10 +35,13 @@ from .lifecycle import FORKED
 from .options import RuntimeOptions
 from .request import CANCELLED, QUEUED, RUNNING, Request
 
-__all__ = ["STOP", "RequestQueue"]
+__all__ = ["CLOSED", "STOP", "RequestQueue"]
 
 #: what `take` returns to a worker that should exit (closing, nothing queued or in flight)
 STOP: Any = object()
+
+#: a queue's `closed_reason` until something else closes it
+CLOSED = "the model is closed"
 
 
 
@@ -56,7 +59,7 @@ class RequestQueue:
         # empty lot is falsy).
         self._room = room if room is not None else ParkingLot()
         self.closing = False
-        self.closed_reason = "the model is closed"
+        self.closed_reason = CLOSED
         self._drop_queued = False
         self._paused = 0
         self.running = 0  # batches taken and not yet finished

@@ -18,6 +18,7 @@ Neither part knows an event loop: delivery is a callback's business, and a worke
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -32,10 +33,12 @@ from ..loops import Loop
 from .delivery import Delivery
 from .executor import Executor
 from .options import RuntimeOptions
-from .queue import STOP, RequestQueue
+from .queue import CLOSED, STOP, RequestQueue
 from .request import QUEUED, RUNNING, NotStarted, Request
 
 __all__ = ["BatchRunner", "Workers"]
+
+log = logging.getLogger("aioti")
 
 
 class BatchRunner:
@@ -290,6 +293,13 @@ class Workers:
                     if len(flight) > max_flight:
                         runner.land(*flight.popleft())
                 del batch, taken
+        except BaseException as exc:
+            # Not a run's failure (a run's is its requests' outcome): the runtime's own. The
+            # requests left and later calls say so, not that the model was closed.
+            queue.closed_reason = (f"the model's worker {index} failed "
+                                   f"({type(exc).__name__}: {exc}); it serves no more requests")
+            log.error("aioti: %s", queue.closed_reason, exc_info=exc)
+            runner.fault(exc)
         finally:
             while flight:
                 runner.land(*flight.popleft())
@@ -300,8 +310,9 @@ class Workers:
                 self._backend.stop_worker(ctx)
             leftover = queue.exit_worker()
             if leftover is not None:  # the last worker
-                runner.delivery.fail(
-                    leftover, ClosedError("the model's workers stopped before this request ran"))
+                reason = queue.closed_reason if queue.closed_reason != CLOSED else \
+                    "the model's workers stopped before this request ran"
+                runner.delivery.fail(leftover, ClosedError(reason))
                 try:
                     self._on_stopped()
                 finally:

@@ -340,3 +340,33 @@ def test_the_leads_batches_alone_are_measured_only_when_they_stayed_alone():
     lone(5.0)
     assert recorded == [1, 1]
     d.shutdown(wait=5)
+
+
+class _NoContextBackend(Backend):
+    """A worker's start fails once `go` is set: a failure of the runtime, not of a run."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.go = threading.Event()
+
+    def start_worker(self, index: int) -> object:
+        self.go.wait(10)
+        raise RuntimeError("no context for this worker")
+
+
+def test_a_failed_worker_says_why_to_queued_and_later_requests(caplog):
+    backend, faults, stopped = _NoContextBackend(), [], threading.Event()
+    d = Dispatcher(DoublingExecutor(), backend, RuntimeOptions(), on_fault=faults.append,
+                   on_stopped=stopped.set)
+    loop = PlainLoop()
+    queued = request(torch.tensor(1.0), loop)
+    assert d.try_submit(queued)
+    backend.go.set()
+    assert stopped.wait(10)
+    loop.drain(1)
+    why = "worker 0 failed (RuntimeError: no context for this worker)"
+    assert isinstance(queued.error, ClosedError) and why in str(queued.error)
+    with pytest.raises(ClosedError, match=r"worker 0 failed \(RuntimeError"):
+        d.try_submit(request(torch.tensor(2.0), loop))
+    assert [str(f) for f in faults] == ["no context for this worker"]
+    assert why in caplog.text  # with its traceback, on the "aioti" logger
