@@ -402,6 +402,9 @@ class AsyncModel:
             from .core.weights import read_state_dict
 
             return await anyio.to_thread.run_sync(read_state_dict, Path(mapping))
+        if not isinstance(mapping, Mapping):
+            raise TypeError("constants must be a mapping of names to tensors (a state_dict) or "
+                            f"a weights file's path, got {type(mapping).__name__}")
         return mapping
 
     # --- closing -----------------------------------------------------------------------------

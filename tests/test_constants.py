@@ -100,15 +100,22 @@ async def test_load_constants_from_blob(models, tmp_path):
         assert torch.allclose(await model(x), eager_model("buffers")(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [{"nope": torch.zeros(1)}, {"fc.weight": torch.zeros(3)},
-                                 {"fc.weight": torch.zeros(16, 16, dtype=torch.int64)}])
-async def test_bad_mapping_changes_nothing(models, bad):
+@pytest.mark.parametrize(("bad", "error", "named"), [
+    ({"nope": torch.zeros(1)}, aioti.InputError, "unknown constant(s) 'nope'"),
+    ({"fc.weight": torch.zeros(3)}, aioti.InputError, "expected shape"),
+    ({"fc.weight": torch.zeros(16, 16, dtype=torch.int64)}, aioti.InputError, "expected dtype"),
+    ({"fc.weight": [[0.0] * 16] * 16}, aioti.InputError, "expected a torch.Tensor, got list"),
+    ([torch.zeros(16, 16)], TypeError, "a mapping of names to tensors"),
+    (".", aioti.InputError, "is not a file"),
+], ids=["unknown", "shape", "dtype", "list value", "not a mapping", "a directory"])
+async def test_bad_mapping_changes_nothing(models, bad, error, named):
     x = torch.randn(8, 16)
     async with aioti.load(models["buffers"]) as model:
         before = await model(x)
         for call in (model.update_constants, model.hot_swap, model.update_inactive_constants):
-            with pytest.raises(aioti.InputError):
+            with pytest.raises(error) as caught:
                 await call(bad)
+            assert named in str(caught.value)
         assert torch.allclose(await model(x), before)
 
 

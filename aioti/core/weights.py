@@ -18,7 +18,8 @@ __all__ = ["read_package_weights", "read_state_dict"]
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, by key. Raises `InputError` naming the file on failure."""
     if not path.is_file():
-        raise InputError(f"weights file {str(path)!r} does not exist")
+        what = "is not a file" if path.exists() else "does not exist"
+        raise InputError(f"weights file {str(path)!r} {what}")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
