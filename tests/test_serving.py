@@ -221,6 +221,21 @@ def test_bad_bodies_unknown_models_and_binary_sizes(server):
     r = post(server, "/v2/models/small/infer", content=head,
              headers={"Inference-Header-Content-Length": "99999"})
     assert r.status_code == 400 and "the body has" in r.json()["error"]
+    r = post(server, "/v2/models/small/infer", json={"inputs": [
+        {"name": "input0", "shape": [1, 64], "datatype": ["FP32"], "data": [0.0] * 64}]})
+    assert r.status_code == 400 and "datatype ['FP32'] is not supported" in r.json()["error"]
+
+
+def test_a_version_not_served_is_404(server):
+    """Every model serves version "1"; another version is not found, on every endpoint."""
+    body = {"inputs": [{"name": "input0", "shape": [1, 64], "datatype": "FP32",
+                        "data": [0.0] * 64}]}
+    assert post(server, "/v2/models/small/versions/1/infer", json=body).status_code == 200
+    for method, endpoint in (("POST", "/infer"), ("GET", ""), ("GET", "/ready")):
+        r = httpx.request(method, f"{server.base}/v2/models/small/versions/7{endpoint}",
+                          json=body, timeout=30)
+        assert r.status_code == 404, (endpoint, r.text)
+        assert "has no version '7' (it serves version '1')" in r.json()["error"]
 
 
 @pytest.mark.parametrize("device", ["cpu", ["cpu", "cpu"]], ids=["model", "pool"])
@@ -287,6 +302,10 @@ def test_load_unload_and_index(server, models):
         [-1, 1024]
     r = post(server, "/v2/repository/models/extra/load", json={"parameters": {"config": "{}"}})
     assert r.status_code == 400 and "unsupported load parameters" in r.json()["error"]
+    r = post(server, "/v2/repository/models/extra/load", json={"parameters": ["path"]})
+    assert r.status_code == 400 and "parameters must be an object" in r.json()["error"]
+    r = post(server, "/v2/repository/models/extra/load", json={"parameters": {"path": 3}})
+    assert r.status_code == 400 and "path must be a string, got 3" in r.json()["error"]
     r = post(server, "/v2/repository/models/broken/load",
              json={"parameters": {"path": "/nonexistent.pt2"}})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]

@@ -15,9 +15,9 @@ them (all bodies JSON; errors are `{"error": "..."}`):
   a hot swap that never drops a request;
 - `GET /metrics` (Prometheus text).
 
-Status codes: 400 for a bad request (the `InputError` text), 404 for an unknown model, 413 for a
-body over `max_body_bytes`, 503 with `Retry-After` when the model's queue is full (or it is
-closing), 500 for a failed run. A client that disconnects cancels its request: if still queued,
+Status codes: 400 for a bad request (the `InputError` text), 404 for an unknown model (or a
+version other than "1"), 413 for a body over `max_body_bytes`, 503 with `Retry-After` when the
+model's queue is full (or it is closing), 500 for a failed run. A client that disconnects cancels its request: if still queued,
 it never runs.
 """
 
@@ -40,11 +40,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
-from ..errors import AiotiError, InputError, ModelLoadError
+from ..errors import AiotiError, ClosedError, InputError, ModelLoadError
 from ..loader import load
 from ..model import AsyncModel
 from ..runtime.batching import Batching
-from .infer import VERSION, Infer, NotFound, Scope, error_response, infer_target
+from .infer import VERSION, Infer, NotFound, Scope, check_version, error_response, infer_target
 from .metrics import Metrics
 from .protocol import BadRequest, datatype, input_names, output_names
 
@@ -215,16 +215,23 @@ def app(
                              "extensions": ["binary_tensor_data", "model_repository"]})
 
     async def model_metadata(request: Request) -> Response:
+        name = request.path_params["name"]
         try:
-            entry = repo.get(request.path_params["name"])
+            check_version(name, request.path_params.get("version"))
+            entry = repo.get(name)
         except NotFound as exc:
             return error_response(404, str(exc))
         return JSONResponse(entry.metadata)
 
     async def model_ready(request: Request) -> Response:
-        entry = repo.entries.get(request.path_params["name"])
-        if entry is None:
-            return error_response(404, str(NotFound(request.path_params["name"])))
+        name = request.path_params["name"]
+        entry = repo.entries.get(name)
+        try:
+            check_version(name, request.path_params.get("version"))
+            if entry is None:
+                raise NotFound(name)
+        except NotFound as exc:
+            return error_response(404, str(exc))
         return Response(status_code=200 if entry.model is not None else 400)
 
     infer = Infer(repo, metrics, max_body_bytes)
@@ -241,13 +248,19 @@ def app(
             try:
                 params = (await request.json()).get("parameters") or {}
             except (ValueError, AttributeError):
-                return error_response(400, "the load request body must be JSON")
+                return error_response(400, "the load request body must be a JSON object")
+            if not isinstance(params, dict):
+                return error_response(400, f"the load request's parameters must be an object, "
+                                      f"got {params!r}")
             unknown = set(params) - {"path"}
             if unknown:
                 return error_response(
                     400, f"unsupported load parameters {sorted(unknown)}: aioti loads a "
                     "package from the server's disk ({'path': ...})")
             path = params.get("path")
+            if path is not None and not isinstance(path, str):
+                return error_response(400, f"the load request's path must be a string, "
+                                      f"got {path!r}")
         try:
             await repo.load(name, path)
         except NotFound as exc:
@@ -275,6 +288,8 @@ def app(
             await entry.model.hot_swap(path)
         except NotFound as exc:
             return error_response(404, str(exc))
+        except ClosedError as exc:  # unloaded meanwhile
+            return error_response(503, f"model {name!r} is closing: {exc}", **{"Retry-After": "1"})
         except (InputError, OSError, ValueError) as exc:
             metrics.hot_swaps.labels(name, "failed").inc()
             return error_response(

@@ -26,7 +26,7 @@ from ..loops import current_loop
 from .metrics import Metrics
 from .protocol import HEADER_LENGTH, BadRequest, decode_request, encode_response
 
-__all__ = ["VERSION", "Infer", "NotFound", "error_response", "infer_target",
+__all__ = ["VERSION", "Infer", "NotFound", "check_version", "error_response", "infer_target",
            "run_unless_disconnected"]
 
 Scope = MutableMapping[str, Any]
@@ -41,8 +41,16 @@ _BINARY = [(b"content-type", b"application/octet-stream")]
 
 
 class NotFound(AiotiError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"unknown model {name!r} (not in the repository, or not loaded)")
+    def __init__(self, name: str, version: str | None = None) -> None:
+        super().__init__(
+            f"unknown model {name!r} (not in the repository, or not loaded)" if version is None
+            else f"model {name!r} has no version {version!r} (it serves version {VERSION!r})")
+
+
+def check_version(name: str, version: str | None) -> None:
+    """`NotFound` for a version of a model's path other than the one served (None: none named)."""
+    if version is not None and version != VERSION:
+        raise NotFound(name, version)
 
 
 class Served(Protocol):
@@ -64,7 +72,7 @@ def infer_target(scope: Scope) -> str | None:
     parts = path.split("/")
     if parts[-1:] != ["infer"] or parts[:3] != ["", "v2", "models"]:
         return None
-    if len(parts) == 5 or len(parts) == 7 and parts[4] == "versions" and parts[5]:
+    if len(parts) == 5 or len(parts) == 7 and parts[4] == "versions" and parts[5] == VERSION:
         return parts[3] or None
     return None
 
@@ -94,6 +102,7 @@ class Infer:
         t0 = time.perf_counter()
         outcome = "error"
         try:
+            check_version(name, scope["path_params"].get("version"))
             entry = self._models.get(name)
             body, header = await self._read(scope, receive)
             decoded = decode_request(body, header, entry.inputs)
