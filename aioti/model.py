@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
@@ -201,6 +202,12 @@ class AsyncModel:
             ) -> Coroutine[Any, Any, list[torch.Tensor]]:
         """Run on a flat list of tensors; returns the flat list of outputs (a coroutine: the
         request is made when it is awaited)."""
+        if type(inputs) is not list and (
+                isinstance(inputs, (torch.Tensor, Mapping, str)) or inputs is None):
+            # a tensor would be taken row by row, a mapping key by key
+            raise TypeError(
+                f"run takes a list of tensors (the flat inputs), got {type(inputs).__name__}: "
+                "model.run([x]), or call the model on its arguments: model(x)")
         if timeout is None:
             return self._submit(list(inputs))  # one coroutine frame fewer per request
         return self._with_timeout(self._submit(list(inputs)), timeout)
@@ -210,13 +217,18 @@ class AsyncModel:
         """Like `run`, but takes the inputs over: `inputs` is emptied once the request is
         queued, so the model holds the only references and frees them after use."""
         if not isinstance(inputs, list):
-            raise InputError(f"boxed_run takes a list of tensors, got {type(inputs).__name__}")
+            raise TypeError(f"boxed_run takes a list of tensors, got {type(inputs).__name__}")
         return await self._with_timeout(self._submit(inputs, boxed=True), timeout)
 
     @staticmethod
     async def _with_timeout(coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
         if timeout is None:
             return await coro
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) \
+                or math.isnan(timeout):
+            coro.close()
+            raise (ValueError if isinstance(timeout, float) else TypeError)(
+                f"timeout must be a number of seconds or None, got {timeout!r}")
         with anyio.fail_after(timeout):
             return await coro
 

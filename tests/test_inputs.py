@@ -106,6 +106,26 @@ async def test_pytree_call_errors(models):
             await model(X, Y)
 
 
+@pytest.mark.parametrize(("inputs", "given"), [
+    (X, "got Tensor"), ({"input0": X}, "got dict"), (None, "got NoneType")])
+async def test_run_refuses_what_is_not_a_list_of_inputs(models, inputs, given):
+    """A tensor would be taken row by row (each row an input), a mapping key by key."""
+    async with aioti.load(models["small_mlp"]) as model:
+        with pytest.raises(TypeError, match=f"run takes a list of tensors.*{given}"):
+            await model.run(inputs)
+        assert (await model.run((torch.randn(2, 64),)))[0].shape == (2, 10)  # any sequence
+
+
+@pytest.mark.parametrize(("timeout", "error"), [
+    ("1", TypeError), (True, TypeError), (float("nan"), ValueError)])
+async def test_run_refuses_a_timeout_that_is_not_seconds(models, timeout, error):
+    async with aioti.load(models["small_mlp"]) as model:
+        with pytest.raises(error, match="timeout must be a number of seconds"):
+            await model.run([torch.randn(2, 64)], timeout=timeout)
+        with pytest.raises(TimeoutError):
+            await model.run([torch.randn(2, 64)], timeout=0)
+
+
 @pytest.fixture(scope="module")
 def old_style_signature(models, tmp_path_factory):
     """The signature as read from a torch 2.11 wrapper, which has no assert_size_stride calls."""

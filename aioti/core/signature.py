@@ -206,8 +206,8 @@ class Signature:
         if len(tensors) != len(self.inputs):
             names = ", ".join(s.label for s in self.inputs)
             raise InputError(
-                f"wrong number of inputs: expected {len(self.inputs)} ({names}), "
-                f"got {len(tensors)}"
+                f"wrong number of inputs: expected {len(self.inputs)}, got {len(tensors)} "
+                f"(the model takes {names})"
             )
         if not full:
             return None
