@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import harness
+from .errors import check_count, check_duration
 
 __all__ = ["main"]
 
@@ -21,6 +22,29 @@ def _devices(text: str) -> str | list[str]:
     """`--device`: one device, or several separated by commas (a replica pool); `cuda:*` too."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
     return parts[0] if len(parts) == 1 else parts
+
+
+def _count(text: str) -> int:
+    """An argument that counts something: an int >= 1."""
+    try:
+        return check_count("the value", int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from exc
+
+
+def _seconds(text: str) -> float:
+    """An argument in seconds: a finite number > 0."""
+    try:
+        return check_duration("the value", float(text), positive=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from exc
+
+
+def _port(text: str) -> int:
+    """A TCP port: 0 (any free one) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def _specialized(c: Any) -> int:
@@ -312,13 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", type=Path)
     p.add_argument("--device", type=_devices, default="cpu",
                    help="a device, or several separated by commas (a replica pool), or cuda:*")
-    p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--concurrency", type=_count, default=64)
+    p.add_argument("--duration", type=_seconds, default=5.0)
     p.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--rows", type=int, default=8,
+    p.add_argument("--workers", type=_count)
+    p.add_argument("--rows", type=_count, default=8,
                    help="size of each dynamic dimension of the random inputs (default 8)")
-    p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
+    p.add_argument("--batching", type=_count, metavar="MAX_BATCH", help="enable batching")
     p.add_argument("--on-loop", action="store_true",
                    help="run batches on the event loop's thread (Batching(on_loop=True))")
     p.add_argument("--no-c1", action="store_true",
@@ -331,18 +355,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="the name of a model, in order (default: its file's stem)")
     p.add_argument("--device", type=_devices, default="cpu",
                    help="a device, or several separated by commas (a replica pool), or cuda:*")
-    p.add_argument("--batching", type=int, metavar="MAX_BATCH", help="enable batching")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--max-queue", type=int, default=1024,
+    p.add_argument("--batching", type=_count, metavar="MAX_BATCH", help="enable batching")
+    p.add_argument("--workers", type=_count)
+    p.add_argument("--max-queue", type=_count, default=1024,
                    help="requests waiting per model before 503 (default 1024)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--drain", type=float, default=30.0,
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--drain", type=_seconds, default=30.0,
                    help="seconds to finish requests in flight on SIGTERM/SIGINT (default 30)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(fn=_serve)
     p = sub.add_parser("demo", help="compile the demo model once and compare with to_thread")
-    p.add_argument("--duration", type=float, default=2.0)
+    p.add_argument("--duration", type=_seconds, default=2.0)
     p.set_defaults(fn=_demo)
     args = parser.parse_args(argv)
     try:

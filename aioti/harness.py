@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+from .errors import check_count, check_duration
+
 __all__ = ["c1_figure", "gather", "measure", "percentile"]
 
 
@@ -15,6 +17,9 @@ async def measure(model: Any, inputs: list[Any], concurrency: int, duration: flo
                   progress: bool = False) -> dict[str, Any]:
     """Closed-loop load from `concurrency` tasks for `duration` s: rate, latency, loop lag."""
     import anyio
+
+    check_count("concurrency", concurrency)
+    check_duration("duration", duration, positive=True)
 
     lat: list[float] = []
     lags: list[float] = []

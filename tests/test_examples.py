@@ -180,3 +180,22 @@ def test_cli(models, tmp_path):
     assert len(per) == 2 and all(n > 0 for n in per.values())
     both = cli("info", str(models["small_mlp"]), "--device", "cpu,cpu", "--json")
     assert json.loads(both.stdout)["loaded_on"] == ["cpu", "cpu"]
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["bench", "m.pt2", "--concurrency", "0"], "--concurrency: expected an int >= 1, got '0'"),
+    (["bench", "m.pt2", "--duration", "nan"], "--duration: expected seconds > 0, got 'nan'"),
+    (["bench", "m.pt2", "--duration", "-1"], "--duration: expected seconds > 0"),
+    (["bench", "m.pt2", "--rows", "1.5"], "--rows: expected an int >= 1, got '1.5'"),
+    (["bench", "m.pt2", "--batching", "0"], "--batching: expected an int >= 1"),
+    (["serve", "m.pt2", "--port", "99999"], "--port: expected a port from 0 to 65535"),
+    (["serve", "m.pt2", "--max-queue", "0"], "--max-queue: expected an int >= 1"),
+    (["serve", "m.pt2", "--workers", "-2"], "--workers: expected an int >= 1"),
+])
+def test_cli_refuses_bad_arguments_before_loading(args, named, capsys):
+    """Usage errors (exit 2) naming the argument; a port over 65535 once left `serve` hung."""
+    from aioti.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2 and named in capsys.readouterr().err
