@@ -4,6 +4,7 @@ option values that raise the built-in ones."""
 from __future__ import annotations
 
 import math
+import operator
 
 __all__ = [
     "AiotiError",
@@ -53,13 +54,18 @@ class BackendError(AiotiError):
 
 
 def check_count(name: str, value: object, minimum: int | None = 1) -> int:
-    """`value` if it is an int (not a bool) of at least `minimum` (None: any); else TypeError
-    (not an int) or ValueError, naming the option, what it takes and what was given."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    """`value` as an int if it is one (or an integer like numpy's; not a bool) of at least
+    `minimum` (None: any); else TypeError (not an integer) or ValueError, naming the option,
+    what it takes and what was given."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        count = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and count < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {count}")
+    return count
 
 
 def check_duration(name: str, value: object, *, positive: bool = False) -> float:

@@ -65,7 +65,7 @@ class CudaGraphs:
 
     def __post_init__(self) -> None:
         sizes = self.batch_sizes
-        if not isinstance(sizes, (tuple, list)) or not sizes:
+        if not isinstance(sizes, Sequence) or isinstance(sizes, str) or not sizes:
             raise ValueError(f"batch_sizes must be sizes >= 1, got {sizes!r}")
         for n in sizes:
             check_count("each of batch_sizes", n)
