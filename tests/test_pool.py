@@ -252,6 +252,26 @@ async def test_a_failing_replica_is_taken_out_and_the_rest_serve(models, other_b
     assert after[1]["completed"] > 0  # back in routing
 
 
+async def test_a_replica_whose_worker_fails_stays_out_and_the_rest_serve(models, caplog):
+    """A failure of the runtime in a worker thread (injected into replica 0's queue) stops that
+    replica only: it is logged and marked unhealthy, stays so under `check_health` (its workers
+    are gone), and every request is served by replica 1."""
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 3, 64) for i in range(128)]
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+        def take(*args: object) -> None:
+            raise RuntimeError("injected into the queue")
+
+        model.replicas[0].dispatcher.queue.take = take
+        results = await call_all(model, xs)
+        assert await model.check_health() == [False, True]
+        stats = model.stats()
+    with torch.no_grad():
+        assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
+    assert stats["failed"] == 0 and [r["healthy"] for r in stats["replicas"]] == [False, True]
+    assert "worker 0 failed (RuntimeError: injected into the queue)" in caplog.text
+
+
 async def test_close_with_work_in_flight(models):
     x = torch.randn(64, 1024)
     model = await aioti.load(models["mid_mlp"], device=["cpu", "cpu"])
