@@ -31,7 +31,7 @@ from .replica import Replica, devices
 from .runtime.batching import Batching, probe_batch_dim
 from .runtime.graphs import CudaGraphs
 
-__all__ = ["ModelLoader", "load"]
+__all__ = ["ModelLoader", "check_options", "load"]
 
 
 class ModelLoader(Coroutine[Any, Any, AsyncModel]):
@@ -116,17 +116,8 @@ def load(
     at the batch sizes listed, at load, and replays them (docs/devices.md#cuda-graphs); one
     worker stream unless `workers` says otherwise.
     """
-    if on_full not in ("wait", "raise"):
-        raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
-    if threads is not None:
-        check_count("threads", threads)
-    if workers is not None:
-        check_count("workers", workers)
-    check_count("max_queue", max_queue)
-    if batching is not None and not isinstance(batching, Batching):
-        raise TypeError(f"batching must be an aioti.Batching or None, got {batching!r}")
-    if cuda_graphs is not None and not isinstance(cuda_graphs, CudaGraphs):
-        raise TypeError(f"cuda_graphs must be an aioti.CudaGraphs or None, got {cuda_graphs!r}")
+    check_options(workers=workers, max_queue=max_queue, on_full=on_full, batching=batching,
+                  threads=threads, cuda_graphs=cuda_graphs)
     wanted = devices(device)
 
     async def opener() -> AsyncModel:
@@ -206,6 +197,25 @@ def load(
         return model
 
     return ModelLoader(opener)
+
+
+def check_options(*, workers: int | None = None, max_queue: int = 1024,
+                  on_full: str = "wait", batching: Batching | None = None,
+                  threads: int | None = None, cuda_graphs: CudaGraphs | None = None) -> None:
+    """`load`'s checks of its options (TypeError or ValueError naming the option), made before
+    anything is opened; `serving.app` and `aioti.ray.deployment` make them when called, rather
+    than where their models load (at the server's start, in each Ray replica)."""
+    if on_full not in ("wait", "raise"):
+        raise ValueError(f"on_full must be 'wait' or 'raise', got {on_full!r}")
+    if threads is not None:
+        check_count("threads", threads)
+    if workers is not None:
+        check_count("workers", workers)
+    check_count("max_queue", max_queue)
+    if batching is not None and not isinstance(batching, Batching):
+        raise TypeError(f"batching must be an aioti.Batching or None, got {batching!r}")
+    if cuda_graphs is not None and not isinstance(cuda_graphs, CudaGraphs):
+        raise TypeError(f"cuda_graphs must be an aioti.CudaGraphs or None, got {cuda_graphs!r}")
 
 
 def _teams(backend: Backend, threads: int | None, weight_bytes: int, workers: int,

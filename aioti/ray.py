@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from .loader import check_options
 from .model import AsyncModel
 from .runtime.batching import Batching
 from .runtime.graphs import CudaGraphs
@@ -173,6 +174,8 @@ def deployment(
     keyword is a Ray Serve deployment option (`num_replicas`, `autoscaling_config`,
     `ray_actor_options`, `max_ongoing_requests` - by default the model's `max_queue` -,
     `user_config`, `health_check_period_s`, ...). Usable with `serve.run(app)`."""
+    check_options(workers=workers, max_queue=max_queue, batching=batching,
+                  cuda_graphs=cuda_graphs)
     options = dict(ray_options)
     options.setdefault("max_ongoing_requests", max_queue)
     options.setdefault("name", f"aioti-{name}")
@@ -200,6 +203,8 @@ def build(args: dict[str, Any]) -> serve.Application:
     """An application builder for Ray Serve config files: `args` are `deployment`'s keywords
     (`path` required; `batching` may be a dict of `aioti.Batching`'s fields)."""
     args = dict(args)
+    if "path" not in args:
+        raise ValueError("aioti.ray:build needs args.path: the package to serve")
     if isinstance(args.get("batching"), dict):
         args["batching"] = Batching(**args["batching"])
     if isinstance(args.get("cuda_graphs"), dict):

@@ -383,3 +383,16 @@ applications:
     (now,) = await replica_stats(handle, replicas=1)
     assert now["replica"] == first["replica"] and now["swaps"] == 1  # in place
     serve.delete("fromfile")
+
+
+@pytest.mark.parametrize(("build", "named"), [
+    (lambda: aioti.ray.deployment("m.pt2", workers=0), "workers must be >= 1, got 0"),
+    (lambda: aioti.ray.deployment("m.pt2", max_queue="8"), "max_queue must be an int"),
+    (lambda: aioti.ray.deployment("m.pt2", batching={"max_batch_size": 8}),
+     "batching must be an aioti.Batching"),
+    (lambda: aioti.ray.build({"name": "m"}), "needs args.path"),
+])
+def test_bad_deployment_options_fail_where_they_are_given(build, named):
+    """Not in every replica as it starts (where Ray would retry them), and with no cluster."""
+    with pytest.raises((TypeError, ValueError), match=named):
+        build()

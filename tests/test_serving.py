@@ -474,3 +474,11 @@ def test_names_of_pytree_places():
     assert output_names(pytree.tree_structure((0, 0)), 2) == ["output0", "output1"]
     assert output_names(pytree.tree_structure({"x": 0, "y": (0, 0)}), 3) == \
         ["x", "y.0", "y.1"]
+
+
+def test_bad_model_options_fail_when_the_app_is_made(models):
+    """Not at the server's start, where uvicorn reports "Application startup failed"."""
+    with pytest.raises(ValueError, match="max_queue must be >= 1, got 0"):
+        app({"small": models["small_mlp"]}, max_queue=0)
+    with pytest.raises(TypeError, match="batching must be an aioti.Batching"):
+        app({"small": models["small_mlp"]}, batching=8)  # type: ignore[arg-type]

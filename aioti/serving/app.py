@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import AiotiError, ClosedError, InputError, ModelLoadError
-from ..loader import load
+from ..loader import check_options, load
 from ..model import AsyncModel
 from ..runtime.batching import Batching
 from .infer import VERSION, Infer, NotFound, Scope, check_version, error_response, infer_target
@@ -182,6 +182,7 @@ def app(
     Models load when the app starts (its lifespan) and close, draining their requests, when it
     stops. `device`, `batching`, `workers` and `max_queue` are
     `aioti.load`'s; a full queue answers 503."""
+    check_options(workers=workers, max_queue=max_queue, batching=batching)
     packages = (dict(models) if isinstance(models, Mapping)
                 else {Path(p).stem: p for p in models})
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
