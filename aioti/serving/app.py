@@ -66,7 +66,8 @@ class Served:
 
 class ModelRepository:
     """The models a server serves, by name. `load` opens (or replaces) one, `unload` closes
-    it; a replaced or unloaded model finishes the requests it has before it closes."""
+    it, `hot_swap` swaps its weights, one at a time; a replaced or unloaded model finishes the
+    requests it has before it closes."""
 
     def __init__(self, packages: Mapping[str, str | os.PathLike[str] | AsyncModel], *,
                  load_options: Mapping[str, Any], metrics: Metrics,
@@ -122,6 +123,14 @@ class ModelRepository:
             self._log(_describe(meta))
             if old is not None:
                 await old.aclose()  # its requests in flight finish first
+
+    async def hot_swap(self, name: str, path: str) -> None:
+        """Hot-swap the weights of the model `name` from a weights file, with no load or unload
+        of the repository's under way (the model swapped is the one served after)."""
+        async with self._lock:
+            model = self.get(name).model
+            assert model is not None
+            await model.hot_swap(path)
 
     async def unload(self, name: str) -> None:
         async with self._lock:
@@ -280,13 +289,12 @@ def app(
     async def weights(request: Request) -> Response:
         name = request.path_params["name"]
         try:
-            entry = repo.get(name)
+            repo.get(name)  # 404 before reading the body
             body = await request.json()
             path = body.get("path") if isinstance(body, dict) else None
             if not isinstance(path, str):
                 raise BadRequest("the body must be {\"path\": \"<a weights file on the server>\"}")
-            assert entry.model is not None
-            await entry.model.hot_swap(path)
+            await repo.hot_swap(name, path)
         except NotFound as exc:
             return error_response(404, str(exc))
         except ClosedError as exc:  # unloaded meanwhile

@@ -104,14 +104,17 @@ class Infer:
         try:
             check_version(name, scope["path_params"].get("version"))
             entry = self._models.get(name)
+            # As the request found it: the body may take a while to arrive, and the model be
+            # replaced or unloaded meanwhile (a closed model answers 503, below).
+            model, inputs, names = entry.model, entry.inputs, entry.outputs
             body, header = await self._read(scope, receive)
-            decoded = decode_request(body, header, entry.inputs)
+            decoded = decode_request(body, header, inputs)
             del body
-            outputs = await run_unless_disconnected(entry.model, decoded.inputs, receive)
+            outputs = await run_unless_disconnected(model, decoded.inputs, receive)
             if outputs is None:
                 outcome = "cancelled"
                 return await Response(status_code=499)(scope, receive, send)
-            payload, head = encode_response(name, VERSION, decoded, entry.outputs, outputs)
+            payload, head = encode_response(name, VERSION, decoded, names, outputs)
             headers = _JSON if head is None else [*_BINARY, (_HEADER_LENGTH, b"%d" % head)]
             outcome = "ok"
             await send({"type": "http.response.start", "status": 200,
