@@ -484,9 +484,12 @@ def test_bad_model_options_fail_when_the_app_is_made(models):
         app({"small": models["small_mlp"]}, batching=8)  # type: ignore[arg-type]
 
 
-def test_a_model_unloaded_while_a_request_body_arrives_answers_503(server, models):
-    """The request took the model before its body arrived; the model went meanwhile: the
-    answer is 503 (closing), as for a request queued on it (was a 500 from `None.run`)."""
+@pytest.mark.parametrize(("meanwhile", "status", "said"), [
+    ("load", b"200", b'"model_name":"going"'), ("unload", b"404", b"unknown model 'going'")])
+def test_a_model_replaced_or_unloaded_while_a_request_body_arrives(server, models, meanwhile,
+                                                                    status, said):
+    """The request is run by the model served once its body has arrived: a replacement runs
+    it, an unloaded model is not found (was a 500, from the unloaded model's `None`)."""
     r = post(server, "/v2/repository/models/going/load",
              json={"parameters": {"path": str(models["small_mlp"])}})
     assert r.status_code == 200, r.text
@@ -494,11 +497,11 @@ def test_a_model_unloaded_while_a_request_body_arrives_answers_503(server, model
     with socket.create_connection(("127.0.0.1", int(server.url.split(":")[1])), 30) as s:
         s.sendall(request[:-8])  # all but the body's last bytes: the endpoint waits for them
         time.sleep(0.3)
-        assert post(server, "/v2/repository/models/going/unload").status_code == 200
+        assert post(server, f"/v2/repository/models/going/{meanwhile}").status_code == 200
         s.sendall(request[-8:])
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
-    status = answer.split(b"\r\n", 1)[0]
-    assert status.startswith(b"HTTP/1.1 503"), answer[:300]
-    assert b"is closing" in answer
+    assert answer.split(b"\r\n", 1)[0].startswith(b"HTTP/1.1 " + status), answer[:300]
+    assert said in answer
+    post(server, "/v2/repository/models/going/unload")

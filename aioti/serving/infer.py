@@ -103,12 +103,13 @@ class Infer:
         outcome = "error"
         try:
             check_version(name, scope["path_params"].get("version"))
-            entry = self._models.get(name)
-            # As the request found it: the body may take a while to arrive, and the model be
-            # replaced or unloaded meanwhile (a closed model answers 503, below).
-            model, inputs, names = entry.model, entry.inputs, entry.outputs
+            self._models.get(name)  # 404 before reading the body
             body, header = await self._read(scope, receive)
-            decoded = decode_request(body, header, inputs)
+            # The model served now: the body may have taken a while to arrive, and the model
+            # been replaced (the new one runs it) or unloaded (404) meanwhile.
+            entry = self._models.get(name)
+            model, names = entry.model, entry.outputs
+            decoded = decode_request(body, header, entry.inputs)
             del body
             outputs = await run_unless_disconnected(model, decoded.inputs, receive)
             if outputs is None:
