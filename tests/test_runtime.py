@@ -625,3 +625,26 @@ async def test_a_lone_request_to_an_idle_fast_model_runs_on_the_callers_thread(m
     async with aioti.load(models["mid_mlp"]) as slow:
         assert not slow._idle_on_loop  # its runs use every core: never on the loop's thread
 
+
+async def test_a_request_much_bigger_than_the_recent_ones_goes_to_a_worker(models, monkeypatch):
+    """The time of a lone run on the caller's thread is expected from the recent runs' time per
+    row: after runs of one row, measured short, a request of 1024 rows is not run on the loop
+    (its run would hold it some hundred times longer), and the next small one is again."""
+    from aioti.runtime import dispatch
+
+    small, big = torch.randn(1, 64), torch.randn(1024, 64)
+    async with aioti.load(models["small_mlp"]) as model:
+        for _ in range(10):
+            await model(small)
+        runner = model._dispatcher.runner
+        # The bound at 32 rows' worth, whatever this machine's speed: a row runs well under it.
+        monkeypatch.setattr(dispatch, "IDLE_RUN_MAX_S", runner.per_row_s * 32)
+        threads = record_run_threads(model)
+        await model(small)
+        out = await model(big)
+        await model(small)
+        here = threading.get_ident()
+        assert threads[0] == here and threads[1] != here and threads[2] == here
+        with torch.no_grad():
+            assert torch.allclose(out, eager_model("small_mlp")(big), atol=1e-5)
+

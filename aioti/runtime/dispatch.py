@@ -33,10 +33,10 @@ from .worker import BatchRunner, Workers
 
 __all__ = ["IDLE_RUN_MAX_S", "Dispatcher"]
 
-#: a lone request runs on its caller's thread only while the model's runs take less than this
-#: per request (measured from a batch's start until its outputs were seen ready, which on a
-#: worker overstates what the run would hold its caller's thread for): longer would hold the
-#: event loop
+#: a lone request runs on its caller's thread only while its run is expected to take less than
+#: this (from the recent runs, measured from a batch's start until its outputs were seen ready,
+#: which on a worker overstates what the run would hold its caller's thread for): longer would
+#: hold the event loop
 IDLE_RUN_MAX_S = 250e-6
 
 
@@ -82,7 +82,9 @@ class Dispatcher:
 
     def run_here_if_idle(self, req: Request) -> bool:
         """With `options.idle_on_loop`: run a lone request right here, on its caller's thread,
-        when the model is idle, its recent runs took under `IDLE_RUN_MAX_S` a request, the last
+        when the model is idle, its run is expected to take under `IDLE_RUN_MAX_S` (the recent
+        runs' time per unit of leading size, times this request's: a request much bigger than
+        the recent ones goes to a worker, however short theirs were), the last
         batch its workers completed held one request (more says concurrent callers, whose
         requests the run would hold up on this thread, and on a GPU behind its wait), this
         loop ran none so in its current iteration, and nothing its inputs may wait on is still
@@ -92,7 +94,8 @@ class Dispatcher:
         once (as a queued request's caller does). False, doing nothing, otherwise."""
         loop = req.loop
         runner = self.runner
-        if (runner.per_request_s > IDLE_RUN_MAX_S or runner.last_batch > 1
+        size = req.leading_size()
+        if (runner.per_row_s * size > IDLE_RUN_MAX_S or runner.last_batch > 1
                 or self._ran_here_on is loop or runner.lead is None
                 or (req.ready is not None and not self._caller_idle(req.ready))
                 or not self.queue.claim_idle(req)):
@@ -102,7 +105,7 @@ class Dispatcher:
         self._ran_here_on = loop
         self.ran_here += 1
         try:
-            runner.run_alone(req)
+            runner.run_alone(req, size)
         except BaseException:  # (KeyboardInterrupt...) its caller never resumes to say so
             self._ran_here_on = None
             raise

@@ -56,10 +56,11 @@ class BatchRunner:
         # A replica of a pool: a batch that fails as a whole hands its requests that had not
         # begun back (`NotStarted`, to run elsewhere), and reports the fault.
         self._on_fault = on_fault
-        #: with `timed`: recent time per request (s) from a batch's start until its outputs are
-        #: ready (on a GPU too), a moving average over batches (inf until measured; kept only
-        #: where a policy reads it)
-        self.per_request_s = math.inf
+        #: with `timed`: recent time (s) from a lone request's start until its outputs are
+        #: ready (on a GPU too), per unit of its leading size (`Request.leading_size`), a moving
+        #: average over batches of one request (inf until measured; kept only where a policy
+        #: reads it)
+        self.per_row_s = math.inf
         self._timed = timed
         #: a lone run launches on its caller's stream where the backend allows (`run_alone`)
         self._caller_stream = caller_stream
@@ -127,26 +128,27 @@ class BatchRunner:
         return NotStarted(exc) if self._on_fault is not None else exc
 
     def _time(self, took: float) -> None:
-        """A batch's time per request, from its start until its outputs were ready, joins the
-        average."""
-        last = self.per_request_s
-        self.per_request_s = took if last == math.inf else 0.8 * last + 0.2 * took
+        """A batch's time per unit of leading size, from its start until its outputs were
+        ready, joins the average."""
+        last = self.per_row_s
+        self.per_row_s = took if last == math.inf else 0.8 * last + 0.2 * took
 
     def complete(self, batch: list[Request], here: Loop | None = None, soon: bool = False
                  ) -> None:
         """A batch's outputs are ready: time it (with `timed`), and have it delivered
         (`Delivery.complete`)."""
         self.last_batch = len(batch)
-        if self._timed:
-            began = [r.began for r in batch if r.began]
-            if began:
-                self._time((time.perf_counter() - min(began)) / len(batch))
+        if self._timed and len(batch) == 1 and batch[0].began:
+            # A lone run's time is what the lone-run policy reads (several requests' batches
+            # share their run: its time per request would be a far smaller figure).
+            req = batch[0]
+            self._time((time.perf_counter() - req.began) / max(1, req.leading_size()))
         self.delivery.complete(batch, here, soon)
 
-    def run_alone(self, req: Request) -> None:
+    def run_alone(self, req: Request, size: int) -> None:
         """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`)
         until its outputs are ready (on a GPU, the caller's thread waits), its outcome set,
-        timed, counted and recorded, not delivered (the caller takes it). It launches on the
+        timed (per unit of `size`, its `leading_size`), counted and recorded, not delivered (the caller takes it). It launches on the
         caller's own stream where the backend allows (`caller_stream`: no worker state taken on,
         no hand-over from the caller's stream), else with the lead worker's context. A failure
         of the backend's step before the run is `NotStarted` for a replica of a pool, as a
@@ -179,7 +181,7 @@ class BatchRunner:
         finally:  # counted over whatever escapes: the model must not stay busy
             if teams is not None:
                 teams.give_back(own)
-            self._time(time.perf_counter() - req.began)
+            self._time((time.perf_counter() - req.began) / max(1, size))
             done = self.delivery.finish(batch)
         self.delivery.record(done)
 

@@ -218,8 +218,8 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
         first = request(torch.tensor(1.0), loop)
         assert not d.run_here_if_idle(first)  # not measured yet
         assert d.try_submit(first) and loop.drain(1) == [[first]]
-        assert d.runner.per_request_s < 1.0  # measured by the worker's run
-        d.runner.per_request_s = 0.0  # (this machine's timing aside)
+        assert d.runner.per_row_s < 1.0  # measured by the worker's run
+        d.runner.per_row_s = 0.0  # (this machine's timing aside)
         here = request(torch.tensor(2.0), loop)
         assert d.run_here_if_idle(here)
         assert ex.runs[-1] == [here] and here.waiter.outcome is None  # ran, not posted
@@ -233,9 +233,9 @@ def test_a_lone_request_runs_here_only_on_an_idle_model_with_short_runs():
         assert d.run_here_if_idle(again) and torch.equal(again.result[0], torch.tensor(12.0))
         d.ran_here_over(loop)
         assert d.queue.counts()["completed"] == 4
-        d.runner.per_request_s = 1.0  # slower than the bound
+        d.runner.per_row_s = 1.0  # slower than the bound
         assert not d.run_here_if_idle(request(torch.tensor(3.0), loop))
-        d.runner.per_request_s = 0.0
+        d.runner.per_row_s = 0.0
         ex.gate = threading.Event()
         busy = request(torch.tensor(4.0), loop)
         d.try_submit(busy)
@@ -287,7 +287,7 @@ def test_a_lone_request_whose_inputs_are_pending_goes_to_the_workers():
     try:
         first = request(torch.tensor(1.0), loop)
         assert d.try_submit(first) and loop.drain(1) == [[first]]
-        d.runner.per_request_s = 0.0  # measured short
+        d.runner.per_row_s = 0.0  # measured short
         backend.pending.add("busy stream")
         busy = Request([torch.tensor(2.0)], "busy stream", loop)
         assert not d.run_here_if_idle(busy)
