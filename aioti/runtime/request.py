@@ -43,11 +43,11 @@ class Request:
         self.rows = 1
 
     def leading_size(self) -> int:
-        """Its first input's leading size (1 for a scalar or a non-tensor; for a batch-first
-        model, its rows): what the time of its run is taken to grow with. Read before the
-        request has run (its inputs are released after)."""
+        """Its first input's leading size, at least 1 (1 for a scalar or a non-tensor; for a
+        batch-first model, its rows): what the time of its run is taken to grow with. Read
+        before the request has run (its inputs are released after)."""
         shape = getattr(self.inputs[0], "shape", None) if self.inputs else None
-        return shape[0] if shape else 1
+        return max(1, shape[0]) if shape else 1
 
     def __repr__(self) -> str:
         state = ("queued", "running", "done", "cancelled")[self.state]

@@ -142,7 +142,7 @@ class BatchRunner:
             # A lone run's time is what the lone-run policy reads (several requests' batches
             # share their run: its time per request would be a far smaller figure).
             req = batch[0]
-            self._time((time.perf_counter() - req.began) / max(1, req.leading_size()))
+            self._time((time.perf_counter() - req.began) / req.leading_size())
         self.delivery.complete(batch, here, soon)
 
     def run_alone(self, req: Request, size: int) -> None:
@@ -181,7 +181,7 @@ class BatchRunner:
         finally:  # counted over whatever escapes: the model must not stay busy
             if teams is not None:
                 teams.give_back(own)
-            self._time((time.perf_counter() - req.began) / max(1, size))
+            self._time((time.perf_counter() - req.began) / size)
             done = self.delivery.finish(batch)
         self.delivery.record(done)
 
