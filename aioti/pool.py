@@ -75,8 +75,14 @@ class ReplicaPool(AsyncModel):
                     rep.batcher.admit(req, layout)
                 ran_here = (rep.dispatcher.options.idle_on_loop
                             and rep.dispatcher.run_here_if_idle(req))
-                if ran_here or rep.dispatcher.try_submit(req):
-                    break
+                try:
+                    if ran_here or rep.dispatcher.try_submit(req):
+                        break
+                except ClosedError as exc:
+                    # Its workers failed (`Workers`) before the router took it out: out now,
+                    # and the request goes to another (unless none is left to take it).
+                    if self._closed or not router.fault(i, exc):
+                        raise
             if boxed:  # kept here instead, in case the request must go to another replica
                 flat, boxed = list(flat), False
                 flat_given.clear()

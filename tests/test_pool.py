@@ -263,13 +263,43 @@ async def test_a_replica_whose_worker_fails_stays_out_and_the_rest_serve(models,
             raise RuntimeError("injected into the queue")
 
         model.replicas[0].dispatcher.queue.take = take
-        results = await call_all(model, xs)
+        # Replica 0's worker meets the fault at its next take, after a batch it already waits
+        # for: load until it has (in its own thread, so not necessarily within the first load).
+        outs = []
+        with anyio.fail_after(60):
+            while model.stats()["replicas"][0]["healthy"]:
+                outs.append(await call_all(model, xs))
         assert await model.check_health() == [False, True]
+        outs.append(await call_all(model, xs))
         stats = model.stats()
     with torch.no_grad():
-        assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
+        assert all(torch.allclose(r, eager(x), atol=1e-5) for results in outs
+                   for r, x in zip(results, xs))
     assert stats["failed"] == 0 and [r["healthy"] for r in stats["replicas"]] == [False, True]
     assert "worker 0 failed (RuntimeError: injected into the queue)" in caplog.text
+
+
+async def test_a_replica_that_refuses_while_still_routed_is_passed_over(models):
+    """Between a replica's worker failing and the router taking it out, requests routed there
+    are refused (`ClosedError`): the replica is taken out then, and they go to another, never
+    to their callers; where no other may take them, the caller gets the refusal."""
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 3, 64) for i in range(128)]
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+        queue = model.replicas[0].dispatcher.queue
+        queue.closed_reason = "the model's worker 0 failed (RuntimeError: gone)"
+        queue.closing = True  # as a failed replica's queue is, still healthy in routing
+        results = await call_all(model, xs)
+        stats = model.stats()["replicas"]
+        assert [r["healthy"] for r in stats] == [False, True] and "gone" in stats[0]["fault"]
+        assert stats[1]["completed"] == len(xs)
+        model.replicas[1].dispatcher.queue.closing = True  # the last healthy one
+        with pytest.raises(aioti.ClosedError, match="closed"):
+            await model(xs[0])
+        for q in (queue, model.replicas[1].dispatcher.queue):
+            q.closing = False  # for the close at the end
+    with torch.no_grad():
+        assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
 
 
 async def test_close_with_work_in_flight(models):

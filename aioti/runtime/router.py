@@ -80,16 +80,20 @@ class Router:
             return
         await self._room.wait(ticket, on_lost_turn=self._room.unpark)
 
-    def fault(self, index: int, error: BaseException) -> None:
+    def fault(self, index: int, error: BaseException) -> bool:
         """Replica `index` failed as a whole: take it out of routing (while another is
-        healthy), hand its queued requests back to their callers to go elsewhere."""
+        healthy), hand its queued requests back to their callers to go elsewhere. Whether it
+        is out of routing now."""
         with self._lock:
-            if not self.healthy[index] or sum(self.healthy) <= 1:
-                return  # the last healthy replica keeps serving: there is nowhere else to go
+            if not self.healthy[index]:
+                return True
+            if sum(self.healthy) <= 1:
+                return False  # the last healthy replica keeps serving: nowhere else to go
             self.healthy[index] = False
             self.faults[index] = f"{type(error).__name__}: {error}"
         self.dispatchers[index].hand_back(error)
         self._room.unpark_all()  # callers waiting for room: another replica may have it
+        return True
 
     def recovered(self, index: int) -> None:
         with self._lock:

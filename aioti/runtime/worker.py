@@ -312,9 +312,12 @@ class Workers:
                 self._backend.stop_worker(ctx)
             leftover = queue.exit_worker()
             if leftover is not None:  # the last worker
-                reason = queue.closed_reason if queue.closed_reason != CLOSED else \
-                    "the model's workers stopped before this request ran"
-                runner.delivery.fail(leftover, ClosedError(reason))
+                if queue.closed_reason == CLOSED:
+                    error: BaseException = ClosedError(
+                        "the model's workers stopped before this request ran")
+                else:  # a worker failed: a pool's other replicas may run them
+                    error = runner._unstarted(ClosedError(queue.closed_reason))
+                runner.delivery.fail(leftover, error)
                 try:
                     self._on_stopped()
                 finally:

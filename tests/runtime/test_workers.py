@@ -17,7 +17,7 @@ from aioti.errors import ClosedError, QueueFullError
 from aioti.loops import current_loop
 from aioti.runtime.dispatch import Dispatcher
 from aioti.runtime.options import RuntimeOptions
-from aioti.runtime.request import Request
+from aioti.runtime.request import NotStarted, Request
 
 CPU = Backend(torch.device("cpu"))
 
@@ -354,10 +354,13 @@ class _NoContextBackend(Backend):
         raise RuntimeError("no context for this worker")
 
 
-def test_a_failed_worker_says_why_to_queued_and_later_requests(caplog):
+@pytest.mark.parametrize("replica", [False, True], ids=["model", "replica of a pool"])
+def test_a_failed_worker_says_why_to_queued_and_later_requests(caplog, replica):
+    """A replica of a pool (one with `on_fault`) also reports the fault, and hands the requests
+    left queued back unstarted (`NotStarted`: the pool runs them on another replica)."""
     backend, faults, stopped = _NoContextBackend(), [], threading.Event()
-    d = Dispatcher(DoublingExecutor(), backend, RuntimeOptions(), on_fault=faults.append,
-                   on_stopped=stopped.set)
+    d = Dispatcher(DoublingExecutor(), backend, RuntimeOptions(),
+                   on_fault=faults.append if replica else None, on_stopped=stopped.set)
     loop = PlainLoop()
     queued = request(torch.tensor(1.0), loop)
     assert d.try_submit(queued)
@@ -365,8 +368,12 @@ def test_a_failed_worker_says_why_to_queued_and_later_requests(caplog):
     assert stopped.wait(10)
     loop.drain(1)
     why = "worker 0 failed (RuntimeError: no context for this worker)"
-    assert isinstance(queued.error, ClosedError) and why in str(queued.error)
+    error = queued.error
+    if replica:
+        assert isinstance(error, NotStarted)
+        error = error.error
+    assert isinstance(error, ClosedError) and why in str(error)
     with pytest.raises(ClosedError, match=r"worker 0 failed \(RuntimeError"):
         d.try_submit(request(torch.tensor(2.0), loop))
-    assert [str(f) for f in faults] == ["no context for this worker"]
+    assert [str(f) for f in faults] == (["no context for this worker"] if replica else [])
     assert why in caplog.text  # with its traceback, on the "aioti" logger
