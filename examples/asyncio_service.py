@@ -41,8 +41,8 @@ def create_app(model_path: str, **load_kwargs: Any) -> Starlette:
             yield
 
     async def predict(request: Request) -> JSONResponse:
-        body = await request.json()
         try:
+            body = await request.json()  # not JSON: a ValueError
             x = torch.tensor(body["inputs"], dtype=torch.float32)
             y = await state["model"](x)
         except (KeyError, TypeError, ValueError) as exc:
@@ -52,10 +52,10 @@ def create_app(model_path: str, **load_kwargs: Any) -> Starlette:
         return JSONResponse({"outputs": y.tolist()})
 
     async def hot_swap(request: Request) -> JSONResponse:
-        body = await request.json()
         try:
+            body = await request.json()
             await state["model"].hot_swap(body["state_dict"])
-        except (KeyError, aioti.InputError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # aioti.InputError is a ValueError
             return JSONResponse({"error": str(exc)}, status_code=422)
         return JSONResponse({"swapped": True})
 

@@ -70,6 +70,10 @@ async def test_asyncio_service(asyncio_service, tmp_path):
             assert torch.allclose(torch.tensor(r.json()["outputs"]), eager(x), atol=1e-4)
         bad = await client.post("/predict", json={"inputs": [[1.0, 2.0]]})
         assert bad.status_code == 422 and "expected size 64" in bad.json()["error"]
+        for path, body in (("/predict", b"{not json"), ("/predict", b"[1]"),
+                           ("/hot-swap", b"{not json"), ("/hot-swap", b'{"state_dict": 3}')):
+            bad = await client.post(path, content=body)
+            assert bad.status_code == 422, (path, body, bad.text)
         sd = {k: v + 0.5 for k, v in eager.state_dict().items()}
         torch.save(sd, tmp_path / "w.pt")
         assert (await client.post("/hot-swap", json={"state_dict": str(tmp_path / "w.pt")})).json()
