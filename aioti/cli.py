@@ -133,7 +133,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from . import load
 
-    data = torch.load(args.input, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(args.input, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise OSError(f"cannot read --input {str(args.input)!r}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # torch's unpickler: several kinds, some with bare messages
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--input {str(args.input)!r} is not a torch.save file of tensors "
+                         f"({type(exc).__name__}: {why})") from exc
 
     async def go() -> Any:
         async with load(args.path, device=args.device, model_name=args.model_name,

@@ -203,3 +203,14 @@ def test_cli_refuses_bad_arguments_before_loading(args, named, capsys):
     with pytest.raises(SystemExit) as exited:
         main(args)
     assert exited.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_cli_run_says_when_its_input_file_is_not_one(models, tmp_path, capsys):
+    from aioti.cli import main
+
+    text = tmp_path / "in.pt"
+    text.write_text("hello")
+    assert main(["run", str(models["small_mlp"]), "--input", str(text)]) == 1
+    assert "is not a torch.save file of tensors" in capsys.readouterr().err
+    assert main(["run", str(models["small_mlp"]), "--input", str(tmp_path / "nope.pt")]) == 1
+    assert "cannot read --input" in capsys.readouterr().err
