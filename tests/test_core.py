@@ -408,7 +408,7 @@ def test_bad_packages(models, tmp_path):
     with zipfile.ZipFile(empty, "w") as zf:
         zf.writestr("x/other.txt", "nothing")
     for path, match in ((truncated, "not a .pt2"), (text, "not a .pt2"), (empty, "no AOTInductor"),
-                        (tmp_path / "missing.pt2", "does not exist")):
+                        (tmp_path / "missing.pt2", "does not exist"), ("", "an empty one")):
         with pytest.raises(aioti.ModelLoadError, match=match):
             open_model(path, cache_dir=tmp_path / "c")
     notlib = tmp_path / "fake.so"

@@ -236,6 +236,8 @@ def package_path(source: object, cache_dir: str | os.PathLike[str] | None = None
     such as `io.BytesIO` or an open file): bytes are written once into the cache, under their
     own hash, and read from there like a path."""
     if isinstance(source, (str, os.PathLike)):
+        if not os.fspath(source):  # Path("") is "." (the current directory)
+            raise ModelLoadError("expected a package's path, got an empty one")
         return Path(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
