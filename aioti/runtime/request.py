@@ -47,7 +47,11 @@ class Request:
         batch-first model, its rows): what the time of its run is taken to grow with. Read
         before the request has run (its inputs are released after)."""
         shape = getattr(self.inputs[0], "shape", None) if self.inputs else None
-        return max(1, shape[0]) if shape else 1
+        # (any object may come here unchecked, with `check_inputs=False`: a worker must not
+        # fail on it)
+        if isinstance(shape, tuple) and shape and isinstance(shape[0], int):
+            return max(1, shape[0])
+        return 1
 
     def __repr__(self) -> str:
         state = ("queued", "running", "done", "cancelled")[self.state]

@@ -102,7 +102,7 @@ class BatchRunner:
                 self._teams.after_batch(timed, time.perf_counter() - t0, len(batch))
             return token
         except BaseException as exc:
-            unstarted = self._unstarted(exc)
+            unstarted = self.unstarted(exc)
             for req in batch:
                 if req.error is None and req.result is None:
                     req.error = unstarted if req.state == QUEUED else exc
@@ -122,7 +122,7 @@ class BatchRunner:
                 executor.run(live, stream)
         return backend.finish(ctx)
 
-    def _unstarted(self, exc: BaseException) -> BaseException:
+    def unstarted(self, exc: BaseException) -> BaseException:
         """The outcome of a request that had not started when its batch failed as a whole:
         `NotStarted` for a replica of a pool (it may run on another), else the error."""
         return NotStarted(exc) if self._on_fault is not None else exc
@@ -148,7 +148,8 @@ class BatchRunner:
     def run_alone(self, req: Request, size: int) -> None:
         """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`)
         until its outputs are ready (on a GPU, the caller's thread waits), its outcome set,
-        timed (per unit of `size`, its `leading_size`), counted and recorded, not delivered (the caller takes it). It launches on the
+        timed (per unit of `size`, its `leading_size`), counted and recorded, not delivered
+        (the caller takes it). It launches on the
         caller's own stream where the backend allows (`caller_stream`: no worker state taken on,
         no hand-over from the caller's stream), else with the lead worker's context. A failure
         of the backend's step before the run is `NotStarted` for a replica of a pool, as a
@@ -175,7 +176,7 @@ class BatchRunner:
                         self._wait_ready(token, batch)
         except Exception as exc:  # the run as a whole failed, not the request
             # As in `run`: a replica's request that had not started may run elsewhere.
-            req.error = self._unstarted(exc) if req.state == QUEUED else exc
+            req.error = self.unstarted(exc) if req.state == QUEUED else exc
             req.result = None
             self.fault(exc)
         finally:  # counted over whatever escapes: the model must not stay busy
@@ -316,7 +317,7 @@ class Workers:
                     error: BaseException = ClosedError(
                         "the model's workers stopped before this request ran")
                 else:  # a worker failed: a pool's other replicas may run them
-                    error = runner._unstarted(ClosedError(queue.closed_reason))
+                    error = runner.unstarted(ClosedError(queue.closed_reason))
                 runner.delivery.fail(leftover, error)
                 try:
                     self._on_stopped()

@@ -377,3 +377,16 @@ def test_a_failed_worker_says_why_to_queued_and_later_requests(caplog, replica):
         d.try_submit(request(torch.tensor(2.0), loop))
     assert [str(f) for f in faults] == (["no context for this worker"] if replica else [])
     assert why in caplog.text  # with its traceback, on the "aioti" logger
+
+
+def test_the_leading_size_of_any_inputs():
+    """What a lone run's time is taken to grow with: the first input's leading size, at least
+    1; for inputs that are not tensors (unchecked, `check_inputs=False`), 1, never an error."""
+    loop = PlainLoop()
+
+    class Odd:
+        shape = 5  # not a sequence
+
+    for inputs, size in (([torch.zeros(7, 3)], 7), ([torch.zeros(0, 3)], 1), ([torch.tensor(2.0)], 1),
+                         ([], 1), ([3.0], 1), ([Odd()], 1), ([torch.zeros(4), torch.zeros(9)], 4)):
+        assert Request(inputs, None, loop).leading_size() == size, inputs
