@@ -149,11 +149,10 @@ class BatchRunner:
         """On its caller's thread: run a lone request claimed there (`RequestQueue.claim_idle`)
         until its outputs are ready (on a GPU, the caller's thread waits), its outcome set,
         timed (per unit of `size`, its `leading_size`), counted and recorded, not delivered
-        (the caller takes it). It launches on the
-        caller's own stream where the backend allows (`caller_stream`: no worker state taken on,
-        no hand-over from the caller's stream), else with the lead worker's context. A failure
-        of the backend's step before the run is `NotStarted` for a replica of a pool, as a
-        queued request's would be."""
+        (the caller takes it). It launches on the caller's own stream where the backend allows
+        (`caller_stream`: no worker state taken on, no hand-over from the caller's stream),
+        else with the lead worker's context. A failure of the backend's step before the run is
+        `NotStarted` for a replica of a pool, as a queued request's would be."""
         assert self.lead is not None
         ctx, backend, teams, batch = self.lead[0], self._backend, self._teams, [req]
         # `run`'s steps without the queue's `begin`: nobody else holds this request yet; it

@@ -155,7 +155,8 @@ class Infer:
             elif key == _HEADER_LENGTH:
                 header = value
         if header is not None and not header.isdigit():
-            raise BadRequest(f"{HEADER_LENGTH} must be a byte count, got {header.decode('latin-1')!r}")
+            raise BadRequest(f"{HEADER_LENGTH} must be a byte count, "
+                             f"got {header.decode('latin-1')!r}")
         limit = self._limit
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _TooLarge(int(declared), limit)

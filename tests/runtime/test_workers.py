@@ -387,6 +387,7 @@ def test_the_leading_size_of_any_inputs():
     class Odd:
         shape = 5  # not a sequence
 
-    for inputs, size in (([torch.zeros(7, 3)], 7), ([torch.zeros(0, 3)], 1), ([torch.tensor(2.0)], 1),
-                         ([], 1), ([3.0], 1), ([Odd()], 1), ([torch.zeros(4), torch.zeros(9)], 4)):
+    for inputs, size in (([torch.zeros(7, 3)], 7), ([torch.zeros(0, 3)], 1),
+                         ([torch.tensor(2.0)], 1), ([], 1), ([3.0], 1), ([Odd()], 1),
+                         ([torch.zeros(4), torch.zeros(9)], 4)):
         assert Request(inputs, None, loop).leading_size() == size, inputs

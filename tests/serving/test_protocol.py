@@ -120,7 +120,8 @@ def test_the_valid_request_of_the_malformed_ones_decodes(codec: str) -> None:
     assert decoded.inputs[0].tolist() == [1.0, 2.0] and decoded.outputs == ["output0"]
 
 
-@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
+@pytest.mark.parametrize("body", [b"[" * 100_000,
+                                  b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"])
 def test_deeply_nested_json_is_a_bad_request(codec: str, body: bytes) -> None:
     with pytest.raises(BadRequest, match="nested too deeply|not JSON"):
         decode_request(body, None, ["input0"])
