@@ -126,6 +126,18 @@ class AsyncModel:
         return self._closed
 
     @property
+    def healthy(self) -> bool:
+        """True while the model serves requests: not closed, and its workers alive (a worker
+        that fails for a reason of the runtime's own stops them; `stats()["fault"]` says
+        why). A replica pool is healthy while one of its replicas is."""
+        return not (self._closed or self._dispatcher.closing)
+
+    async def check_health(self) -> list[bool]:
+        """Each replica's health: whether it serves requests (one entry for a model on one
+        device; a replica pool probes its replicas taken out of routing first)."""
+        return [self.healthy]
+
+    @property
     def input_names(self) -> list[str]:
         """The model's flat input names, as the library reports them."""
         return list(self._container.input_names)
@@ -171,7 +183,8 @@ class AsyncModel:
         before that (a queued one never runs; a running one's outputs are dropped). A caller
         that leaves while waiting for room in a full queue never entered it and is not counted;
         nor are requests that closing with `cancel_queued` fails.
-        `ran_on_caller_thread`: lone requests to the idle model run on their caller's thread
+        `healthy`: whether the model serves requests (`healthy`); `fault`: why not, where
+        no one closed it (else None). `ran_on_caller_thread`: lone requests to the idle model run on their caller's thread
         (docs/concurrency.md). `latency_s`: from the request's creation to its delivery on its
         loop. On CPU, `threads`: the native team sizes of its runs (`alone`: the lead's for a
         batch alone, as tuned among `alone_choices`; docs/devices.md)."""

@@ -103,20 +103,34 @@ class ReplicaPool(AsyncModel):
         """`AsyncModel.stats()` summed over the replicas, with each replica's own (its device,
         whether it is healthy, and why not) under "replicas"."""
         per = []
-        for r, healthy, fault in zip(self._replicas, self.router.healthy, self.router.faults):
-            per.append({"device": str(r.device), "healthy": healthy, "fault": fault,
-                        **r.stats()})
+        for r, routed, taken_out in zip(self._replicas, self.router.healthy, self.router.faults):
+            own = r.stats()
+            per.append({"device": str(r.device), **own, "healthy": routed and own["healthy"],
+                        "fault": taken_out or own["fault"]})
         total: dict[str, Any] = {k: sum(p[k] for p in per) for k in (
             "queued", "running", "completed", "failed", "cancelled", "workers", "max_queue",
             "ran_on_caller_thread")}
         total["latency_s"] = Latencies.merged(
             [r.dispatcher.delivery.latency for r in self._replicas]).percentiles(50, 90, 99)
+        total["healthy"] = not self._closed and any(p["healthy"] for p in per)
+        faults = [f"replica {i} ({p['device']}): {p['fault']}" for i, p in enumerate(per)
+                  if p["fault"]]
+        total["fault"] = None if total["healthy"] or self._closed else "; ".join(faults) or None
         total["replicas"] = per
         return total
 
+    @property
+    def healthy(self) -> bool:
+        """True while one of the replicas serves requests (and the pool is not closed)."""
+        return not self._closed and any(self._serving(i) for i in range(len(self._replicas)))
+
+    def _serving(self, i: int) -> bool:
+        return self.router.healthy[i] and not self._replicas[i].dispatcher.closing
+
     async def check_health(self) -> list[bool]:
         """Probe each replica taken out of routing with a one-row run of example inputs; one
-        that answers is put back. Returns each replica's health."""
+        that answers is put back. Returns each replica's health: in routing, with its workers
+        alive."""
         for i, r in enumerate(self._replicas):
             if self.router.healthy[i] or r.dispatcher.closing:
                 continue
@@ -131,7 +145,7 @@ class ReplicaPool(AsyncModel):
             except Exception:  # noqa: BLE001 - still unhealthy; the fault says why
                 continue
             self.router.recovered(i)
-        return list(self.router.healthy)
+        return [self._serving(i) for i in range(len(self._replicas))]
 
     async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
                        fold: bool = True) -> None:

@@ -25,8 +25,8 @@ through the replica's event loop without blocking it, concurrent requests batche
   `serve.run(...)` from Python always starts new replicas (Ray versions each such deploy
   anew): they load the new `user_config`'s weights as they start, replacing the old ones
   rolling, without failed requests.
-- `check_health`: fails once the model is closed, or (a replica pool) while one of its devices
-  is out of routing.
+- `check_health`: fails once the model is closed or stops serving (a worker failed: Ray
+  starts a new replica), or (a replica pool) while one of its devices is out of routing.
 - Shutdown (`serve.delete`, scale-down, `serve.shutdown`): the model closes after finishing the
   requests it holds (the replica's HTTP app owns it, and Ray ends the app's lifespan).
 - Ray's metrics (`ray.serve.metrics`): `aioti_requests` (requests delivered), `aioti_latency_ms`
@@ -107,9 +107,12 @@ class AiotiReplica:
     async def check_health(self) -> None:
         if self.model.closed:
             raise RuntimeError("the aioti model is closed")
-        healthy = self.model.stats().get("replicas")
-        if healthy and not all(r["healthy"] for r in healthy):
-            down = [f"{r['device']}: {r['fault']}" for r in healthy if not r["healthy"]]
+        stats = self.model.stats()
+        if not stats["healthy"]:  # its workers failed: a new replica serves, this one cannot
+            raise RuntimeError(f"the aioti model serves no more requests: {stats['fault']}")
+        replicas = stats.get("replicas")
+        if replicas and not all(r["healthy"] for r in replicas):
+            down = [f"{r['device']}: {r['fault']}" for r in replicas if not r["healthy"]]
             raise RuntimeError(f"devices out of routing: {'; '.join(down)}")
 
     def stats(self) -> dict[str, Any]:

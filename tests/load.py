@@ -24,6 +24,39 @@ def record_run_threads(model: Any) -> list[int]:
     return threads
 
 
+def break_workers(*dispatchers: Any) -> None:
+    """Make each dispatcher's workers fail, as a fault of the runtime's own would: injected
+    where a worker takes its next batch (one already waiting for a batch takes that first)."""
+
+    def take(*args: object) -> None:
+        raise RuntimeError("injected into the queue")
+
+    for d in dispatchers:
+        d.queue.take = take
+
+
+async def load_until_unhealthy(model: Any, x: Any, *, bound_s: float = 60) -> int:
+    """Call `model(x)` 16 at a time (some reach a worker, not only the caller's thread) until
+    the model is no longer healthy; returns how many calls were refused (`ClosedError`)."""
+    from aioti import ClosedError
+
+    refused = 0
+
+    async def one() -> None:
+        nonlocal refused
+        try:
+            await model(x)
+        except ClosedError:
+            refused += 1
+
+    with anyio.fail_after(bound_s):
+        while model.healthy:
+            async with anyio.create_task_group() as tg:
+                for _ in range(16):
+                    tg.start_soon(one)
+    return refused
+
+
 async def call_all(model: Any, xs: Sequence[Any]) -> list[Any]:
     """`model(x)` for every `x`, all at once (a task each); the results in order."""
     out: list[Any] = [None] * len(xs)

@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 import torch
-from load import call_from_three_loops
+from load import break_workers, call_from_three_loops, load_until_unhealthy
 
 import aioti
 from aioti.backends.cpu import CpuBackend
@@ -259,10 +259,7 @@ async def test_a_replica_whose_worker_fails_stays_out_and_the_rest_serve(models,
     eager = eager_model("small_mlp")
     xs = [torch.randn(1 + i % 3, 64) for i in range(128)]
     async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
-        def take(*args: object) -> None:
-            raise RuntimeError("injected into the queue")
-
-        model.replicas[0].dispatcher.queue.take = take
+        break_workers(model.replicas[0].dispatcher)
         # Replica 0's worker meets the fault at its next take, after a batch it already waits
         # for: load until it has (in its own thread, so not necessarily within the first load).
         outs = []
@@ -300,6 +297,24 @@ async def test_a_replica_that_refuses_while_still_routed_is_passed_over(models):
             q.closing = False  # for the close at the end
     with torch.no_grad():
         assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
+
+
+async def test_a_pool_whose_replicas_all_failed_is_unhealthy_and_says_why(models):
+    """When the workers of every replica fail, the last one stays in routing (there is nowhere
+    else to go) but serves no more: the pool and each replica are unhealthy, the faults name
+    both, later calls are refused with the cause."""
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+        assert model.healthy and await model.check_health() == [True, True]
+        break_workers(*(r.dispatcher for r in model.replicas))
+        await load_until_unhealthy(model, torch.randn(2, 64))
+        stats = model.stats()
+        assert sorted(model.router.healthy) == [False, True]  # the last is kept in routing
+        assert await model.check_health() == [False, False] and not stats["healthy"]
+        assert [r["healthy"] for r in stats["replicas"]] == [False, False]
+        assert all("injected into the queue" in r["fault"] for r in stats["replicas"])
+        assert "replica 0 (cpu)" in stats["fault"] and "replica 1 (cpu)" in stats["fault"]
+        with pytest.raises(aioti.ClosedError, match="injected into the queue"):
+            await model(torch.randn(2, 64))
 
 
 async def test_close_with_work_in_flight(models):

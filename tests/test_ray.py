@@ -340,6 +340,24 @@ async def test_check_health_follows_the_model(anyio_backend, models):
 
 
 @pytest.mark.anyio
+async def test_check_health_fails_once_the_models_workers_failed(anyio_backend, models):
+    """A replica whose model stopped serving (its worker failed: no one closed it) fails its
+    health check naming the fault, so that Ray starts a new one."""
+    from load import break_workers, load_until_unhealthy
+
+    replica = aioti.ray.AiotiReplica.__new__(aioti.ray.AiotiReplica)
+    await replica.__init__(str(models["small_mlp"]), "m", {})
+    try:
+        await replica.check_health()
+        break_workers(replica.model._dispatcher)
+        await load_until_unhealthy(replica.model, torch.randn(2, 64))
+        with pytest.raises(RuntimeError, match=r"serves no more requests: .*injected"):
+            await replica.check_health()
+    finally:
+        await replica.model.aclose()
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_config_file_deploys(anyio_backend, cluster, tmp_path):
     """A Serve config file naming `aioti.ray:build`, deployed the way `serve deploy` has the

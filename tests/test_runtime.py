@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
-from load import record_run_threads
+from load import break_workers, load_until_unhealthy, record_run_threads
 from outcomes import outcome
 
 import aioti
@@ -188,6 +188,27 @@ async def test_errors_are_isolated(models):
                 tg.start_soon(bad if i % 2 else model.run, *(() if i % 2 else ([good],)))
         assert model.stats()["failed"] == 0  # rejected before queueing
         assert (await model(good)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("batching", [None, aioti.Batching(16, 1.0)], ids=["plain", "batched"])
+async def test_a_model_whose_workers_failed_says_it_is_unhealthy_and_why(models, batching):
+    """A model whose worker failed for a reason of the runtime's own serves no more requests:
+    `healthy` turns False (it was True, `closed` stays False: no one closed it), `stats()`
+    names the fault, `check_health` says so; closing it works, and then there is no fault."""
+    async with aioti.load(models["small_mlp"], batching=batching) as model:
+        assert model.healthy and await model.check_health() == [True]
+        assert model.stats()["healthy"] and model.stats()["fault"] is None
+        break_workers(model._dispatcher)
+        await load_until_unhealthy(model, torch.randn(2, 64))
+        stats = model.stats()
+        assert not model.closed and await model.check_health() == [False]
+        assert not stats["healthy"] and "worker 0 failed (RuntimeError: injected" in stats["fault"]
+        with pytest.raises(aioti.ClosedError, match="injected into the queue"):
+            await model(torch.randn(2, 64))
+    assert not model.healthy and model.stats()["fault"] is not None  # the cause stays said
+    async with aioti.load(models["small_mlp"]) as other:
+        pass
+    assert not other.healthy and other.stats()["fault"] is None  # closed as asked: no fault
 
 
 @pytest.mark.parametrize("batching", [None, aioti.Batching(16, 1.0),

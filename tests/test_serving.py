@@ -287,6 +287,7 @@ def test_load_unload_and_index(server, models):
     assert index == {"small": "READY", "multi": "READY"}
     client.unload_model("multi")
     assert not client.is_model_ready("multi")
+    assert client.is_server_ready()  # an unload takes that model out, not the server
     r = post(server, "/v2/models/multi/infer", json={"inputs": []})
     assert r.status_code == 404
     client.load_model("multi")
@@ -309,7 +310,10 @@ def test_load_unload_and_index(server, models):
     r = post(server, "/v2/repository/models/broken/load",
              json={"parameters": {"path": "/nonexistent.pt2"}})
     assert r.status_code == 400 and "does not exist" in r.json()["error"]
+    assert not client.is_server_ready()  # a model that failed to load is not ready
+    client.unload_model("broken")
     client.unload_model("extra")
+    assert client.is_server_ready()
 
 
 @pytest.mark.anyio
@@ -461,6 +465,50 @@ def test_sigterm_drains_requests_in_flight(models, tmp_path):
     assert codes == [200] * 8, codes
     assert "mid ready - inputs input0: FP32[-1, 1024]" in err and f"127.0.0.1:{port}" in err
     assert "finishing the requests in flight" in err
+
+
+@pytest.mark.parametrize("device", ["cpu", ["cpu", "cpu"]], ids=["model", "pool"])
+def test_a_model_whose_workers_failed_is_not_ready_until_loaded_again(models, device):
+    """A model that stopped serving (its workers failed; a pool: every replica's) says so:
+    not ready (the model and the server), UNAVAILABLE with the fault in the index, 0 in
+    `aioti_replica_healthy`, 503 naming the cause to its requests; loaded again, it serves."""
+    from load import break_workers, load_until_unhealthy
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = Server(app({"small": models["small_mlp"]}, device=device, log=lambda line: None))
+    client = tritonclient_http.InferenceServerClient(s.url)
+    x = torch.randn(2, 64)
+    body = {"inputs": [{"name": "input0", "shape": [2, 64], "datatype": "FP32",
+                        "data": x.flatten().tolist()}]}
+
+    def healthy_gauges() -> list[float]:
+        text = httpx.get(f"{s.base}/metrics", timeout=10).text
+        return [m.value for f in text_string_to_metric_families(text)
+                for m in f.samples if m.name == "aioti_replica_healthy"]
+
+    try:
+        assert client.is_server_ready() and client.is_model_ready("small")
+        assert set(healthy_gauges()) == {1.0}
+        model = s.model("small")
+        break_workers(*(r.dispatcher for r in model._replicas))
+        anyio.run(load_until_unhealthy, model, x)
+        assert not client.is_model_ready("small") and not client.is_server_ready()
+        (entry,) = client.get_model_repository_index()
+        assert entry["state"] == "UNAVAILABLE" and "injected into the queue" in entry["reason"]
+        assert set(healthy_gauges()) == {0.0}
+        r = post(s, "/v2/models/small/infer", json=body)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert "'small' is not serving" in r.json()["error"]
+        assert "injected into the queue" in r.json()["error"]
+        client.load_model("small")
+        assert client.is_model_ready("small") and client.is_server_ready()
+        r = post(s, "/v2/models/small/infer", json=body)
+        assert r.status_code == 200, r.text
+        with torch.no_grad():
+            want = eager_model("small_mlp")(x)
+        assert np.allclose(r.json()["outputs"][0]["data"], want.flatten().numpy(), atol=1e-5)
+    finally:
+        s.stop()
 
 
 def test_names_of_pytree_places():

@@ -27,7 +27,7 @@ from .delivery import Delivery
 from .executor import Executor
 from .inline import OnLoop
 from .options import RuntimeOptions
-from .queue import RequestQueue
+from .queue import CLOSED, RequestQueue
 from .request import NotStarted, Request
 from .worker import BatchRunner, Workers
 
@@ -74,6 +74,13 @@ class Dispatcher:
     @property
     def closed_reason(self) -> str:
         return self.queue.closed_reason
+
+    @property
+    def fault(self) -> str | None:
+        """Why the runtime stopped serving when no one closed it (a worker failed, the
+        process forked); None while it serves or once closed as asked."""
+        reason = self.queue.closed_reason
+        return reason if self.queue.closing and reason != CLOSED else None
 
     @property
     def stopped(self) -> bool:
@@ -135,7 +142,8 @@ class Dispatcher:
         self.delivery.fail(self.queue.drain(), NotStarted(error))
 
     def stats(self) -> dict[str, Any]:
-        return {**self.queue.counts(), "workers": self.options.workers,
+        return {**self.queue.counts(), "healthy": not self.queue.closing, "fault": self.fault,
+                "workers": self.options.workers,
                 "ran_on_caller_thread": self.ran_here,
                 "max_queue": self.options.max_queue,
                 "latency_s": self.delivery.latency.percentiles(50, 90, 99)}

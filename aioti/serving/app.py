@@ -17,7 +17,7 @@ them (all bodies JSON; errors are `{"error": "..."}`):
 
 Status codes: 400 for a bad request (the `InputError` text), 404 for an unknown model (or a
 version other than "1"), 413 for a body over `max_body_bytes`, 503 with `Retry-After` when the
-model's queue is full (or it is closing), 500 for a failed run. A client that disconnects
+model's queue is full (or it is closing, or stopped serving), 500 for a failed run. A client that disconnects
 cancels its request: if still queued, it never runs.
 """
 
@@ -62,6 +62,15 @@ class Served:
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def status(self) -> tuple[str, str]:
+        """(state, reason) as the repository index says them: READY while the model serves
+        requests; UNAVAILABLE with why not (not loaded, unloaded, or its workers failed)."""
+        if self.model is None:
+            return self.state, self.reason
+        if self.model.healthy:
+            return "READY", ""
+        return "UNAVAILABLE", self.model.stats()["fault"] or "closed"
 
 
 class ModelRepository:
@@ -217,7 +226,9 @@ def app(
         return Response(status_code=200)
 
     async def ready(request: Request) -> Response:
-        ok = all(e.model is not None for e in repo.entries.values())
+        # As Triton's strict readiness: every model serves, but for those unloaded on request.
+        ok = all(e.status()[0] == "READY" or e.reason == "unloaded"
+                 for e in repo.entries.values())
         return Response(status_code=200 if ok else 400)
 
     async def server_metadata(request: Request) -> Response:
@@ -242,13 +253,16 @@ def app(
                 raise NotFound(name)
         except NotFound as exc:
             return error_response(404, str(exc))
-        return Response(status_code=200 if entry.model is not None else 400)
+        return Response(status_code=200 if entry.status()[0] == "READY" else 400)
 
     infer = Infer(repo, metrics, max_body_bytes)
 
     async def repository_index(request: Request) -> Response:
-        return JSONResponse([{"name": e.name, "version": VERSION, "state": e.state,
-                              "reason": e.reason} for e in repo.entries.values()])
+        rows = []
+        for e in repo.entries.values():
+            state, reason = e.status()
+            rows.append({"name": e.name, "version": VERSION, "state": state, "reason": reason})
+        return JSONResponse(rows)
 
     async def repository_load(request: Request) -> Response:
         name = request.path_params["name"]
@@ -298,7 +312,8 @@ def app(
         except NotFound as exc:
             return error_response(404, str(exc))
         except ClosedError as exc:  # unloaded meanwhile
-            return error_response(503, f"model {name!r} is closing: {exc}", **{"Retry-After": "1"})
+            return error_response(503, f"model {name!r} is not serving: {exc}",
+                                  **{"Retry-After": "1"})
         except (InputError, OSError, ValueError) as exc:
             metrics.hot_swaps.labels(name, "failed").inc()
             return error_response(

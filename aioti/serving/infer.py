@@ -137,7 +137,7 @@ class Infer:
             await error_response(503, str(exc), **{"Retry-After": "1"})(scope, receive, send)
         except ClosedError as exc:
             outcome = "unavailable"
-            await error_response(503, f"model {name!r} is closing: {exc}",
+            await error_response(503, f"model {name!r} is not serving: {exc}",
                                  **{"Retry-After": "1"})(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - a failed run answers 500, the server goes on
             await error_response(500, f"{type(exc).__name__}: {exc}")(scope, receive, send)

@@ -83,7 +83,7 @@ class _ModelsCollector:
             for i, r in enumerate(stats.get("replicas", [stats])):
                 replica = f"{i} ({r.get('device', model.device)})"
                 depth.add_metric([name, replica], r["queued"])
-                healthy.add_metric([name, replica], 1.0 if r.get("healthy", True) else 0.0)
+                healthy.add_metric([name, replica], 1.0 if r["healthy"] else 0.0)
             hist: dict[int, int] = {}
             for r in stats.get("replicas", [stats]):
                 for rows, n in (r.get("batching") or {}).get("batch_rows", {}).items():
