@@ -205,6 +205,26 @@ def test_cli_refuses_bad_arguments_before_loading(args, named, capsys):
     assert exited.value.code == 2 and named in capsys.readouterr().err
 
 
+def test_serve_says_in_one_line_when_a_package_is_not_one(tmp_path, capsys):
+    """A missing, unreadable or model-less package stops `aioti serve` before its server
+    starts, in one line (it was a traceback of the server's failed start, exit 3)."""
+    import zipfile
+
+    pytest.importorskip("uvicorn")
+    from aioti.cli import main
+
+    text, empty = tmp_path / "text.pt2", tmp_path / "empty.pt2"
+    text.write_text("hello")
+    with zipfile.ZipFile(empty, "w") as zf:
+        zf.writestr("model/archive_format", "pt2")
+    for path, said in [(tmp_path / "nope.pt2", "does not exist or is not a file"),
+                       (text, "is not a .pt2 package"),
+                       (empty, "holds no AOTInductor model")]:
+        assert main(["serve", str(path), "--port", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("aioti: error: ") and said in err and err.count("\n") == 1
+
+
 def test_cli_run_says_when_its_input_file_is_not_one(models, tmp_path, capsys):
     from aioti.cli import main
 

@@ -22,6 +22,7 @@ import platform
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,8 @@ from typing import Any
 from ..errors import ModelLoadError
 from .build import build_library, is_cpp_only
 
-__all__ = ["ModelFiles", "cpu_flags", "default_cache_dir", "discard", "list_models", "open_model",
-           "package_path"]
+__all__ = ["ModelFiles", "check_package", "cpu_flags", "default_cache_dir", "discard",
+           "list_models", "open_model", "package_path"]
 
 _MARK = "/data/aotinductor/"
 _WEIGHTS = "/data/weights/"
@@ -278,22 +279,7 @@ def open_model(
         return _bare(path)
     with _open_zip(path) as zf:
         models = _models_in(zf)
-        if not models:
-            raise ModelLoadError(f"{str(path)!r} holds no AOTInductor model (no {_MARK[1:]}...)")
-        if model_name is None:
-            if len(models) == 1:
-                model_name = next(iter(models))
-            elif "model" in models:
-                model_name = "model"
-            else:
-                raise ModelLoadError(
-                    f"{str(path)!r} holds several models ({', '.join(sorted(models))}): "
-                    "pass model_name"
-                )
-        if model_name not in models:
-            raise ModelLoadError(
-                f"{str(path)!r} has no model {model_name!r} (it has: {', '.join(sorted(models))})"
-            )
+        model_name = _pick(path, models, model_name)
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         dest = root / _sha256(path) / model_name
         fresh = not dest.is_dir()
@@ -308,6 +294,36 @@ def open_model(
         raise
     files.extracted = dest if fresh else None
     return files
+
+
+def check_package(path: str | os.PathLike[str], model_name: str | None = None) -> None:
+    """Raise `ModelLoadError` where `open_model(path, model_name)` would before extracting: a
+    missing file, not a package, no such model. Reads the zip's directory only (a server checks
+    its packages with it when it is made, before it starts)."""
+    path = package_path(path)
+    if path.suffix == ".so":
+        if not path.is_file():
+            raise ModelLoadError(f"{str(path)!r} does not exist or is not a file")
+        return
+    with _open_zip(path) as zf:
+        _pick(path, _models_in(zf), model_name)
+
+
+def _pick(path: Path, models: Mapping[str, object], model_name: str | None) -> str:
+    """The model of a package to open: `model_name`, else its only one, else "model"."""
+    if not models:
+        raise ModelLoadError(f"{str(path)!r} holds no AOTInductor model (no {_MARK[1:]}...)")
+    if model_name is None:
+        if len(models) == 1:
+            return next(iter(models))
+        if "model" in models:
+            return "model"
+        raise ModelLoadError(
+            f"{str(path)!r} holds several models ({', '.join(sorted(models))}): pass model_name")
+    if model_name not in models:
+        raise ModelLoadError(
+            f"{str(path)!r} has no model {model_name!r} (it has: {', '.join(sorted(models))})")
+    return model_name
 
 
 def discard(files: ModelFiles) -> None:

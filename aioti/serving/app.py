@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..core import check_package
 from ..errors import AiotiError, ClosedError, InputError, ModelLoadError
 from ..loader import check_options, load
 from ..model import AsyncModel
@@ -199,10 +200,14 @@ def app(
     their file's stem; or name -> a loaded `AsyncModel`, which the app then serves and owns).
     Models load when the app starts (its lifespan) and close, draining their requests, when it
     stops. `device`, `batching`, `workers` and `max_queue` are
-    `aioti.load`'s; a full queue answers 503."""
+    `aioti.load`'s; a full queue answers 503. A package path that is missing or holds no model
+    raises `ModelLoadError` here, as a bad option raises here."""
     check_options(workers=workers, max_queue=max_queue, batching=batching)
     packages = (dict(models) if isinstance(models, Mapping)
                 else {Path(p).stem: p for p in models})
+    for p in packages.values():  # a missing or unreadable package fails here, not at the start
+        if not isinstance(p, AsyncModel):
+            check_package(p)
     say = log or (lambda line: print(line, file=sys.stderr, flush=True))
     repo_box: list[ModelRepository] = []
     metrics = Metrics(lambda: repo_box[0].models() if repo_box else {})
