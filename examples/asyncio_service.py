@@ -7,12 +7,14 @@ Endpoints:
 - POST /hot-swap  {"state_dict": PATH}      -> {"swapped": true}         (weights file on disk)
 - POST /rollback                            -> {"rolled_back": true}
 - GET  /stats                               -> the model's counters and latency percentiles
+- GET  /healthz                             -> 200 while the model serves, else 503 and why
 
 The model is loaded at start-up and closed at shutdown (Starlette's lifespan); requests await
 the model concurrently and never block the loop. `--batching N` merges concurrent requests into
 runs of up to N rows; with `--on-loop` those runs happen on the loop's own thread (for a fast
 CPU model: no thread hand-offs, the loop busy for each batched run). Bad input answers 422 with
-the model's message, a full queue 503.
+the model's message; a full queue, or a model that no longer serves (`ClosedError`: closing, or
+its worker failed), 503.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def create_app(model_path: str, **load_kwargs: Any) -> Starlette:
             y = await state["model"](x)
         except (KeyError, TypeError, ValueError) as exc:
             return JSONResponse({"error": f"bad request: {exc}"}, status_code=422)
-        except aioti.QueueFullError as exc:
+        except (aioti.QueueFullError, aioti.ClosedError) as exc:
             return JSONResponse({"error": str(exc)}, status_code=503)
         return JSONResponse({"outputs": y.tolist()})
 
@@ -66,11 +68,16 @@ def create_app(model_path: str, **load_kwargs: Any) -> Starlette:
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse(state["model"].stats())
 
+    async def healthz(request: Request) -> JSONResponse:  # a readiness probe
+        stats = state["model"].stats()
+        return JSONResponse({"healthy": stats["healthy"], "fault": stats["fault"]},
+                            status_code=200 if stats["healthy"] else 503)
+
     return Starlette(
         routes=[Route("/predict", predict, methods=["POST"]),
                 Route("/hot-swap", hot_swap, methods=["POST"]),
                 Route("/rollback", rollback, methods=["POST"]),
-                Route("/stats", stats)],
+                Route("/stats", stats), Route("/healthz", healthz)],
         lifespan=lifespan,
     )
 

@@ -83,6 +83,8 @@ async def test_asyncio_service(asyncio_service, tmp_path):
         await client.post("/rollback")
         stats = (await client.get("/stats")).json()
         assert stats["completed"] >= 201 and stats["failed"] == 0
+        health = await client.get("/healthz")
+        assert health.status_code == 200 and health.json() == {"healthy": True, "fault": None}
         if "batching" in stats:  # --on-loop: concurrent HTTP requests merged into fewer runs
             assert stats["batching"]["runs"] < stats["completed"]
 
