@@ -31,7 +31,7 @@ LOOPS = ("asyncio", "trio")
 MODES = ("plain", "batched", "on_loop", "pool", "pool_batched", "pool_on_loop")
 CUDA_MODES = ("plain", "batched", "graphs", "graphs_batched", "pool", "pool_batched")
 CUDA_SCENARIOS = ("cancel_storm", "hot_swap_under_load", "close_under_load", "backpressure",
-                  "room_storm", "malformed", "soak")
+                  "room_storm", "malformed", "soak", "worker_fault")
 
 
 def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float]]:
@@ -47,6 +47,8 @@ def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float
         ("close_under_load", 60, MODES), ("backpressure", 90, MODES), ("room_storm", 60, MODES),
         ("malformed", 60, MODES), ("soak", 120, MODES),
         ("on_loop_stall", 40, ("on_loop",)), ("truncated_library", 60, ("plain",)),
+        # on-loop batches never reach a worker: the modes whose workers run batches
+        ("worker_fault", 60, ("plain", "batched", "pool", "pool_batched")),
     ):
         rows += [(name, loop, mode, timeout) for loop in LOOPS for mode in modes]
     rows += [(name, "mixed", mode, 90) for name in ("several_loops", "swaps_from_loops")

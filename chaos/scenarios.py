@@ -258,6 +258,64 @@ async def room_storm(mode: str) -> Figures:
     return f
 
 
+async def worker_fault(mode: str) -> Figures:
+    """The workers fail for a reason of the runtime's own (injected where they take their next
+    batch, from the 50th take on) while 64 callers, some cancelled, load the model: each call
+    ends with a right output, its cancellation, or a `ClosedError` naming the fault; none
+    hangs; the model then says it is unhealthy, and why. In a pool only replica 0's workers
+    fail: every call gets a right output, and the pool stays healthy."""
+    eager = eager_small()
+    f = figures()
+    pool = mode.startswith("pool")
+    async with aioti.load(small(), **options(mode)) as model:
+        xs = [randn(1 + i % 4, 64) for i in range(64)]
+        refs = [eager(x).detach() for x in xs]
+        queue = (model.replicas[0].dispatcher if pool else model._dispatcher).queue
+        real_take, takes = queue.take, [0]
+
+        def take(*args: Any) -> Any:
+            takes[0] += 1
+            if takes[0] >= 50:
+                raise RuntimeError("injected fault")
+            return real_take(*args)
+
+        queue.take = take
+
+        async def caller(i: int) -> None:
+            rnd = random.Random(i)
+            for _ in range(100):
+                f["sent"] += 1
+                with anyio.move_on_after(rnd.random() * 0.01) as scope:
+                    try:
+                        out = await model(xs[i])
+                    except aioti.ClosedError as exc:
+                        f["failed"] += 1
+                        if "injected fault" not in str(exc):
+                            f["wrong"] += 1
+                            f["note"] = f"refused without the cause: {exc}"
+                        return
+                    f["completed" if close_to(out, refs[i]) else "wrong"] += 1
+                if scope.cancelled_caught:
+                    f["cancelled"] += 1
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                for i in range(64):
+                    tg.start_soon(caller, i)
+        s = model.stats()
+        if pool:
+            healthy = [r["healthy"] for r in s["replicas"]]
+            if f["failed"] or not model.healthy or (takes[0] >= 50 and healthy != [False, True]):
+                f["wrong"] += 1
+                f["note"] = f"pool: {f['failed']} refused, replicas healthy {healthy}"
+        elif takes[0] >= 50 and (model.healthy or "injected fault" not in (s["fault"] or "")):
+            f["wrong"] += 1
+            f["note"] = f"failed workers, yet healthy {model.healthy}, fault {s['fault']!r}"
+        if takes[0] < 50:
+            f["note"] = f"the workers took {takes[0]} batches: the fault was not reached"
+    return f
+
+
 def malformed_inputs() -> list[tuple[str, Callable[[], Any]]]:
     x = randn(4, 64)
     c = randn(4, 64, dtype=torch.complex64)
@@ -614,7 +672,7 @@ ASYNC: dict[str, Callable[[str], Awaitable[Figures]]] = {
     "close_under_load": close_under_load, "backpressure": backpressure,
     "room_storm": room_storm,
     "malformed": malformed, "truncated_library": truncated_library,
-    "on_loop_stall": on_loop_stall, "soak": soak,
+    "on_loop_stall": on_loop_stall, "soak": soak, "worker_fault": worker_fault,
 }
 
 
