@@ -107,6 +107,24 @@ async def counted_call(f: Figures, model: Any, x: torch.Tensor, ref: torch.Tenso
     return False
 
 
+async def call_by_deadline(f: Figures, deadline_s: float, model: Any, x: torch.Tensor,
+                           ref: torch.Tensor, refused: type[Exception]) -> bool:
+    """`counted_call` within `deadline_s`, a cancellation counted in `f`; True when refused."""
+    with anyio.move_on_after(deadline_s) as scope:
+        if await counted_call(f, model, x, ref, refused):
+            return True
+    if scope.cancelled_caught:
+        f["cancelled"] += 1
+    return False
+
+
+async def all_callers(caller: Callable[[int], Awaitable[None]], n: int = 64) -> None:
+    """`caller(i)` for i in range(n), all at once, until each returns."""
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(caller, i)
+
+
 # --- scenarios ------------------------------------------------------------------------------
 
 async def cancel_storm(mode: str) -> Figures:
@@ -133,9 +151,7 @@ async def cancel_storm(mode: str) -> Figures:
                     f["cancelled"] += 1
 
         for round_ in range(3):
-            async with anyio.create_task_group() as tg:
-                for i in range(64):
-                    tg.start_soon(caller, i)
+            await all_callers(caller)
             gc.collect()
             if round_ == 0:
                 base = rss_mb()
@@ -239,12 +255,9 @@ async def room_storm(mode: str) -> Figures:
 
     async def caller(i: int) -> None:
         rnd = random.Random(i)
-        while True:
-            with anyio.move_on_after(rnd.random() * 0.004) as scope:
-                if await counted_call(f, model, x, ref, aioti.ClosedError):
-                    return
-            if scope.cancelled_caught:
-                f["cancelled"] += 1
+        while not await call_by_deadline(f, rnd.random() * 0.004, model, x, ref,
+                                         aioti.ClosedError):
+            pass
 
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
@@ -284,25 +297,20 @@ async def worker_fault(mode: str) -> Figures:
         async def caller(i: int) -> None:
             rnd = random.Random(i)
             for _ in range(100):
-                f["sent"] += 1
-                with anyio.move_on_after(rnd.random() * 0.01) as scope:
-                    try:
-                        out = await model(xs[i])
-                    except aioti.ClosedError as exc:
-                        f["failed"] += 1
-                        if "injected fault" not in str(exc):
-                            f["wrong"] += 1
-                            f["note"] = f"refused without the cause: {exc}"
-                        return
-                    f["completed" if close_to(out, refs[i]) else "wrong"] += 1
-                if scope.cancelled_caught:
-                    f["cancelled"] += 1
+                if await call_by_deadline(f, rnd.random() * 0.01, model, xs[i], refs[i],
+                                          aioti.ClosedError):
+                    return
 
         with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                for i in range(64):
-                    tg.start_soon(caller, i)
+            await all_callers(caller)
         s = model.stats()
+        if not pool and f["failed"]:
+            try:
+                await model(xs[0])
+            except aioti.ClosedError as exc:
+                if "injected fault" not in str(exc):
+                    f["wrong"] += 1
+                    f["note"] = f"refused without the cause: {exc}"
         if pool:
             healthy = [r["healthy"] for r in s["replicas"]]
             if f["failed"] or not model.healthy or (takes[0] >= 50 and healthy != [False, True]):
