@@ -313,14 +313,19 @@ class AsyncModel:
 
         def call(replica: Replica) -> T:
             if replica.dispatcher.stopped:
-                raise ClosedError("the model is closed")
+                raise ClosedError(replica.dispatcher.closed_reason)
             if not exclusive:
                 return fn(replica.container)
             with replica.dispatcher.exclusive():
                 return fn(replica.container)
 
         async with self._mutation():
-            return [await _in_thread(functools.partial(call, r)) for r in self._replicas]
+            return [await _in_thread(functools.partial(call, r)) for r in self._live_replicas()]
+
+    def _live_replicas(self) -> list[Replica]:
+        """The replicas constant operations reach (a replica pool leaves out those whose
+        workers failed: they never serve again, and their native containers are gone)."""
+        return self._replicas
 
     @contextlib.asynccontextmanager
     async def _mutation(self) -> AsyncIterator[None]:
@@ -348,7 +353,7 @@ class AsyncModel:
                                 ) -> dict[str, torch.Tensor]:
         """Copies of the active (or inactive) buffer's constants, by internal name (or FQN)."""
         self._check_open()
-        c = self._container  # every replica holds the same constants: read the first's
+        c = self._live_replicas()[0].container  # every replica holds the same constants
         async with self._lock:
             return await _in_thread(
                 lambda: c.buffers.extract_constants(inactive=inactive, by_fqn=by_fqn))

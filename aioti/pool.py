@@ -147,14 +147,23 @@ class ReplicaPool(AsyncModel):
             self.router.recovered(i)
         return [self._serving(i) for i in range(len(self._replicas))]
 
+    def _check_open(self) -> None:
+        """`ClosedError` once closing began, or once no replica is left to serve."""
+        if self._closed or not self._live_replicas():
+            raise ClosedError(self._dispatcher.closed_reason)
+
+    def _live_replicas(self) -> list[Replica]:
+        return [r for r in self._replicas if r.dispatcher.fault is None]
+
     async def hot_swap(self, mapping: Mapping[str, Any] | str | os.PathLike[str], *,
                        fold: bool = True) -> None:
         """`AsyncModel.hot_swap` across the replicas: stage and fold on each, then swap all of
         them while no batch runs anywhere. A replica that fails to stage is named in the error,
-        and no replica is swapped."""
+        and no replica is swapped. Replicas whose workers failed (they serve no more) are left
+        out, also when they fail meanwhile."""
         self._check_open()
         loaded = await self._read(mapping)
-        reps = self._replicas
+        reps = self._live_replicas()
         folds = fold and reps[0].container.buffers.folds
         async with self._mutation():
             errors: list[tuple[Replica, BaseException]] = []
@@ -166,7 +175,8 @@ class ReplicaPool(AsyncModel):
                         await _in_thread(
                             lambda: r.container.buffers.fold_constants(inactive=True))
                 except Exception as exc:  # noqa: BLE001 - reported below, per replica
-                    errors.append((r, exc))
+                    if r.dispatcher.fault is None:  # else it failed meanwhile: left out
+                        errors.append((r, exc))
 
             async with anyio.create_task_group() as tg:
                 for r in reps:
@@ -184,11 +194,17 @@ class ReplicaPool(AsyncModel):
             await _in_thread(self._swap_all)
 
     def _swap_all(self) -> None:
+        live = self._live_replicas()
         with contextlib.ExitStack() as gates:
-            for r in self._replicas:
+            for r in live:
                 gates.enter_context(r.dispatcher.exclusive())
-            for r in self._replicas:
-                r.container.buffers.swap_constants()
+            for r in live:
+                try:
+                    r.container.buffers.swap_constants()
+                except ClosedError:
+                    if r.dispatcher.fault is None:
+                        raise
+                    # its workers failed meanwhile (its container is gone): it serves no more
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.workers} workers each"

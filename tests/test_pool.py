@@ -317,6 +317,37 @@ async def test_a_pool_whose_replicas_all_failed_is_unhealthy_and_says_why(models
             await model(torch.randn(2, 64))
 
 
+@pytest.mark.parametrize("broken", [0, 1])
+async def test_constant_operations_leave_out_a_replica_whose_workers_failed(models, broken):
+    """Weights keep changing on a pool that lost a replica for good (its workers failed, its
+    native container is gone): hot swap, extract, update, swap back act on the replicas that
+    serve. Before, with replica 0 lost every one raised its `ClosedError`; with replica 1 lost a
+    hot swap failed naming it, and `swap_constants` swapped replica 0 before failing."""
+    old, new = eager_model("small_mlp"), eager_model("small_mlp")
+    with torch.no_grad():
+        for p in new.parameters():
+            p.mul_(-0.5)
+    xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+        break_workers(model.replicas[broken].dispatcher)
+        with anyio.fail_after(60):
+            while model.stats()["replicas"][broken]["healthy"]:
+                await call_all(model, xs)
+        assert model.healthy
+        await model.hot_swap(new.state_dict())
+        after_swap = await call_all(model, xs)
+        extracted = await model.extract_constants(by_fqn=True)
+        await model.swap_constants()  # the rollback
+        rolled_back = await call_all(model, xs)
+        await model.update_constants(new.state_dict(), inactive=True)
+        await model.swap_constants()
+        updated = await call_all(model, xs)
+    with torch.no_grad():
+        for results, eager in ((after_swap, new), (rolled_back, old), (updated, new)):
+            assert all(torch.allclose(r, eager(x), atol=1e-5) for r, x in zip(results, xs))
+        assert all(torch.equal(extracted[k], v) for k, v in new.state_dict().items())
+
+
 async def test_close_with_work_in_flight(models):
     x = torch.randn(64, 1024)
     model = await aioti.load(models["mid_mlp"], device=["cpu", "cpu"])

@@ -328,12 +328,13 @@ class ConstantBuffers:
     def swap_constants(self) -> None:
         """Make the inactive buffer active (waits for runs in flight, natively)."""
         self._c._need("SwapConstantBuffer", "swapping constant buffers")
+        handle = self._c._live()  # a deleted container says so, not that its buffer is empty
         if not self._inactive_complete:
             raise InputError(
                 "swap refused: the inactive buffer holds no complete weight set "
                 "(update it first; it is empty after loading and after free_inactive)"
             )
-        self._c.library.call("SwapConstantBuffer", self._c._live())
+        self._c.library.call("SwapConstantBuffer", handle)
         self._active ^= 1
         self._inactive_complete, self._constants_loaded = self._constants_loaded, True
         self.generation += 1
