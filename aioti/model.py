@@ -184,10 +184,11 @@ class AsyncModel:
         that leaves while waiting for room in a full queue never entered it and is not counted;
         nor are requests that closing with `cancel_queued` fails.
         `healthy`: whether the model serves requests (`healthy`); `fault`: why not, where
-        no one closed it (else None). `ran_on_caller_thread`: lone requests to the idle model run on their caller's thread
-        (docs/concurrency.md). `latency_s`: from the request's creation to its delivery on its
-        loop. On CPU, `threads`: the native team sizes of its runs (`alone`: the lead's for a
-        batch alone, as tuned among `alone_choices`; docs/devices.md)."""
+        no one closed it (else None). `ran_on_caller_thread`: lone requests to the idle model
+        run on their caller's thread (docs/concurrency.md). `latency_s`: from the request's
+        creation to its delivery on its loop. On CPU, `threads`: the native team sizes of its
+        runs (`alone`: the lead's for a batch alone, as tuned among `alone_choices`;
+        docs/devices.md)."""
         return self._replicas[0].stats()
 
     def observe(self, fn: Callable[[list[float], list[float]], object]) -> None:

@@ -7,5 +7,6 @@ from .signature import InputSpec, Signature, parse_signature
 
 __all__ = [
     "ConstantInfo", "Container", "InputSpec", "ModelFiles", "ModelLibrary", "Signature",
-    "check_package", "default_cache_dir", "list_models", "open_container", "open_model", "parse_signature",
+    "check_package", "default_cache_dir", "list_models", "open_container", "open_model",
+    "parse_signature",
 ]

@@ -17,8 +17,9 @@ them (all bodies JSON; errors are `{"error": "..."}`):
 
 Status codes: 400 for a bad request (the `InputError` text), 404 for an unknown model (or a
 version other than "1"), 413 for a body over `max_body_bytes`, 503 with `Retry-After` when the
-model's queue is full (or it is closing, or stopped serving), 500 for a failed run. A client that disconnects
-cancels its request: if still queued, it never runs.
+model's queue is full (or it is closing, or stopped serving), 500 for a failed run. A client
+that disconnects cancels its request: if still queued, it never runs. Readiness follows what
+the models serve (Triton's strict readiness: a model unloaded on request does not count).
 """
 
 from __future__ import annotations
