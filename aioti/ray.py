@@ -26,7 +26,8 @@ through the replica's event loop without blocking it, concurrent requests batche
   anew): they load the new `user_config`'s weights as they start, replacing the old ones
   rolling, without failed requests.
 - `check_health`: fails once the model is closed or stops serving (a worker failed: Ray
-  starts a new replica), or (a replica pool) while one of its devices is out of routing.
+  starts a new replica), or (a replica pool) while one of its devices is out of routing and
+  fails a probe (one that answers is put back, and the check passes).
 - Shutdown (`serve.delete`, scale-down, `serve.shutdown`): the model closes after finishing the
   requests it holds (the replica's HTTP app owns it, and Ray ends the app's lifespan).
 - Ray's metrics (`ray.serve.metrics`): `aioti_requests` (requests delivered), `aioti_latency_ms`
@@ -105,8 +106,12 @@ class AiotiReplica:
         return {"replica": _replica_id(), "weights": self._weights, "error": self.swap_error}
 
     async def check_health(self) -> None:
+        """Ray's periodic check; an exception makes Ray replace this replica. A replica pool's
+        devices out of routing are probed first (`check_health` of the model): one that
+        answers is back, and only one still failing fails the check."""
         if self.model.closed:
             raise RuntimeError("the aioti model is closed")
+        await self.model.check_health()
         stats = self.model.stats()
         if not stats["healthy"]:  # its workers failed: a new replica serves, this one cannot
             raise RuntimeError(f"the aioti model serves no more requests: {stats['fault']}")

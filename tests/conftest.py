@@ -1,5 +1,6 @@
-"""Shared fixtures: compiled reference models (cached across runs), both async backends, and a
-hard bound on every test so that a hang fails loudly instead of stalling CI."""
+"""Shared fixtures: compiled reference models (cached across runs), both async backends, a
+backend of the tests' own for a second device kind, and a hard bound on every test so that a
+hang fails loudly instead of stalling CI."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import aioti
+from aioti.backends.cpu import CpuBackend
 from aioti.testing import compile_model
 
 HANG_LIMIT_S = 300
@@ -36,3 +39,12 @@ def models() -> dict[str, Path]:
             return path
 
     return Lazy()
+
+
+@pytest.fixture
+def other_backend() -> object:
+    """Register a backend class for device type privateuseone (a CPU underneath)."""
+    def register(cls: type) -> None:
+        aioti.register_backend("privateuseone", cls, replace=True)
+    yield register
+    aioti.register_backend("privateuseone", CpuBackend, replace=True)

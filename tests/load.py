@@ -8,6 +8,8 @@ from typing import Any
 
 import anyio
 
+from aioti.backends.cpu import CpuBackend
+
 
 def record_run_threads(model: Any) -> list[int]:
     """The idents of the threads the model's runs happen on, appended as they run (a plain
@@ -22,6 +24,17 @@ def record_run_threads(model: Any) -> list[int]:
 
     executor._run_many = recording
     return threads
+
+
+class FlakyCpuBackend(CpuBackend):
+    """The CPU, but every batch fails (as a lost device would) while `broken` is set."""
+
+    broken = threading.Event()
+
+    def begin_batch(self, ctx: Any, readies: Any) -> Any:
+        if self.broken.is_set():
+            raise RuntimeError("device lost")
+        return super().begin_batch(ctx, readies)
 
 
 def break_workers(*dispatchers: Any) -> None:

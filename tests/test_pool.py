@@ -4,13 +4,12 @@ than two GPUs."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import anyio
 import pytest
 import torch
-from load import break_workers, call_from_three_loops, load_until_unhealthy
+from load import FlakyCpuBackend, break_workers, call_from_three_loops, load_until_unhealthy
 
 import aioti
 from aioti.backends.cpu import CpuBackend
@@ -26,26 +25,6 @@ class SlowCpuBackend(CpuBackend):
     def begin_batch(self, ctx, readies):
         time.sleep(0.005)
         return super().begin_batch(ctx, readies)
-
-
-class FlakyCpuBackend(CpuBackend):
-    """The CPU, but every batch fails (as a lost device would) while `broken` is set."""
-
-    broken = threading.Event()
-
-    def begin_batch(self, ctx, readies):
-        if self.broken.is_set():
-            raise RuntimeError("device lost")
-        return super().begin_batch(ctx, readies)
-
-
-@pytest.fixture
-def other_backend():
-    """Register a backend class for device type privateuseone (a CPU underneath)."""
-    def register(cls):
-        aioti.register_backend("privateuseone", cls, replace=True)
-    yield register
-    aioti.register_backend("privateuseone", CpuBackend, replace=True)
 
 
 async def call_all(model, xs, rounds=1, callers=64):

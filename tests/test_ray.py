@@ -24,6 +24,8 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from load import FlakyCpuBackend  # noqa: E402
+
 import aioti.ray  # noqa: E402
 from aioti.testing import compile_model, eager_model  # noqa: E402
 
@@ -323,18 +325,27 @@ async def test_the_config_file_builder(anyio_backend, cluster):
 
 
 @pytest.mark.anyio
-async def test_check_health_follows_the_model(anyio_backend, models):
+async def test_check_health_follows_the_model(anyio_backend, models, other_backend):
     """A replica's health check, outside Ray: healthy while the model serves, failing once it
-    is closed, and (a replica pool) while a device is out of routing, naming it."""
+    is closed, and (a replica pool) while a device is out of routing and fails its probe,
+    naming it; once the device answers the probe, the check puts it back and passes (Ray need
+    not replace the whole replica for a device that came back)."""
+    other_backend(FlakyCpuBackend)
     replica = aioti.ray.AiotiReplica.__new__(aioti.ray.AiotiReplica)
-    await replica.__init__(str(models["small_mlp"]), "m", {"device": ["cpu", "cpu"]})
-    await replica.check_health()
-    replica.model.router.fault(1, RuntimeError("device lost"))
-    with pytest.raises(RuntimeError, match=r"devices out of routing: cpu: .*device lost"):
+    await replica.__init__(str(models["small_mlp"]), "m",
+                           {"device": ["cpu", "privateuseone:0"]})
+    try:
         await replica.check_health()
-    await replica.model.check_health()  # the probe finds it answering: back in routing
-    await replica.check_health()
-    await replica.model.aclose()
+        FlakyCpuBackend.broken.set()
+        replica.model.router.fault(1, RuntimeError("device lost"))
+        with pytest.raises(RuntimeError, match=r"devices out of routing: .*device lost"):
+            await replica.check_health()  # its probe fails too
+        FlakyCpuBackend.broken.clear()
+        await replica.check_health()  # the probe answers: back in routing
+        assert replica.model.stats()["replicas"][1]["healthy"]
+    finally:
+        FlakyCpuBackend.broken.clear()
+        await replica.model.aclose()
     with pytest.raises(RuntimeError, match="the aioti model is closed"):
         await replica.check_health()
 
