@@ -500,6 +500,8 @@ def test_a_model_whose_workers_failed_is_not_ready_until_loaded_again(models, de
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert "'small' is not serving" in r.json()["error"]
         assert "injected into the queue" in r.json()["error"]
+        r = post(s, "/v2/models/small/weights", json={"path": "/nonexistent.pt"})
+        assert r.status_code == 503 and "'small' is not serving" in r.json()["error"]
         client.load_model("small")
         assert client.is_model_ready("small") and client.is_server_ready()
         r = post(s, "/v2/models/small/infer", json=body)
