@@ -272,25 +272,26 @@ async def room_storm(mode: str) -> Figures:
 
 
 async def worker_fault(mode: str) -> Figures:
-    """The workers fail for a reason of the runtime's own (injected where they take their next
-    batch, from the 50th take on) while 64 callers, some cancelled, load the model: each call
-    ends with a right output, its cancellation, or a `ClosedError` naming the fault; none
-    hangs; the model then says it is unhealthy, and why. In a pool only replica 0's workers
-    fail: every call gets a right output, and the pool stays healthy."""
+    """Worker 0 of two fails for a reason of the runtime's own (injected where it takes its
+    next batch, from the 50th take on) while 64 callers, some cancelled, load the model: each
+    call ends with a right output, its cancellation, or a `ClosedError` naming the fault; none
+    hangs; the model then says it is unhealthy, and why (its other worker does not serve on).
+    In a pool only replica 0's worker fails: every call gets a right output, and the pool stays
+    healthy."""
     eager = eager_small()
     f = figures()
     pool = mode.startswith("pool")
-    async with aioti.load(small(), **options(mode)) as model:
+    async with aioti.load(small(), **options(mode), workers=2) as model:
         xs = [randn(1 + i % 4, 64) for i in range(64)]
         refs = [eager(x).detach() for x in xs]
         queue = (model.replicas[0].dispatcher if pool else model._dispatcher).queue
         real_take, takes = queue.take, [0]
 
-        def take(*args: Any) -> Any:
+        def take(index: int, in_flight: bool) -> Any:
             takes[0] += 1
-            if takes[0] >= 50:
+            if takes[0] >= 50 and index == 0:
                 raise RuntimeError("injected fault")
-            return real_take(*args)
+            return real_take(index, in_flight)
 
         queue.take = take
 

@@ -383,6 +383,21 @@ class RequestQueue:
         self._room.unpark_all()  # they retry, and meet ClosedError
         return dropped
 
+    def fail(self, reason: str) -> list[Request]:
+        """A worker failed (`Workers`): stop admission, saying `reason` unless closing began
+        already, wake everyone (the other workers finish their batches and exit), and return
+        the queued requests, to fail: no worker is left to trust with them."""
+        with self._cond:
+            if not self.closing:
+                self.closing = True
+                self.closed_reason = reason
+            items = list(self._items)
+            self._items.clear()
+            self._rows = 0
+            self._wake_all_locked()
+        self._room.unpark_all()  # they retry, and meet ClosedError
+        return items
+
     def orphaned(self) -> None:
         """In a forked child: closed, with no workers. The lock is made anew, since a thread of
         the parent may have held it at the fork."""

@@ -296,12 +296,14 @@ class Workers:
                         runner.land(*flight.popleft())
                 del batch, taken
         except BaseException as exc:
-            # Not a run's failure (a run's is its requests' outcome): the runtime's own. The
-            # requests left and later calls say so, not that the model was closed.
-            queue.closed_reason = (f"the model's worker {index} failed "
-                                   f"({type(exc).__name__}: {exc}); it serves no more requests")
-            log.error("aioti: %s", queue.closed_reason, exc_info=exc)
-            runner.fault(exc)
+            # Not a run's failure (a run's is its requests' outcome): the runtime's own. It
+            # ends the model's serving, whatever its other workers (they finish what they run
+            # and exit): the requests left and later calls say why, not that it was closed.
+            reason = (f"the model's worker {index} failed ({type(exc).__name__}: {exc}); "
+                      "it serves no more requests")
+            log.error("aioti: %s", reason, exc_info=exc)
+            runner.fault(exc)  # a pool's replica: out of routing, its queue handed back
+            runner.delivery.fail(queue.fail(reason), runner.unstarted(ClosedError(reason)))
         finally:
             while flight:
                 runner.land(*flight.popleft())

@@ -391,3 +391,46 @@ def test_the_leading_size_of_any_inputs():
                          ([torch.tensor(2.0)], 1), ([], 1), ([3.0], 1), ([Odd()], 1),
                          ([torch.zeros(4), torch.zeros(9)], 4)):
         assert Request(inputs, None, loop).leading_size() == size, inputs
+
+
+@pytest.mark.parametrize("failing", [0, 1], ids=["the lead", "another worker"])
+def test_a_worker_of_several_that_fails_stops_the_model(caplog, failing):
+    """With two workers, one that fails (here on its way back from a batch) ends the model's
+    serving as a lone worker's failure does: later requests are refused naming it, the model is
+    unhealthy, its other worker exits and the container goes; a close afterwards does not hide
+    why. Before, the other worker served on, a later close said the failure, and a failed lead
+    (free, on its way back) left every new request waiting for it."""
+    ex = DoublingExecutor()
+    ex.gate = threading.Event()
+    stopped = threading.Event()
+    d = Dispatcher(ex, CPU, RuntimeOptions(workers=2), on_stopped=stopped.set)
+    take = d.queue.take
+
+    def failing_take(index: int, in_flight: bool) -> object:
+        if index == failing and ex.runs:  # it has run a batch
+            raise RuntimeError("injected")
+        return take(index, in_flight)
+
+    d.queue.take = failing_take  # type: ignore[method-assign]
+    loop = PlainLoop()
+    first, second = request(torch.tensor(1.0), loop), request(torch.tensor(2.0), loop)
+    assert d.try_submit(first)
+    assert ex.started.wait(5)  # the lead holds `first` ...
+    assert d.try_submit(second)  # ... so the other worker takes `second`
+    for _ in range(5000):  # at most 5 s
+        if d.queue.running == 2:
+            break
+        time.sleep(0.001)
+    assert d.queue.running == 2
+    ex.gate.set()
+    loop.drain(2)
+    assert [r.result[0].item() for r in (first, second)] == [2.0, 4.0]
+    why = f"worker {failing} failed (RuntimeError: injected)"
+    assert stopped.wait(10)  # the other worker exited too, and the container went
+    assert d.fault is not None and why in d.fault
+    assert d.stats()["healthy"] is False
+    with pytest.raises(ClosedError, match=rf"worker {failing} failed \(RuntimeError"):
+        d.try_submit(request(torch.tensor(3.0), loop))
+    d.shutdown(wait=5)
+    assert d.fault is not None and why in d.fault
+    assert why in caplog.text
