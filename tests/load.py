@@ -37,14 +37,18 @@ class FlakyCpuBackend(CpuBackend):
         return super().begin_batch(ctx, readies)
 
 
-def break_workers(*dispatchers: Any) -> None:
-    """Make each dispatcher's workers fail, as a fault of the runtime's own would: injected
-    where a worker takes its next batch (one already waiting for a batch takes that first)."""
-
-    def take(*args: object) -> None:
-        raise RuntimeError("injected into the queue")
-
+def break_workers(*dispatchers: Any, index: int | None = None) -> None:
+    """Make each dispatcher's workers (or only its worker `index`) fail, as a fault of the
+    runtime's own would: injected where a worker takes its next batch (one already waiting for
+    a batch takes that first)."""
     for d in dispatchers:
+        real_take = d.queue.take
+
+        def take(i: int, in_flight: bool, real_take: Any = real_take) -> Any:
+            if index is None or i == index:
+                raise RuntimeError("injected into the queue")
+            return real_take(i, in_flight)
+
         d.queue.take = take
 
 

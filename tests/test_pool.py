@@ -231,14 +231,17 @@ async def test_a_failing_replica_is_taken_out_and_the_rest_serve(models, other_b
     assert after[1]["completed"] > 0  # back in routing
 
 
-async def test_a_replica_whose_worker_fails_stays_out_and_the_rest_serve(models, caplog):
-    """A failure of the runtime in a worker thread (injected into replica 0's queue) stops that
-    replica only: it is logged and marked unhealthy, stays so under `check_health` (its workers
-    are gone), and every request is served by replica 1."""
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_replica_whose_worker_fails_stays_out_and_the_rest_serve(models, caplog,
+                                                                        workers):
+    """A failure of the runtime in a worker thread (injected into replica 0's queue; with two
+    workers, into its worker 0's takes only) stops that replica only: it is logged and marked
+    unhealthy, stays so under `check_health` (its workers are gone: one that outlived the
+    failed one does not serve on), and every request is served by replica 1."""
     eager = eager_model("small_mlp")
     xs = [torch.randn(1 + i % 3, 64) for i in range(128)]
-    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
-        break_workers(model.replicas[0].dispatcher)
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"], workers=workers) as model:
+        break_workers(model.replicas[0].dispatcher, index=0)
         # Replica 0's worker meets the fault at its next take, after a batch it already waits
         # for: load until it has (in its own thread, so not necessarily within the first load).
         outs = []
@@ -248,6 +251,7 @@ async def test_a_replica_whose_worker_fails_stays_out_and_the_rest_serve(models,
         assert await model.check_health() == [False, True]
         outs.append(await call_all(model, xs))
         stats = model.stats()
+        assert "worker 0 failed" in (model.replicas[0].dispatcher.fault or "")  # it stopped
     with torch.no_grad():
         assert all(torch.allclose(r, eager(x), atol=1e-5) for results in outs
                    for r, x in zip(results, xs))
