@@ -26,6 +26,19 @@ def request(x: object, loop: PlainLoop) -> Request:
     return Request([x], None, loop)
 
 
+def run_beside(d: Dispatcher, ex: DoublingExecutor, first: Request, second: Request) -> None:
+    """Submit `first`, held in the executor (its gate shut), then `second`, and wait (at most
+    5 s) until another worker runs it beside the first."""
+    assert d.try_submit(first)
+    assert ex.started.wait(5)
+    assert d.try_submit(second)
+    for _ in range(5000):
+        if d.queue.running == 2:
+            break
+        time.sleep(0.001)
+    assert d.queue.running == 2
+
+
 def test_runs_deliver_outcomes_one_post_per_loop_per_batch():
     ex = DoublingExecutor()
     ex.gate = threading.Event()
@@ -323,16 +336,8 @@ def test_the_leads_batches_alone_are_measured_only_when_they_stayed_alone():
     lone(2.0)
     assert recorded == [1]
     ex.gate, ex.started = threading.Event(), threading.Event()
-    held = request(torch.tensor(3.0), loop)
-    assert d.try_submit(held)  # alone when it begins ...
-    assert ex.started.wait(5)
-    beside = request(torch.tensor(4.0), loop)
-    assert d.try_submit(beside)  # ... but the other worker's batch begins beside it
-    for _ in range(5000):  # at most 5 s for the other worker to take it
-        if d.queue.running == 2:
-            break
-        time.sleep(0.001)
-    assert d.queue.running == 2
+    # alone when it begins, but the other worker's batch begins beside it
+    run_beside(d, ex, request(torch.tensor(3.0), loop), request(torch.tensor(4.0), loop))
     ex.gate.set()
     loop.drain(2)
     assert recorded == [1]  # not a measure of its size
@@ -414,14 +419,7 @@ def test_a_worker_of_several_that_fails_stops_the_model(caplog, failing):
     d.queue.take = failing_take  # type: ignore[method-assign]
     loop = PlainLoop()
     first, second = request(torch.tensor(1.0), loop), request(torch.tensor(2.0), loop)
-    assert d.try_submit(first)
-    assert ex.started.wait(5)  # the lead holds `first` ...
-    assert d.try_submit(second)  # ... so the other worker takes `second`
-    for _ in range(5000):  # at most 5 s
-        if d.queue.running == 2:
-            break
-        time.sleep(0.001)
-    assert d.queue.running == 2
+    run_beside(d, ex, first, second)  # the lead holds `first`: the other worker takes `second`
     ex.gate.set()
     loop.drain(2)
     assert [r.result[0].item() for r in (first, second)] == [2.0, 4.0]
