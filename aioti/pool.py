@@ -24,6 +24,7 @@ from .loops import current_loop
 from .loops.parking import ParkingLot
 from .model import AsyncModel, _in_thread, _ran_here
 from .replica import Replica
+from .runtime.queue import CLOSED
 from .runtime.request import NotStarted, Request
 from .runtime.router import Router
 from .runtime.stats import Latencies
@@ -57,7 +58,7 @@ class ReplicaPool(AsyncModel):
         for _ in range(len(self._replicas) + 1):
             while True:
                 if self._closed:
-                    raise ClosedError(self._dispatcher.closed_reason)
+                    raise ClosedError(CLOSED)
                 i = router.choose(device)
                 if i is None:
                     if not self._on_full_wait:
@@ -82,7 +83,10 @@ class ReplicaPool(AsyncModel):
                     # Its workers failed (`Workers`) before the router took it out: out now,
                     # and the request goes to another (unless none is left to take it).
                     if self._closed or not router.fault(i, exc):
-                        raise
+                        refusal = self._refusal(exc)
+                        if refusal is exc:
+                            raise
+                        raise refusal from exc
             if boxed:  # kept here instead, in case the request must go to another replica
                 flat, boxed = list(flat), False
                 flat_given.clear()
@@ -150,7 +154,15 @@ class ReplicaPool(AsyncModel):
     def _check_open(self) -> None:
         """`ClosedError` once closing began, or once no replica is left to serve."""
         if self._closed or not self._live_replicas():
-            raise ClosedError(self._dispatcher.closed_reason)
+            raise self._refusal(ClosedError(CLOSED))
+
+    def _refusal(self, error: ClosedError) -> ClosedError:
+        """Why the pool refuses: closed as asked; where no replica serves any more, what each
+        met; else `error` (the refusal of the replica a request went to)."""
+        if self._closed:
+            return ClosedError(CLOSED)
+        fault = None if self._live_replicas() else self.stats()["fault"]
+        return ClosedError(f"no replica serves: {fault}") if fault else error
 
     def _live_replicas(self) -> list[Replica]:
         return [r for r in self._replicas if r.dispatcher.fault is None]

@@ -296,8 +296,24 @@ async def test_a_pool_whose_replicas_all_failed_is_unhealthy_and_says_why(models
         assert [r["healthy"] for r in stats["replicas"]] == [False, False]
         assert all("injected into the queue" in r["fault"] for r in stats["replicas"])
         assert "replica 0 (cpu)" in stats["fault"] and "replica 1 (cpu)" in stats["fault"]
-        with pytest.raises(aioti.ClosedError, match="injected into the queue"):
-            await model(torch.randn(2, 64))
+        for call in (lambda: model(torch.randn(2, 64)), lambda: model.hot_swap({})):
+            with pytest.raises(aioti.ClosedError, match="injected into the queue") as got:
+                await call()
+            assert "replica 0 (cpu)" in str(got.value) and "replica 1 (cpu)" in str(got.value)
+
+
+async def test_a_pool_closed_after_a_replica_failed_says_it_was_closed(models):
+    """A pool closed as asked refuses calls saying so, also after one of its replicas failed
+    (before, with replica 0's failure: that replica's fault, as if it were the pool's)."""
+    x = torch.randn(2, 64)
+    async with aioti.load(models["small_mlp"], device=["cpu", "cpu"]) as model:
+        break_workers(model.replicas[0].dispatcher)
+        with anyio.fail_after(60):
+            while model.stats()["replicas"][0]["healthy"]:
+                await call_all(model, [x] * 16)
+    for call in (lambda: model(x), lambda: model.hot_swap({})):
+        with pytest.raises(aioti.ClosedError, match="^the model is closed$"):
+            await call()
 
 
 @pytest.mark.parametrize("broken", [0, 1])
