@@ -49,6 +49,9 @@ def plan(exit_runs: int, device: str = "cpu") -> list[tuple[str, str, str, float
         ("on_loop_stall", 40, ("on_loop",)), ("truncated_library", 60, ("plain",)),
         # on-loop batches never reach a worker: the modes whose workers run batches
         ("worker_fault", 60, ("plain", "batched", "pool", "pool_batched")),
+        # several workers of one model (the small model gets one on the CPU unless told)
+        ("cancel_storm", 90, ("workers",)), ("hot_swap_under_load", 90, ("workers",)),
+        ("close_under_load", 60, ("workers",)),
     ):
         rows += [(name, loop, mode, timeout) for loop in LOOPS for mode in modes]
     rows += [(name, "mixed", mode, 90) for name in ("several_loops", "swaps_from_loops")

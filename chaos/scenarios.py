@@ -61,13 +61,15 @@ def rss_mb() -> float:
 
 
 def options(mode: str, max_batch_size: int = 32) -> dict[str, Any]:
-    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched, and
-    pool, pool_batched, pool_on_loop (two replicas on `DEVICE`, a `ReplicaPool`)."""
-    batching = None if mode in ("plain", "graphs", "pool") else aioti.Batching(
+    """`aioti.load`'s keywords for a mode: plain, batched, on_loop, graphs, graphs_batched,
+    workers (plain with three workers: the small model gets one on the CPU), and pool, pool_batched,
+    pool_on_loop (two replicas on `DEVICE`, a `ReplicaPool`)."""
+    batching = None if mode in ("plain", "graphs", "pool", "workers") else aioti.Batching(
         max_batch_size, 1.0, on_loop=mode.endswith("on_loop"))
     graphs = aioti.CudaGraphs() if mode.startswith("graphs") else None
     device: str | list[str] = [DEVICE, DEVICE] if mode.startswith("pool") else DEVICE
-    return {"device": device, "batching": batching, "cuda_graphs": graphs}
+    return {"device": device, "batching": batching, "cuda_graphs": graphs,
+            "workers": 3 if mode == "workers" else None}
 
 
 def figures(**kw: Any) -> Figures:
@@ -281,7 +283,7 @@ async def worker_fault(mode: str) -> Figures:
     eager = eager_small()
     f = figures()
     pool = mode.startswith("pool")
-    async with aioti.load(small(), **options(mode), workers=2) as model:
+    async with aioti.load(small(), **{**options(mode), "workers": 2}) as model:
         xs = [randn(1 + i % 4, 64) for i in range(64)]
         refs = [eager(x).detach() for x in xs]
         queue = (model.replicas[0].dispatcher if pool else model._dispatcher).queue
