@@ -146,9 +146,7 @@ class RequestQueue:
     def drain(self) -> list[Request]:
         """Empty the queue (without closing it) and return what it held."""
         with self._lock:
-            items = list(self._items)
-            self._items.clear()
-            self._rows = 0
+            items = self._take_all_locked()
         if items:
             self._room.unpark(len(items))
         return items
@@ -301,9 +299,7 @@ class RequestQueue:
             if self._alive:
                 return None
             self.closing = True
-            leftover = list(self._items)
-            self._items.clear()
-            self._rows = 0
+            leftover = self._take_all_locked()
             while self.running:
                 self._cond.wait()
             return leftover
@@ -372,10 +368,8 @@ class RequestQueue:
         what it held (marked CANCELLED, to fail), and refuse what workers took but not begun."""
         with self._cond:
             self.closing = True
-            dropped = list(self._items) if cancel_queued else []
+            dropped = self._take_all_locked() if cancel_queued else []
             if cancel_queued:
-                self._items.clear()
-                self._rows = 0
                 self._drop_queued = True
             for req in dropped:
                 req.state = CANCELLED
@@ -391,11 +385,16 @@ class RequestQueue:
             if not self.closing:
                 self.closing = True
                 self.closed_reason = reason
-            items = list(self._items)
-            self._items.clear()
-            self._rows = 0
+            items = self._take_all_locked()
             self._wake_all_locked()
         self._room.unpark_all()  # they retry, and meet ClosedError
+        return items
+
+    def _take_all_locked(self) -> list[Request]:
+        """Empty the queue (its lock held) and return what it held."""
+        items = list(self._items)
+        self._items.clear()
+        self._rows = 0
         return items
 
     def orphaned(self) -> None:

@@ -33,7 +33,7 @@ from ..loops import Loop
 from .delivery import Delivery
 from .executor import Executor
 from .options import RuntimeOptions
-from .queue import CLOSED, STOP, RequestQueue
+from .queue import STOP, RequestQueue
 from .request import QUEUED, RUNNING, NotStarted, Request
 
 __all__ = ["BatchRunner", "Workers"]
@@ -313,13 +313,9 @@ class Workers:
             if ctx is not None:
                 self._backend.stop_worker(ctx)
             leftover = queue.exit_worker()
-            if leftover is not None:  # the last worker
-                if queue.closed_reason == CLOSED:
-                    error: BaseException = ClosedError(
-                        "the model's workers stopped before this request ran")
-                else:  # a worker failed: a pool's other replicas may run them
-                    error = runner.unstarted(ClosedError(queue.closed_reason))
-                runner.delivery.fail(leftover, error)
+            if leftover is not None:  # the last worker (a failed one emptied the queue)
+                runner.delivery.fail(leftover, ClosedError(
+                    "the model's workers stopped before this request ran"))
                 try:
                     self._on_stopped()
                 finally:
