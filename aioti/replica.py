@@ -121,8 +121,12 @@ class Replica:
             kind = backend.device.type
             idle = kind == "cuda" or (
                 kind == "cpu" and threads is not None and threads.alone == 1)
+            # A worker takes one native call's chunk at most: on CPU it then hands results
+            # back while it runs the next, and the loop's callers resubmit beside it (a take
+            # of 64 short runs kept the loop idle, then busy in one burst: benchmarks/README.md).
             options = RuntimeOptions(workers=workers, max_queue=max_queue, name=name,
-                                     idle_on_loop=idle, idle_on_caller_stream=graphs is None)
+                                     max_batch_size=backend.run_chunk, idle_on_loop=idle,
+                                     idle_on_caller_stream=graphs is None)
         dispatcher = Dispatcher(executor, backend, options, teams=threads,
                                 on_stopped=container.delete, on_fault=on_fault, room=room)
         return Replica(index, container, backend, dispatcher, batcher, workers, threads, graphs)
