@@ -7,8 +7,8 @@ same run. Each row runs in a child process of its own: threads a row leaves behi
 of the model's kernels, `to_thread` pools) measurably slow later rows in the same process (seen:
 aioti 38k/s before a synchronous torch loop, 17-21k/s after it). Rows (per model: small MLP and
 mid MLP, batch 8): sync loops over torch's loader and over aioti's core; aioti on asyncio and
-trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64; asyncio at concurrency 1
-paired with the sync torch loop, the ratios of #19's c1 targets); batching on (small MLP,
+trio at concurrency 1, 16, 64 (default workers, and 2 workers at 64; asyncio's rows each
+paired with the sync torch loop, the ratios of #19's targets); batching on (small MLP,
 64 tasks of 1- or 8-row requests, on asyncio, uvloop and trio, batches run by the worker or
 `on_loop`, each paired with a sync torch loop on the same requests; and the on-loop rows' floor,
 a minimal batcher per loop without aioti's checks and bookkeeping, `reference.py`); naive
@@ -299,8 +299,8 @@ def child_row(spec: list[Any], args: argparse.Namespace, repeats: int | None = N
 def paired_rows(model: str, config: str, conc: int | None, baseline: str,
                 args: argparse.Namespace) -> list[dict[str, Any]] | None:
     """Rows against a baseline of their own (batching: the synchronous torch loop on the same
-    requests; contended: the synchronous loop under the same competition; asyncio at
-    concurrency 1: the synchronous loop): `--repeats` (at least 5) pairs of child processes,
+    requests; contended: the synchronous loop under the same competition; asyncio with the
+    default workers: the synchronous loop): `--repeats` (at least 5) pairs of child processes,
     the baseline, then the row; the ratio is the median of the pairs' ratios, and so is the
     ratio of p50 latencies (this machine's speed drifts by 2x over minutes, so each pair is
     measured back to back)."""
@@ -381,7 +381,7 @@ def main() -> int:
             found = paired_rows(model, config, conc, f"{config} baseline", args)
         elif config.startswith("contended "):
             found = paired_rows(model, config, conc, "contended sync torch loop", args)
-        elif config == "aioti asyncio" and conc == 1:  # #19's c1 targets: against its pair
+        elif config == "aioti asyncio":  # #19's targets: each against its own pair
             found = paired_rows(model, config, conc, "sync torch loop", args)
         else:
             found = child_row([model, config, conc], args)

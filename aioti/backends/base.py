@@ -93,8 +93,9 @@ class Backend:
         returns the stream handle for `Run` (None: the default stream / CPU)."""
         return None
 
-    #: requests a worker begins and runs in one native call: larger chunks take the GIL back
-    #: less often; smaller ones leave more of a worker's taken requests open to cancellation
+    #: requests a worker begins and runs in one native call, and without batching the most it
+    #: takes at a wake-up: larger chunks take the GIL back less often; smaller ones leave more
+    #: of a worker's taken requests open to cancellation and hand results back sooner
     run_chunk = 16
 
     #: batches a worker may have launched whose outputs are not ready yet (see `finish`)

@@ -2,7 +2,7 @@
 
 The names are the public API's: `workers` and `max_queue` of `aioti.load`, `max_batch_size`,
 `max_delay_ms` and `on_loop` of `aioti.Batching` (without batching, a worker still takes up to
-`max_batch_size` requests at a wake-up, but never waits for more).
+`max_batch_size` requests at a wake-up, the backend's `run_chunk`, but never waits for more).
 """
 
 from __future__ import annotations
