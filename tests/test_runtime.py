@@ -448,6 +448,54 @@ async def test_the_lead_worker_takes_lone_requests(models, monkeypatch):
     assert ran_on[0].endswith("-worker-0") and not ran_on[1].endswith("-worker-0"), ran_on
 
 
+async def test_an_unbatched_cpu_worker_takes_a_chunk_at_a_time(models):
+    """64 queued requests to an unbatched CPU model are taken 16 at a time (one native call's
+    chunk), not at one wake-up: each take's callers get their outputs while the worker runs
+    the next, and every output is right."""
+    takes: list[int] = []
+
+    class Recording(CpuBackend):
+        def begin_batch(self, ctx, readies):
+            takes.append(len(readies))  # one readiness token per request of the take
+            return super().begin_batch(ctx, readies)
+
+    aioti.register_backend("cpu", Recording, replace=True)
+    try:
+        async with aioti.load(models["small_mlp"], workers=1) as model:
+            eager = eager_model("small_mlp")
+            xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
+            held, release = threading.Event(), threading.Event()
+
+            def hold() -> None:
+                with model._dispatcher.exclusive():  # no batch starts: the requests queue
+                    held.set()
+                    release.wait(30)
+
+            holder = threading.Thread(target=hold)
+            holder.start()
+            got: dict[int, torch.Tensor] = {}
+
+            async def call(i: int) -> None:
+                got[i] = await model(xs[i])
+
+            try:
+                await anyio.to_thread.run_sync(held.wait, 30)
+                async with anyio.create_task_group() as tg:
+                    for i in range(64):
+                        tg.start_soon(call, i)
+                    with anyio.fail_after(30):
+                        while model.stats()["queued"] < 64:
+                            await anyio.sleep(0.001)
+                    release.set()
+            finally:
+                release.set()
+                holder.join(30)
+    finally:
+        aioti.register_backend("cpu", CpuBackend, replace=True)
+    assert takes == [16, 16, 16, 16], takes
+    assert all(torch.allclose(got[i], eager(x), atol=1e-5) for i, x in enumerate(xs))
+
+
 FORK = """
 import os, sys
 import anyio, torch
