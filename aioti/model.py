@@ -7,7 +7,8 @@ blocking native calls run in threads, never on the loop.
 
 Semantics in brief (docs/concurrency.md has the full statement):
 - cancellation: a request cancelled while queued never runs; one cancelled while running
-  finishes in its worker and its outputs are dropped; the caller sees the cancellation at once.
+  finishes in its worker and its outputs are dropped (unless already sent to the caller's loop,
+  whose caller then gets them); the caller sees the cancellation at once.
 - ordering: requests start in the order they were queued (per worker, FIFO from one queue).
 - close: `aclose()` stops admission, lets queued and running requests finish (or fails queued
   ones with `ClosedError` when `cancel_queued=True`), joins the workers, then deletes the native

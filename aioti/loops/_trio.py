@@ -17,14 +17,19 @@ if TYPE_CHECKING:
 
 
 class TrioWaiter:
-    """A one-shot result slot awaited by one trio task."""
+    """A one-shot result slot awaited by one trio task. Once its outcome is sent to the loop
+    (`TrioLoop.send`), a cancellation of the wait is refused (`Abort.FAILED`, as for an
+    operation that completed): the task resumes with the outcome, and the cancellation lands
+    at its next checkpoint."""
 
-    __slots__ = ("_task", "_outcome", "_state")
+    __slots__ = ("_task", "_outcome", "_state", "sent")
 
     def __init__(self) -> None:
         self._task: trio.lowlevel.Task | None = None
         self._outcome: outcome.Outcome | None = None
         self._state = 0  # 0 pending, 1 settled, 2 cancelled
+        #: its outcome is on its way (set by the delivering thread)
+        self.sent = False
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._wait().__await__()
@@ -41,6 +46,8 @@ class TrioWaiter:
         return self._state != 0
 
     def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        if self.sent:  # the delivery that settles it is posted: it resumes the task
+            return trio.lowlevel.Abort.FAILED
         self._state = 2
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -60,13 +67,13 @@ class TrioWaiter:
 class TrioLoop:
     """A running trio run as a delivery target for worker threads."""
 
-    __slots__ = ("_token", "send")
+    __slots__ = ("_token", "_send")
     kind = "trio"
     checkpoint = staticmethod(trio.lowlevel.checkpoint)
 
     def __init__(self, token: trio.lowlevel.TrioToken) -> None:
         self._token = token
-        self.send: Callable[[Callable[[Any], object], Any], None] = Mailbox(self.post).send
+        self._send: Callable[[Callable[[Any], object], Any], None] = Mailbox(self.post).send
 
     def waiter(self) -> TrioWaiter:
         return TrioWaiter()
@@ -75,6 +82,11 @@ class TrioLoop:
     def settle_all(items: Iterable[Outcome]) -> None:
         for item in items:
             item.waiter.settle(item.result, item.error)
+
+    def send(self, fn: Callable[[Any], object], items: list[Outcome]) -> None:
+        for item in items:
+            item.waiter.sent = True  # before the post: an abort from now on is refused
+        self._send(fn, items)
 
     def post(self, fn: Callable[[Any], object], arg: Any) -> bool:
         try:

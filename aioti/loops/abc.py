@@ -50,9 +50,13 @@ class Loop(Protocol):
         """From any thread: run `fn(arg)` on the loop soon; False if the loop has closed."""
         ...
 
-    def send(self, fn: Callable[[Any], object], arg: Any) -> None:
-        """From any thread: `post`, merged: the calls sent while one wake-up of the loop is
-        pending ride on it (`mailbox.Mailbox`), in the order sent; a closed loop drops them."""
+    def send(self, fn: Callable[[Any], object], items: list[Outcome]) -> None:
+        """From any thread: `post` of `fn(items)`, a delivery of finished work, merged: the
+        calls sent while one wake-up of the loop is pending ride on it (`mailbox.Mailbox`), in
+        the order sent; a closed loop drops them. A wait whose outcome was sent before its
+        cancellation ran gets the outcome (the cancellation lands at its next checkpoint):
+        asyncio runs the callbacks posted before a loop iteration ahead of the timers due in
+        it, and a trio wait refuses the abort once its outcome is sent."""
         ...
 
     def soon(self, fn: Callable[[Any], object], arg: Any) -> object:
