@@ -234,7 +234,10 @@ class RequestQueue:
                     self._lead_free = False
                 if items and self._sleeping:  # the rest is another worker's share
                     self._sleeping.pop().notify()
-                return batch, self.running + (1 if items else 0)
+                # One more busy where another worker is to take what is left (a lone worker
+                # takes it next, after this batch: its team stays the one it runs alone).
+                more = 1 if items and self._workers > 1 else 0
+                return batch, self.running + more
 
     def returning(self, index: int) -> None:
         """Worker `index` has run its batch and comes back to `take` (before it delivers the

@@ -35,14 +35,16 @@ def test_bounds_and_closing():
         q.try_put(c)
 
 
-@pytest.mark.parametrize(("workers", "expected"), [(1, 8), (2, 5)])
-def test_a_take_is_one_workers_share_up_to_a_full_batch(workers, expected):
+@pytest.mark.parametrize(("workers", "expected", "busy_"), [(1, 8, 1), (2, 5, 2)])
+def test_a_take_is_one_workers_share_up_to_a_full_batch(workers, expected, busy_):
+    """A worker takes its share; `busy` counts one more where another worker is to take the
+    rest (a lone worker takes it after this batch: none runs beside it)."""
     q = RequestQueue(RuntimeOptions(workers=workers, max_batch_size=8))
     reqs = make(10)
     for r in reqs:
         q.try_put(r)
     batch, busy = q.take(0, in_flight=False)
-    assert batch == reqs[:expected] and busy == 2  # this batch, plus more queued
+    assert batch == reqs[:expected] and busy == busy_
     assert q.counts()["running"] == 1
 
 
