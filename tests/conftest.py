@@ -1,11 +1,12 @@
-"""Shared fixtures: compiled reference models (cached across runs), both async backends, a
-backend of the tests' own for a second device kind, and a hard bound on every test so that a
-hang fails loudly instead of stalling CI."""
+"""Shared fixtures: compiled reference models (cached across runs), both async backends,
+backends of the tests' own (for a second device kind, and in place of the CPU one), and a hard
+bound on every test so that a hang fails loudly instead of stalling CI."""
 
 from __future__ import annotations
 
 import faulthandler
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -41,10 +42,25 @@ def models() -> dict[str, Path]:
     return Lazy()
 
 
-@pytest.fixture
-def other_backend() -> object:
-    """Register a backend class for device type privateuseone (a CPU underneath)."""
+def _registering(kind: str) -> Iterator[Callable[[type], None]]:
+    """Register backend classes for device type `kind` in a test; aioti's CPU backend is put
+    back for it afterwards, whatever the test did."""
     def register(cls: type) -> None:
-        aioti.register_backend("privateuseone", cls, replace=True)
-    yield register
-    aioti.register_backend("privateuseone", CpuBackend, replace=True)
+        aioti.register_backend(kind, cls, replace=True)
+    try:
+        yield register
+    finally:
+        aioti.register_backend(kind, CpuBackend, replace=True)
+
+
+@pytest.fixture
+def other_backend() -> Iterator[Callable[[type], None]]:
+    """Register a backend class for device type privateuseone (a CPU underneath)."""
+    yield from _registering("privateuseone")
+
+
+@pytest.fixture
+def cpu_backend() -> Iterator[Callable[[type], None]]:
+    """Register a backend class (a `CpuBackend` that records or defers) for device type cpu,
+    for this test only."""
+    yield from _registering("cpu")

@@ -220,7 +220,7 @@ async def test_a_lone_request_to_an_idle_cuda_model_runs_on_the_callers_thread(m
         assert any(t != threading.get_ident() for t in threads)  # the workers took the load
 
 
-async def test_cpu_workers_run_with_their_own_team_size(models):
+async def test_cpu_workers_run_with_their_own_team_size(models, cpu_backend):
     try:
         omp_get_max_threads = ctypes.CDLL(None).omp_get_max_threads
     except AttributeError:
@@ -233,23 +233,20 @@ async def test_cpu_workers_run_with_their_own_team_size(models):
             seen.append(omp_get_max_threads())  # in the worker, after aioti set the team size
             return super().begin_batch(ctx, readies)
 
-    aioti.register_backend("cpu", Recording, replace=True)
-    try:
-        x = torch.randn(3, 64)
-        async with aioti.load(models["small_mlp"]) as model:
-            assert (model.threads.alone, model.threads.shared) == (1, 1)  # small: no team
-            assert torch.equal(await model(x), eager_model("small_mlp")(x))
-        async with aioti.load(models["small_mlp"], workers=2, threads=2) as model:
-            assert (model.threads.alone, model.threads.shared) == (2, 2)
-            await model(x)
-        async with aioti.load(models["mid_mlp"], workers=2) as model:
-            cores = torch.get_num_threads()
-            assert (model.threads.alone, model.threads.shared) == (cores, max(1, cores // 2))
-            await model(torch.randn(2, 1024))  # alone: the whole machine
-        with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
-            await aioti.load(models["small_mlp"], threads=0)
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
+    cpu_backend(Recording)
+    x = torch.randn(3, 64)
+    async with aioti.load(models["small_mlp"]) as model:
+        assert (model.threads.alone, model.threads.shared) == (1, 1)  # small: no team
+        assert torch.equal(await model(x), eager_model("small_mlp")(x))
+    async with aioti.load(models["small_mlp"], workers=2, threads=2) as model:
+        assert (model.threads.alone, model.threads.shared) == (2, 2)
+        await model(x)
+    async with aioti.load(models["mid_mlp"], workers=2) as model:
+        cores = torch.get_num_threads()
+        assert (model.threads.alone, model.threads.shared) == (cores, max(1, cores // 2))
+        await model(torch.randn(2, 1024))  # alone: the whole machine
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        await aioti.load(models["small_mlp"], threads=0)
     assert seen == [1, 2, torch.get_num_threads()]
     assert omp_get_max_threads() == here  # the caller's threads are left alone
 
@@ -446,49 +443,46 @@ class DeferredBackend(CpuBackend):
         token[0] = 0
 
 
-async def test_batches_in_flight_are_delivered_once_ready(models):
+async def test_batches_in_flight_are_delivered_once_ready(models, cpu_backend):
     """Results of batches whose readiness comes later reach the right callers; mutations wait
     for in-flight batches; closing lands them."""
-    aioti.register_backend("cpu", DeferredBackend, replace=True)
-    try:
-        eager = eager_model("small_mlp")
-        xs = [torch.randn(1 + i % 5, 64) for i in range(200)]
-        async with aioti.load(models["small_mlp"], workers=2) as model:
-            backend = model.backend
-            assert isinstance(backend, DeferredBackend)
-            results: dict[int, torch.Tensor] = {}
+    cpu_backend(DeferredBackend)
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 5, 64) for i in range(200)]
+    async with aioti.load(models["small_mlp"], workers=2) as model:
+        backend = model.backend
+        assert isinstance(backend, DeferredBackend)
+        results: dict[int, torch.Tensor] = {}
 
-            async def call(i: int) -> None:
-                results[i] = await model(xs[i])
+        async def call(i: int) -> None:
+            results[i] = await model(xs[i])
 
-            async with anyio.create_task_group() as tg:
-                for i in range(len(xs)):
-                    tg.start_soon(call, i)
-                tg.start_soon(model.hot_swap, eager.state_dict())  # waits for in-flight ones
-            with torch.no_grad():
-                assert all(torch.allclose(results[i], eager(x), atol=1e-5)
-                           for i, x in enumerate(xs))
-            assert all(t[0] <= 0 for t in backend.tokens)  # none delivered before ready
-            assert backend.waited >= 1 and len(backend.tokens) >= 2
-            served = []
+        async with anyio.create_task_group() as tg:
+            for i in range(len(xs)):
+                tg.start_soon(call, i)
+            tg.start_soon(model.hot_swap, eager.state_dict())  # waits for in-flight ones
+        with torch.no_grad():
+            assert all(torch.allclose(results[i], eager(x), atol=1e-5)
+                       for i, x in enumerate(xs))
+        assert all(t[0] <= 0 for t in backend.tokens)  # none delivered before ready
+        assert backend.waited >= 1 and len(backend.tokens) >= 2
+        served = []
 
-            async def late(x: torch.Tensor) -> None:
-                try:
-                    served.append(await model(x))
-                except aioti.ClosedError:  # not queued before the close began
-                    pass
+        async def late(x: torch.Tensor) -> None:
+            try:
+                served.append(await model(x))
+            except aioti.ClosedError:  # not queued before the close began
+                pass
 
-            async with anyio.create_task_group() as tg:
-                for x in xs[:20]:
-                    tg.start_soon(late, x)
-                with anyio.fail_after(10):
-                    while not served:
-                        await anyio.sleep(0)
-                await model.aclose()  # lands what is in flight, then closes
-        assert all(t[0] <= 0 for t in backend.tokens)
-        assert model.stats()["completed"] == 200 + len(served)
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
+        async with anyio.create_task_group() as tg:
+            for x in xs[:20]:
+                tg.start_soon(late, x)
+            with anyio.fail_after(10):
+                while not served:
+                    await anyio.sleep(0)
+            await model.aclose()  # lands what is in flight, then closes
+    assert all(t[0] <= 0 for t in backend.tokens)
+    assert model.stats()["completed"] == 200 + len(served)
 
 
 @cuda
@@ -580,41 +574,35 @@ class FirstBatchFailsBackend(CpuBackend):
     (FirstBatchFailsBackend, "stream lost before batch 1", aioti.Batching(8, 1)),
     (FirstBatchFailsBackend, "stream lost before batch 1", aioti.Batching(8, 1, on_loop=True)),
 ], ids=["readiness", "before batch, worker", "before batch, on_loop"])
-async def test_a_backend_error_fails_that_batch_only(models, backend, message, batching):
+async def test_a_backend_error_fails_that_batch_only(models, cpu_backend, backend, message, batching):
     """An error from the backend (a failed readiness check, or one escaping the batch before
     its runs) reaches that batch's callers only; the model keeps serving, and closes (its
     running count was settled)."""
-    aioti.register_backend("cpu", backend, replace=True)
-    try:
-        x = torch.randn(2, 64)
-        with anyio.fail_after(20):
-            async with aioti.load(models["small_mlp"], batching=batching) as model:
-                with pytest.raises(RuntimeError, match=message):
-                    await model(x)
-                with torch.no_grad():
-                    assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
-                assert model.stats()["failed"] == 1 and model.stats()["completed"] == 1
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
+    cpu_backend(backend)
+    x = torch.randn(2, 64)
+    with anyio.fail_after(20):
+        async with aioti.load(models["small_mlp"], batching=batching) as model:
+            with pytest.raises(RuntimeError, match=message):
+                await model(x)
+            with torch.no_grad():
+                assert torch.allclose(await model(x), eager_model("small_mlp")(x), atol=1e-5)
+            assert model.stats()["failed"] == 1 and model.stats()["completed"] == 1
 
 
 @pytest.mark.parametrize("on_loop", [False, True], ids=["worker", "on_loop"])
-async def test_batching_with_batches_in_flight(models, on_loop):
+async def test_batching_with_batches_in_flight(models, cpu_backend, on_loop):
     """Dynamic batching over a backend whose batches finish later: merged runs stay in flight
     while the next batch fills (on the loop: each is waited for at once), and every caller
     gets its own rows."""
-    aioti.register_backend("cpu", DeferredBackend, replace=True)
-    try:
-        eager = eager_model("small_mlp")
-        xs = [torch.randn(1 + i % 4, 64) for i in range(150)]
-        cfg = aioti.Batching(max_batch_size=16, max_delay_ms=1.0, on_loop=on_loop)
-        async with aioti.load(models["small_mlp"], batching=cfg) as model:
-            results = await _call_all(model, xs, rounds=2)
-            with torch.no_grad():
-                assert all(results[i].shape == (x.shape[0], 10)
-                           and torch.allclose(results[i], eager(x), atol=1e-5)
-                           for i, x in enumerate(xs))
-            assert max(model.stats()["batching"]["batch_rows"]) <= 16
-            assert all(t[0] <= 0 for t in model.backend.tokens) and len(model.backend.tokens) > 2
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
+    cpu_backend(DeferredBackend)
+    eager = eager_model("small_mlp")
+    xs = [torch.randn(1 + i % 4, 64) for i in range(150)]
+    cfg = aioti.Batching(max_batch_size=16, max_delay_ms=1.0, on_loop=on_loop)
+    async with aioti.load(models["small_mlp"], batching=cfg) as model:
+        results = await _call_all(model, xs, rounds=2)
+        with torch.no_grad():
+            assert all(results[i].shape == (x.shape[0], 10)
+                       and torch.allclose(results[i], eager(x), atol=1e-5)
+                       for i, x in enumerate(xs))
+        assert max(model.stats()["batching"]["batch_rows"]) <= 16
+        assert all(t[0] <= 0 for t in model.backend.tokens) and len(model.backend.tokens) > 2

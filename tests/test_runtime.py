@@ -403,7 +403,7 @@ async def test_uvloop(models):
     assert all(torch.allclose(o, eager(x), atol=1e-5) for o, x in zip(outs, xs))
 
 
-async def test_the_lead_worker_takes_lone_requests(models, monkeypatch):
+async def test_the_lead_worker_takes_lone_requests(models, cpu_backend, monkeypatch):
     """Requests one at a time all go to worker 0, the lead (on CPU the one thread that forks a
     native team), whichever worker went to sleep last; while the lead runs a batch, another
     worker takes the next request."""
@@ -417,38 +417,35 @@ async def test_the_lead_worker_takes_lone_requests(models, monkeypatch):
             ran_on.append(threading.current_thread().name)
             return super().begin_batch(ctx, readies)
 
-    aioti.register_backend("cpu", Recording, replace=True)
-    try:
-        async with aioti.load(models["small_mlp"], workers=3) as model:
-            for _ in range(6):
-                with anyio.fail_after(10):
-                    while len(model._dispatcher.queue._sleeping) < 3:  # every worker back asleep
-                        await anyio.sleep(0.001)
-                await model(torch.randn(1, 64))
-            assert len(ran_on) == 6 and all(n.endswith("-worker-0") for n in ran_on), ran_on
-            ran_on.clear()
-            gate = threading.Event()
-            real = model._dispatcher.runner._executor.run
+    cpu_backend(Recording)
+    async with aioti.load(models["small_mlp"], workers=3) as model:
+        for _ in range(6):
+            with anyio.fail_after(10):
+                while len(model._dispatcher.queue._sleeping) < 3:  # every worker back asleep
+                    await anyio.sleep(0.001)
+            await model(torch.randn(1, 64))
+        assert len(ran_on) == 6 and all(n.endswith("-worker-0") for n in ran_on), ran_on
+        ran_on.clear()
+        gate = threading.Event()
+        real = model._dispatcher.runner._executor.run
 
-            def held(live, stream):
-                if threading.current_thread().name.endswith("-worker-0"):
-                    gate.wait(10)
-                return real(live, stream)
+        def held(live, stream):
+            if threading.current_thread().name.endswith("-worker-0"):
+                gate.wait(10)
+            return real(live, stream)
 
-            model._dispatcher.runner._executor.run = held
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(model, torch.randn(1, 64))
-                with anyio.fail_after(10):
-                    while len(ran_on) < 1:
-                        await anyio.sleep(0.001)
-                    await model(torch.randn(1, 64))  # the lead is busy: another worker runs it
-                gate.set()
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
+        model._dispatcher.runner._executor.run = held
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(model, torch.randn(1, 64))
+            with anyio.fail_after(10):
+                while len(ran_on) < 1:
+                    await anyio.sleep(0.001)
+                await model(torch.randn(1, 64))  # the lead is busy: another worker runs it
+            gate.set()
     assert ran_on[0].endswith("-worker-0") and not ran_on[1].endswith("-worker-0"), ran_on
 
 
-async def test_an_unbatched_cpu_worker_takes_a_chunk_at_a_time(models):
+async def test_an_unbatched_cpu_worker_takes_a_chunk_at_a_time(models, cpu_backend):
     """64 queued requests to an unbatched CPU model are taken 16 at a time (one native call's
     chunk), not at one wake-up: each take's callers get their outputs while the worker runs
     the next, and every output is right."""
@@ -459,39 +456,36 @@ async def test_an_unbatched_cpu_worker_takes_a_chunk_at_a_time(models):
             takes.append(len(readies))  # one readiness token per request of the take
             return super().begin_batch(ctx, readies)
 
-    aioti.register_backend("cpu", Recording, replace=True)
-    try:
-        async with aioti.load(models["small_mlp"], workers=1) as model:
-            eager = eager_model("small_mlp")
-            xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
-            held, release = threading.Event(), threading.Event()
+    cpu_backend(Recording)
+    async with aioti.load(models["small_mlp"], workers=1) as model:
+        eager = eager_model("small_mlp")
+        xs = [torch.randn(1 + i % 3, 64) for i in range(64)]
+        held, release = threading.Event(), threading.Event()
 
-            def hold() -> None:
-                with model._dispatcher.exclusive():  # no batch starts: the requests queue
-                    held.set()
-                    release.wait(30)
+        def hold() -> None:
+            with model._dispatcher.exclusive():  # no batch starts: the requests queue
+                held.set()
+                release.wait(30)
 
-            holder = threading.Thread(target=hold)
-            holder.start()
-            got: dict[int, torch.Tensor] = {}
+        holder = threading.Thread(target=hold)
+        holder.start()
+        got: dict[int, torch.Tensor] = {}
 
-            async def call(i: int) -> None:
-                got[i] = await model(xs[i])
+        async def call(i: int) -> None:
+            got[i] = await model(xs[i])
 
-            try:
-                await anyio.to_thread.run_sync(held.wait, 30)
-                async with anyio.create_task_group() as tg:
-                    for i in range(64):
-                        tg.start_soon(call, i)
-                    with anyio.fail_after(30):
-                        while model.stats()["queued"] < 64:
-                            await anyio.sleep(0.001)
-                    release.set()
-            finally:
+        try:
+            await anyio.to_thread.run_sync(held.wait, 30)
+            async with anyio.create_task_group() as tg:
+                for i in range(64):
+                    tg.start_soon(call, i)
+                with anyio.fail_after(30):
+                    while model.stats()["queued"] < 64:
+                        await anyio.sleep(0.001)
                 release.set()
-                holder.join(30)
-    finally:
-        aioti.register_backend("cpu", CpuBackend, replace=True)
+        finally:
+            release.set()
+            holder.join(30)
     assert takes == [16, 16, 16, 16], takes
     assert all(torch.allclose(got[i], eager(x), atol=1e-5) for i, x in enumerate(xs))
 
