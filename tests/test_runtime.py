@@ -661,6 +661,8 @@ async def test_a_lone_request_to_an_idle_fast_model_runs_on_the_callers_thread(m
         for _ in range(5):  # the worker measures the model's runs first
             await model(x)
         threads.clear()
+        seen: list[tuple[list[float], list[float]]] = []
+        model.observe(lambda latencies, waits: seen.append((latencies, waits)))
         others = 0
         done = False
 
@@ -679,6 +681,9 @@ async def test_a_lone_request_to_an_idle_fast_model_runs_on_the_callers_thread(m
             assert torch.allclose(out, eager_model("small_mlp")(x), atol=1e-5)
         assert set(threads) == {threading.get_ident()} and len(threads) == 50
         assert others >= 25  # the loop's other task ran between the requests
+        # each lone run is observed as a batch of one: its latency, and its wait within it
+        assert len(seen) == 50, len(seen)
+        assert all(len(lat) == len(wait) == 1 and 0 <= wait[0] <= lat[0] for lat, wait in seen)
         threads.clear()
         async with anyio.create_task_group() as tg:
             for _ in range(64):

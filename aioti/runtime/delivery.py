@@ -102,11 +102,35 @@ class Delivery:
         reqs[0].loop.settle_all(reqs)
         self.record(reqs)
 
+    def finish_alone(self, req: Request) -> None:
+        """`finish` for a lone request run on its caller's thread (`BatchRunner.run_alone`),
+        without a batch's lists: per-request work on the caller's loop. Its caller, on this
+        thread, cannot have left meanwhile."""
+        req.inputs = None
+        req.state = DONE
+        error = req.error
+        if error is None:
+            self._queue.finish(req.rows, 1, 0)
+        else:  # one handed back (`NotStarted`) is neither completed nor failed here
+            self._queue.finish(req.rows, 0, 0 if isinstance(error, NotStarted) else 1)
+
+    def record_alone(self, req: Request, now: float) -> None:
+        """`record` for a lone request run on its caller's thread, its outputs ready at
+        `now`."""
+        latency = now - req.t0
+        self.latency.add(latency)
+        if self.observers:
+            self._observe([latency], [req])
+
     def record(self, reqs: list[Request]) -> None:
         """On the requests' loop, as they are handed over: their latencies and queue waits."""
         now = time.perf_counter()
         latencies = [now - req.t0 for req in reqs]
         self.latency.extend(latencies)
+        if self.observers:
+            self._observe(latencies, reqs)
+
+    def _observe(self, latencies: list[float], reqs: list[Request]) -> None:
         for observe in self.observers:
             try:
                 observe(latencies, [req.began - req.t0 for req in reqs if req.began])

@@ -285,7 +285,7 @@ class RequestQueue:
     def finish(self, rows: int, completed: int, failed: int) -> None:
         """A taken batch of `rows` is over: `completed` requests got outputs, `failed` an
         error."""
-        with self._cond:
+        with self._lock:  # `_cond`'s lock: held, it may notify
             self.running -= 1
             self._running_rows -= rows
             self.completed += completed

@@ -25,6 +25,9 @@ class Latencies:
     def extend(self, values: Iterable[float]) -> None:
         self._samples.extend(values)
 
+    def add(self, value: float) -> None:
+        self._samples.append(value)
+
     def percentiles(self, *qs: float) -> dict[str, float | None]:
         """e.g. {"p50": 0.0012, "p99": 0.004}; None where nothing was recorded yet."""
         data = sorted(self._samples)

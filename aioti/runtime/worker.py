@@ -157,7 +157,7 @@ class BatchRunner:
         ctx, backend, teams, batch = self.lead[0], self._backend, self._teams, [req]
         # `run`'s steps without the queue's `begin`: nobody else holds this request yet; it
         # is RUNNING from its run's start.
-        req.began = time.perf_counter()
+        req.began = began = time.perf_counter()
         own = None if teams is None else teams.borrow()
         try:
             stream = backend.caller_stream(req.ready) if self._caller_stream else None
@@ -181,9 +181,10 @@ class BatchRunner:
         finally:  # counted over whatever escapes: the model must not stay busy
             if teams is not None:
                 teams.give_back(own)
-            self._time((time.perf_counter() - req.began) / size)
-            done = self.delivery.finish(batch)
-        self.delivery.record(done)
+            now = time.perf_counter()
+            self._time((now - began) / size)
+            self.delivery.finish_alone(req)
+        self.delivery.record_alone(req, now)
 
     def run_here(self, batch: list[Request], busy: int, loop: Loop, soon: bool = False
                  ) -> None:
