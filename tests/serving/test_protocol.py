@@ -1,5 +1,6 @@
 """The protocol's JSON forms of tensors, read and written through orjson and through the
-standard library (as where orjson is not installed): the same tensors come back."""
+standard library (as where orjson is not installed): the same tensors come back; and requests
+of any form, decoded as declared or refused as bad requests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("orjson")
 
@@ -125,3 +128,49 @@ def test_the_valid_request_of_the_malformed_ones_decodes(codec: str) -> None:
 def test_deeply_nested_json_is_a_bad_request(codec: str, body: bytes) -> None:
     with pytest.raises(BadRequest, match="nested too deeply|not JSON"):
         decode_request(body, None, ["input0"])
+
+
+# Any request body: JSON built from the protocol's own keys and odd values, or any bytes, with
+# or without a header length.
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=4),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["name", "shape", "datatype", "data", "parameters", "binary_data_size",
+                         "binary_data", "binary_data_output", "inputs", "outputs", "id"]),
+        inner, max_size=4),
+    max_leaves=16)
+_entries = st.fixed_dictionaries(
+    {"name": st.sampled_from(["input0", "scale", "other", 0]),
+     "shape": st.lists(st.integers(-1, 4), max_size=3) | _values,
+     "datatype": st.sampled_from([*protocol.DATATYPES, "BYTES", "fp32", 3])},
+    optional={"data": _values | st.lists(st.floats() | st.integers(-3, 3), max_size=12),
+              "parameters": _values | st.fixed_dictionaries(
+                  {"binary_data_size": st.integers(-4, 48) | _values})})
+_requests = st.fixed_dictionaries({"inputs": st.lists(_entries, max_size=3)},
+                                  optional={"outputs": _values, "id": _values,
+                                            "parameters": _values})
+
+
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(req=_requests | st.binary(max_size=64).map(lambda b: {"raw": b}),
+       tail=st.binary(max_size=48), header=st.none() | st.integers(-2, 300))
+def test_any_request_decodes_as_declared_or_is_a_bad_request(codec: str, req: dict, tail: bytes,
+                                                             header: int | None) -> None:
+    """Whatever arrives, the decoder answers BadRequest (HTTP 400) or inputs exactly as the
+    request declared them: never another exception (a 500), never a tensor of another shape
+    or type."""
+    if "raw" in req:
+        body = req["raw"]
+    else:
+        body = json.dumps(req).encode() + tail
+        header = header if header is not None or not tail else len(body) - len(tail)
+    try:
+        decoded = decode_request(body, header, ["input0", "scale"])
+    except BadRequest:
+        return
+    declared = {e["name"]: e for e in json.loads(body[:header] if header else body)["inputs"]}
+    for name, t in zip(["input0", "scale"], decoded.inputs):
+        entry = declared[name]
+        assert t.dtype == protocol.DATATYPES[entry["datatype"]]
+        assert list(t.shape) == entry["shape"]
