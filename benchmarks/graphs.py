@@ -4,7 +4,8 @@ Rows, each the median of `repeats` rounds run back to back in this process (a ro
 every row once, so the ratios pair rows of the same round):
 - the raw synchronous call over aioti's core (run, then synchronize): p50 latency and runs/s;
 - a bare graph replay: the input copied into a captured graph's static input, the graph
-  replayed, the stream synchronized (torch's `CUDAGraph.replay`, on the graph aioti captured);
+  replayed, the stream synchronized (torch's `CUDAGraph.replay`, on a graph of the core's run
+  captured with torch alone);
 - aioti at concurrency 1 (asyncio, one worker stream) without and with CUDA graphs: p50 and
   its ratio to the raw call's p50 (issue #19's GPU c1 row), the graphs row also to the bare
   replay's (#23's latency). These four take turns of a fraction of a second within a round
@@ -56,19 +57,27 @@ def c1_rows(path: Any, x: torch.Tensor, duration: float, turns: int = 6) -> dict
     core = open_container(open_model(path), device="cuda")
     side = torch.cuda.Stream()
     n = x.shape[0]
+    static = torch.zeros_like(x)  # the bare replay's graph: a run captured with torch alone
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            core.capture_run([static], side.cuda_stream)
+    side.synchronize()
+    bare = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(bare, stream=side):
+        core.capture_run([static], side.cuda_stream)
 
     async def go() -> dict[str, Any]:
         async with aioti.load(path, device="cuda", workers=1) as plain, aioti.load(
                 path, device="cuda", workers=1, cuda_graphs=aioti.CudaGraphs((n,))) as graphed:
-            graph = graphed._replicas[0].graphs._sets[0].graphs[n]  # type: ignore[union-attr]
 
             def raw() -> None:
                 core.run([x])
                 torch.cuda.synchronize()
 
             def replay() -> None:  # on `side`, made current around its turn
-                graph.inputs[0].copy_(x, non_blocking=True)
-                graph.graph.replay()
+                static.copy_(x, non_blocking=True)
+                bare.replay()
                 side.synchronize()
 
             got: dict[str, list[dict[str, Any]]] = {k: [] for k in (

@@ -83,6 +83,52 @@ async def test_replays_match_eager(anyio_backend):
 
 
 @cuda
+@pytest.mark.anyio
+async def test_lone_replays_keep_their_outputs(anyio_backend):
+    """Lone requests one after another, each replayed on its caller's thread into its graph's
+    spare outputs (the next spare allocated while the GPU runs it): every output kept stays its
+    own request's, at captured and padded sizes, and the spares are reported. Outputs handed
+    out twice would hold a later request's values."""
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    xs = [torch.randn(n, 1024, device="cuda") for n in [1, 1, 3, 3, 4, 1, 3, 4] * 4]
+    async with aioti.load(path, device="cuda", workers=1,
+                          cuda_graphs=aioti.CudaGraphs((1, 4))) as model:
+        got = [await model(x) for x in xs]
+        stats = model.stats()["cuda_graphs"]
+    with torch.no_grad():
+        assert all(close(g, eager(x)) for g, x in zip(got, xs))
+    assert len({g.data_ptr() for g in got}) == len(xs)
+    assert stats["replays"] == len(xs) and stats["fallbacks"] == 0
+    assert stats["spare_bytes"] == (1 + 4) * 1024 * 4  # one spare per graph, of its last rows
+
+
+@cuda
+@pytest.mark.anyio
+async def test_refused_replay_step_runs_without_graph(anyio_backend):
+    """A replay step the driver refuses (here: size 1's copy nodes swapped for another graph's,
+    which the driver rejects, as it does a node pointed at memory it cannot reach that way)
+    leaves the runs not yet queued to run without a graph: outputs still match the eager
+    module, lone and in chunks, with one warning and the failures counted."""
+    path = compile_model("mid_mlp", "cuda")
+    eager = eager_model("mid_mlp", "cuda")
+    xs = [torch.randn(1, 1024, device="cuda") for _ in range(16)]
+    async with aioti.load(path, device="cuda", workers=1,
+                          cuda_graphs=aioti.CudaGraphs((1, 2))) as model:
+        runner = model._replicas[0].graphs
+        assert runner is not None
+        for own in runner._sets:
+            own.graphs[1].in_nodes = own.graphs[2].in_nodes
+        with pytest.warns(RuntimeWarning, match="a replay step failed"):
+            got = [await model(x) for x in xs[:4]]
+        got += await call_all(model, xs[4:])
+        stats = model.stats()["cuda_graphs"]
+    with torch.no_grad():
+        assert all(close(g, eager(x)) for g, x in zip(got, xs))
+    assert stats["failed_steps"] >= 4 and stats["fallbacks"] >= 16 and stats["replays"] == 0
+
+
+@cuda
 @pytest.mark.parametrize("graphs,device,name", [(True, "cuda", "mid_mlp"),
                                                 (False, "cuda", "small_mlp"),
                                                 (True, ["cuda:0", "cuda:0"], "mid_mlp")],

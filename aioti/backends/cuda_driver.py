@@ -17,15 +17,33 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
-from ctypes import byref, c_char_p, c_int, c_uint, c_void_p
+from ctypes import byref, c_char_p, c_int, c_size_t, c_uint, c_uint64, c_void_p
 
 from ..errors import BackendError
 
-__all__ = ["Driver", "driver"]
+__all__ = ["CopyParams", "Driver", "driver"]
 
 _NOT_READY = 600  # CUDA_ERROR_NOT_READY
 _DISABLE_TIMING = 0x2  # CU_EVENT_DISABLE_TIMING: recording one is then cheaper
 _NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING: no implicit order with the legacy stream
+
+
+_MEMCPY_NODE = 1  # CU_GRAPH_NODE_TYPE_MEMCPY
+_DEVICE_MEMORY = 2  # CU_MEMORYTYPE_DEVICE
+
+
+class CopyParams(ctypes.Structure):
+    """The driver's CUDA_MEMCPY3D: a copy node's parameters (runmany.c's `aioti_memcpy3d`)."""
+
+    _fields_ = [("srcXInBytes", c_size_t), ("srcY", c_size_t), ("srcZ", c_size_t),
+                ("srcLOD", c_size_t), ("srcMemoryType", c_uint), ("srcHost", c_void_p),
+                ("srcDevice", c_uint64), ("srcArray", c_void_p), ("reserved0", c_void_p),
+                ("srcPitch", c_size_t), ("srcHeight", c_size_t),
+                ("dstXInBytes", c_size_t), ("dstY", c_size_t), ("dstZ", c_size_t),
+                ("dstLOD", c_size_t), ("dstMemoryType", c_uint), ("dstHost", c_void_p),
+                ("dstDevice", c_uint64), ("dstArray", c_void_p), ("reserved1", c_void_p),
+                ("dstPitch", c_size_t), ("dstHeight", c_size_t),
+                ("WidthInBytes", c_size_t), ("Height", c_size_t), ("Depth", c_size_t)]
 
 
 class Driver:
@@ -55,6 +73,16 @@ class Driver:
         self._launch = held.cuGraphLaunch
         self._launch.argtypes = [c_void_p, c_void_p]
         self._launch.restype = c_int
+        self._set_copy = held.cuGraphExecMemcpyNodeSetParams
+        self._set_copy.argtypes = [c_void_p, c_void_p, ctypes.POINTER(CopyParams), c_void_p]
+        self._nodes = held.cuGraphGetNodes
+        self._nodes.argtypes = [c_void_p, ctypes.POINTER(c_void_p), ctypes.POINTER(c_size_t)]
+        self._node_type = held.cuGraphNodeGetType
+        self._node_type.argtypes = [c_void_p, ctypes.POINTER(c_int)]
+        self._copy_params = held.cuGraphMemcpyNodeGetParams
+        self._copy_params.argtypes = [c_void_p, ctypes.POINTER(CopyParams)]
+        for fn in (self._set_copy, self._nodes, self._node_type, self._copy_params):
+            fn.restype = c_int
         self._stream_create = held.cuStreamCreate
         self._stream_create.argtypes = [ctypes.POINTER(c_void_p), c_uint]
         self._stream_create.restype = c_int
@@ -106,9 +134,47 @@ class Driver:
 
     @property
     def addresses(self) -> tuple[int, int]:
-        """The addresses of cuMemcpyDtoDAsync_v2 and cuGraphLaunch, for native callers."""
-        return (ctypes.cast(self._copy, c_void_p).value or 0,
+        """The addresses of cuGraphExecMemcpyNodeSetParams and cuGraphLaunch, for native
+        callers (runmany.c's `aioti_replay_many`)."""
+        return (ctypes.cast(self._set_copy, c_void_p).value or 0,
                 ctypes.cast(self._launch, c_void_p).value or 0)
+
+    def primary_context(self, index: int) -> int:
+        """Device `index`'s primary context (the one torch uses), retained for the process."""
+        device, context = c_int(), c_void_p()
+        self._check(self._device_get(byref(device), index), "cuDeviceGet")
+        self._check(self._retain(byref(context), device), "cuDevicePrimaryCtxRetain")
+        return context.value or 0
+
+    def copy_nodes(self, graph: int) -> list[tuple[int, int, int, int]]:
+        """The 1-D device-to-device copy nodes of a graph (`cudaGraph_t`): (node, dst, src,
+        nbytes) each."""
+        count = c_size_t(0)
+        self._check(self._nodes(graph, None, byref(count)), "cuGraphGetNodes")
+        nodes = (c_void_p * count.value)()
+        self._check(self._nodes(graph, nodes, byref(count)), "cuGraphGetNodes")
+        found = []
+        for node in nodes[:count.value]:
+            kind, params = c_int(), CopyParams()
+            self._check(self._node_type(node, byref(kind)), "cuGraphNodeGetType")
+            if kind.value != _MEMCPY_NODE:
+                continue
+            self._check(self._copy_params(node, byref(params)), "cuGraphMemcpyNodeGetParams")
+            if (params.srcMemoryType == params.dstMemoryType == _DEVICE_MEMORY
+                    and params.Height == params.Depth == 1):
+                found.append((node or 0, params.dstDevice, params.srcDevice,
+                              params.WidthInBytes))
+        return found
+
+    def set_copy(self, graph_exec: int, node: int, dst: int, src: int, nbytes: int,
+                 context: int) -> None:
+        """Set copy node `node` of `graph_exec` (a node of the graph it was instantiated from)
+        to copy `nbytes` from device address `src` to `dst` at its next launches."""
+        params = CopyParams(srcMemoryType=_DEVICE_MEMORY, srcDevice=src,
+                            dstMemoryType=_DEVICE_MEMORY, dstDevice=dst, WidthInBytes=nbytes,
+                            Height=1, Depth=1)
+        self._check(self._set_copy(graph_exec, node, byref(params), context),
+                    "cuGraphExecMemcpyNodeSetParams")
 
     def describe(self, code: int) -> str:
         """The driver's name for an error code."""

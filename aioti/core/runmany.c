@@ -32,23 +32,52 @@ int aioti_run_many(aioti_run_fn run, void *container, void **inputs, size_t num_
     return 0;
 }
 
-typedef int (*aioti_copy_fn)(unsigned long long dst, unsigned long long src, size_t nbytes,
-                             void *stream);
 typedef int (*aioti_launch_fn)(void *graph_exec, void *stream);
 
-/* Replays of captured CUDA graphs (aioti.runtime.graphs), queued on `stream` in one call:
- * ops[3*i], ops[3*i+1], ops[3*i+2] is (dst, src, nbytes) for a device-to-device copy, or
- * (graph_exec, 0, (size_t)-1) for a graph launch. `copy` and `launch` are the driver's
- * cuMemcpyDtoDAsync_v2 and cuGraphLaunch. Stops at the first failure: returns its code and
- * sets *done to the number of ops queued before it. */
-int aioti_replay_many(aioti_copy_fn copy, aioti_launch_fn launch, const unsigned long long *ops,
-                      size_t count, void *stream, size_t *done)
+/* The driver's CUDA_MEMCPY3D (cuda.h), for a 1-D device-to-device copy. */
+typedef struct {
+    size_t srcXInBytes, srcY, srcZ, srcLOD;
+    unsigned int srcMemoryType;
+    const void *srcHost;
+    unsigned long long srcDevice;
+    void *srcArray, *reserved0;
+    size_t srcPitch, srcHeight;
+    size_t dstXInBytes, dstY, dstZ, dstLOD;
+    unsigned int dstMemoryType;
+    void *dstHost;
+    unsigned long long dstDevice;
+    void *dstArray, *reserved1;
+    size_t dstPitch, dstHeight;
+    size_t WidthInBytes, Height, Depth;
+} aioti_memcpy3d;
+
+typedef int (*aioti_set_copy_fn)(void *graph_exec, void *node, const aioti_memcpy3d *params,
+                                 void *context);
+
+/* Replays of captured CUDA graphs whose copies in and out are nodes of the graph
+ * (aioti.runtime.graphs), queued on `stream` in one call. ops[5*i .. 5*i+4] is
+ * (graph_exec, node, dst, src, nbytes): the copy node `node` of `graph_exec` set to copy
+ * `nbytes` from device address `src` to `dst` at its next launches, or, with node 0,
+ * (graph_exec, 0, 0, 0, 0): a launch of `graph_exec`. `set_copy` and `launch` are the driver's
+ * cuGraphExecMemcpyNodeSetParams and cuGraphLaunch; `context` the device's context. Stops at
+ * the first failure: returns its code and sets *done to the number of ops done before it. */
+int aioti_replay_many(aioti_set_copy_fn set_copy, aioti_launch_fn launch, void *context,
+                      const unsigned long long *ops, size_t count, void *stream, size_t *done)
 {
+    aioti_memcpy3d p = {0};
+    p.srcMemoryType = p.dstMemoryType = 2; /* CU_MEMORYTYPE_DEVICE */
+    p.Height = p.Depth = 1;
     for (size_t i = 0; i < count; i++) {
-        const unsigned long long *op = ops + 3 * i;
-        int code = op[2] == (unsigned long long)-1
-                       ? launch((void *)(size_t)op[0], stream)
-                       : (op[2] ? copy(op[0], op[1], (size_t)op[2], stream) : 0);
+        const unsigned long long *op = ops + 5 * i;
+        int code;
+        if (op[1] == 0) {
+            code = launch((void *)(size_t)op[0], stream);
+        } else {
+            p.dstDevice = op[2];
+            p.srcDevice = op[3];
+            p.WidthInBytes = (size_t)op[4];
+            code = set_copy((void *)(size_t)op[0], (void *)(size_t)op[1], &p, context);
+        }
         if (code != 0) {
             *done = i;
             return code;

@@ -49,13 +49,14 @@ def _library() -> ctypes.CDLL | None:
 
 @functools.cache
 def replayer() -> Any:
-    """`aioti_replay_many` (CUDA graph replays: copies and launches through driver function
-    pointers, GIL released) as a ctypes function, or None (`status()` says why)."""
+    """`aioti_replay_many` (CUDA graph replays: copy nodes set and graphs launched through
+    driver function pointers, GIL released) as a ctypes function, or None (`status()` says
+    why)."""
     lib = _library()
     if lib is None:
         return None
     fn = lib.aioti_replay_many
-    fn.argtypes = [c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_void_p]
+    fn.argtypes = [c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p, c_void_p]
     fn.restype = c_int32
     return fn
 

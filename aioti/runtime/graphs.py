@@ -6,6 +6,15 @@ batched): a run whose inputs fit a captured graph is copied into the graph's sta
 the worker's stream, replayed, and its outputs copied out (the caller owns them); any other run
 goes to the container as before.
 
+- Copies: where rows are whole byte ranges (batch dim 0, contiguous tensors), the copies in and
+  out are nodes of the graph itself, captured from and to a scratch buffer; before each launch
+  the driver points them at the run's inputs and outputs (`cuGraphExecMemcpyNodeSetParams`,
+  which affects later launches only). A replay is then one launch, and the GPU runs the copies
+  inside it, without a gap between separately queued operations. Such a graph must never be
+  replayed without setting its copy nodes first (torch's `CUDAGraph.replay` would copy from
+  and to whatever the last replay set). Other graphs replay through torch, tensor copies around
+  `CUDAGraph.replay`.
+
 - Capture: at load, and again after a constant operation that may move the constants (a swap,
   a fold, a user-managed or blob update: `ConstantBuffers.generation`), with runs held off. Each
   worker gets its own set of graphs (its own static tensors, one memory pool per graph); sizes
@@ -14,10 +23,11 @@ goes to the container as before.
   cannot be captured. Each set is captured on a stream of its own that nothing else uses:
   cuBLAS keeps a workspace per stream, which the captured kernels use whichever stream replays
   them, so graphs captured on one stream and replayed by two workers at once would share it.
-- Order: a worker's replays are queued on its stream under its set's lock, each one's copies
-  in, launch and copies out together. A lone run on a caller's thread replays the lead's set
-  on the lead's stream while the lead may be queueing a batch of another loop's requests there:
-  without the lock, one's launch could run on the other's inputs.
+- Order: a worker's replays are queued on its stream under its set's lock, each one's copy
+  nodes set and its launch together (the driver's graph objects are not thread-safe either).
+  A lone run on a caller's thread replays the lead's set on the lead's stream while the lead
+  may be queueing a batch of another loop's requests there: without the lock, one's launch
+  could run on the other's inputs.
 - Padding: a run of n rows replays the smallest captured size >= n when the model's rows are
   independent (the batching probe says so), its outputs sliced back to n; otherwise only runs of
   exactly a captured size replay.
@@ -39,7 +49,7 @@ import torch
 
 from ..backends.cuda_driver import driver
 from ..core import runmany
-from ..errors import InputError, ModelRunError, check_count, check_duration
+from ..errors import BackendError, InputError, check_count, check_duration
 from .batching import probe_batch_dim
 
 if TYPE_CHECKING:
@@ -47,7 +57,21 @@ if TYPE_CHECKING:
 
 __all__ = ["CudaGraphs", "GraphRunner"]
 
-_LAUNCH = 2**64 - 1  # an op's size that marks a graph launch (runmany.c: aioti_replay_many)
+_OP = 5  # words per op of `_replay_direct` (runmany.c: aioti_replay_many)
+
+
+def _take_node(found: list[tuple[int, int, int, int]], dst: int, src: int, nbytes: int
+               ) -> int | None:
+    """The copy node of `found` (node, dst, src, nbytes) that copies `nbytes` from `src` to
+    `dst`, taken out of `found`; None for an empty copy (the capture made none)."""
+    if not nbytes:
+        return None
+    for k, (node, d, s, n) in enumerate(found):
+        if (d, s, n) == (dst, src, nbytes):
+            del found[k]
+            return node
+    raise RuntimeError(f"the captured graph has no copy node of {nbytes} bytes from {src:#x} "
+                       f"to {dst:#x}")
 
 
 @dataclass(frozen=True)
@@ -77,23 +101,27 @@ class CudaGraphs:
 
 class _Graph:
     """One captured run: the graph, its static inputs and outputs, its memory; and for a
-    replay through the driver (`direct`), the instantiated graph's handle and the static
-    tensors' addresses."""
+    replay through the driver (`direct`: the instantiated graph's handle), the copy nodes that
+    the capture put before and after the run, each input's and output's (None for an empty
+    one), with the static tensors' addresses."""
 
-    __slots__ = ("graph", "inputs", "outputs", "nbytes", "size", "direct", "in_ptrs",
-                 "out_ptrs")
+    __slots__ = ("graph", "inputs", "outputs", "nbytes", "size", "direct", "in_nodes",
+                 "out_nodes", "in_ptrs", "out_ptrs", "spare")
 
     def __init__(self, graph: Any, inputs: list[torch.Tensor], outputs: list[torch.Tensor],
-                 nbytes: int, size: int, dim: int) -> None:
+                 nbytes: int, size: int, direct: int | None = None,
+                 in_nodes: list[int | None] | None = None,
+                 out_nodes: list[int | None] | None = None) -> None:
         self.graph, self.inputs, self.outputs, self.nbytes = graph, inputs, outputs, nbytes
         self.size = size
-        handle = getattr(graph, "raw_cuda_graph_exec", None)
-        # Rows are whole bytes ranges of contiguous tensors batched at dim 0: a replay is then
-        # copies, a launch and copies, each one driver call.
-        self.direct: int | None = handle() if handle is not None and dim == 0 and all(
-            t.is_contiguous() for t in inputs + outputs) else None
+        self.direct = direct
+        self.in_nodes = in_nodes or []
+        self.out_nodes = out_nodes or []
         self.in_ptrs = [t.data_ptr() for t in inputs]
         self.out_ptrs = [t.data_ptr() for t in outputs]
+        #: the outputs of this graph's next lone direct replay, allocated after the last one
+        #: was launched (while the GPU ran it), with the rows they were made for
+        self.spare: tuple[int, list[torch.Tensor]] | None = None
 
 
 class _Set:
@@ -138,11 +166,16 @@ class GraphRunner:
         self._capture_streams: list[torch.cuda.ExternalStream] = []
         self._driver = driver()
         self._addresses = self._driver.addresses
+        self._context = self._driver.primary_context(
+            torch.cuda.current_device() if self.device.index is None else self.device.index)
+        self._scratches: list[torch.Tensor] = []
+        self._warned_step = False
         self._first = self._carries.index(True)  # an input that carries the batch dim
         self.pad = False
         self.disabled: str | None = None
         self.replays = 0
         self.fallbacks = 0
+        self.failed_steps = 0
         self.captures = 0
 
     # --- capture -------------------------------------------------------------------------------
@@ -212,22 +245,59 @@ class GraphRunner:
                 "captured); those runs go without graphs", RuntimeWarning, stacklevel=2)
 
     def _capture_one(self, n: int, side: torch.cuda.Stream) -> _Graph:
-        """Warm up, then capture a run of `n` rows on `side` (this set's own stream)."""
+        """Warm up, then capture a run of `n` rows on `side` (this set's own stream). Where
+        replays can go through the driver (rows at dim 0, contiguous static tensors, a torch
+        that keeps the captured graph), the capture puts a copy node before the run for each
+        input and after it for each output, from and to a scratch buffer; each replay points
+        them at its own inputs and outputs (`_replay_direct`)."""
         c = self.container
         before = torch.cuda.memory_reserved(self.device)
         inputs = self._static_inputs(n)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        warm: list[torch.Tensor] = []
         with torch.cuda.stream(side):
             for _ in range(self.options.warmup):
-                c.capture_run(inputs, side.cuda_stream)
+                warm = c.capture_run(inputs, side.cuda_stream)
         side.synchronize()
-        graph = torch.cuda.CUDAGraph()
+        graph = None
+        if self.options.dim == 0 and all(t.is_contiguous() for t in inputs + warm):
+            try:
+                graph = torch.cuda.CUDAGraph(keep_graph=True)
+            except TypeError:  # a torch without it: these replays go through torch
+                pass
+        nodes = graph is not None
+        if graph is None:
+            graph = torch.cuda.CUDAGraph()
+        scratch = self._scratch(max(t.nbytes for t in inputs + warm)) if nodes else 0
+        del warm
+        raw = side.cuda_stream
         with torch.cuda.graph(graph, pool=torch.cuda.graph_pool_handle(), stream=side,
                               capture_error_mode="thread_local"):
-            outputs = c.capture_run(inputs, side.cuda_stream)
+            if nodes:
+                for t in inputs:
+                    self._driver.copy(t.data_ptr(), scratch, t.nbytes, raw)
+            outputs = c.capture_run(inputs, raw)
+            if nodes:
+                for o in outputs:
+                    self._driver.copy(scratch, o.data_ptr(), o.nbytes, raw)
         self.captures += 1
-        return _Graph(graph, inputs, outputs, torch.cuda.memory_reserved(self.device) - before, n,
-                      self.options.dim)
+        nbytes = torch.cuda.memory_reserved(self.device) - before
+        if not nodes:
+            return _Graph(graph, inputs, outputs, nbytes, n)
+        if not all(o.is_contiguous() for o in outputs):
+            raise RuntimeError("the captured run's outputs are not contiguous")
+        graph.instantiate()
+        found = self._driver.copy_nodes(graph.raw_cuda_graph())
+        return _Graph(graph, inputs, outputs, nbytes, n, graph.raw_cuda_graph_exec(),
+                      [_take_node(found, t.data_ptr(), scratch, t.nbytes) for t in inputs],
+                      [_take_node(found, scratch, o.data_ptr(), o.nbytes) for o in outputs])
+
+    def _scratch(self, nbytes: int) -> int:
+        """The address of device memory of at least `nbytes` that capture copy nodes copy from
+        and to (a replay points them elsewhere first), kept while the graphs live."""
+        if not self._scratches or self._scratches[-1].nbytes < nbytes:
+            self._scratches.append(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
+        return self._scratches[-1].data_ptr()
 
     def _static_inputs(self, n: int) -> list[torch.Tensor]:
         d = self.options.dim
@@ -262,6 +332,7 @@ class GraphRunner:
         with self._lock:
             self._sets.clear()
             self._by_stream.clear()
+            self._scratches.clear()
         torch.cuda.empty_cache()  # the dropped graphs' pools
 
     # --- runs ----------------------------------------------------------------------------------
@@ -275,19 +346,21 @@ class GraphRunner:
             self.fallbacks += len(batch)
             return self.container.run_many(batch, stream)
         out: list[list[torch.Tensor] | Exception | None] = [None] * len(batch)
-        direct: list[tuple[int, _Graph, int]] = []
+        direct: list[tuple[int, _Graph, int, Sequence[torch.Tensor]]] = []
         for i, inputs in enumerate(batch):
             fit = self._fit(own.graphs, inputs)
             if fit is None:
                 continue
             g, rows = fit
-            if g.direct is not None and all(t.is_contiguous() for t in inputs):
-                direct.append((i, g, rows))
+            if g.direct is not None:
+                if not all(t.is_contiguous() for t in inputs):  # (unchecked inputs only)
+                    inputs = [t.contiguous() for t in inputs]
+                direct.append((i, g, rows, inputs))
             else:
                 with own.lock:
                     out[i] = self._replay(g, inputs, rows)
         if direct:
-            self._replay_direct(batch, direct, out, own, stream)
+            self._replay_direct(direct, out, own, stream)
         rest = [i for i, o in enumerate(out) if o is None]
         self.replays += len(batch) - len(rest)
         if rest:
@@ -318,6 +391,8 @@ class GraphRunner:
             return None
         d = self.options.dim
         rows = inputs[self._first].shape[d]
+        if not rows:
+            return None
         g = graphs.get(rows)
         if g is None and self.pad:
             g = next((graphs[n] for n in self.sizes if n > rows and n in graphs), None)
@@ -343,69 +418,121 @@ class GraphRunner:
             return [o.clone() for o in g.outputs]
         return [o.narrow(d, 0, rows).clone() for o in g.outputs]
 
-    def _replay_direct(self, batch: Sequence[Sequence[torch.Tensor]],
-                       direct: list[tuple[int, _Graph, int]],
+    def _replay_direct(self, direct: list[tuple[int, _Graph, int, Sequence[torch.Tensor]]],
                        out: list[list[torch.Tensor] | Exception | None], own: _Set,
                        stream: int) -> None:
-        """Replay through the driver: each run's inputs copied into its graph's static inputs,
-        the graph launched, its outputs copied out, all queued on `stream` in one native call.
-        Where rows are independent (every output carries the batch dim), the outputs of the
-        chunk's runs are views of one allocation per output."""
+        """Replay through the driver: for each run (index, graph, rows, inputs), its graph's
+        copy nodes pointed at its inputs and at new outputs, and the graph launched (copies
+        in, run and copies out in one launch), all queued on `stream` in one native call. A
+        lone run (the common case at low load) copies out into its graph's spare outputs, and
+        the next spare is allocated once the run is queued: off the path from the call to the
+        launch, while the GPU runs it. Where rows are independent (every output carries the
+        batch dim), the outputs of a chunk of several runs are views of one allocation per
+        output. A run whose steps fail is left without outputs: it runs without a graph."""
+        if len(direct) == 1:
+            i, g, rows, inputs = direct[0]
+            with own.lock:
+                spare = g.spare
+                results = spare[1] if spare is not None and spare[0] == rows else \
+                    self._outputs(g, rows)
+                if self._queue(self._ops(inputs, g, results), stream) is not None:
+                    return
+                g.spare = rows, self._outputs(g, rows)
+            out[i] = results
+            return
         ops: list[int] = []
+        ends: list[int] = []
         shared: list[tuple[torch.Tensor, ...]] | None = None
         if self.pad:
-            counts = [rows for _, _, rows in direct]
-            total = sum(counts)
-            wholes = [torch.empty((total, *o.shape[1:]), dtype=o.dtype, device=o.device)
-                      for o in direct[0][1].outputs]
-            # A lone run (the common case at low load) skips the split.
-            shared = ([w.split(counts) for w in wholes] if len(direct) > 1
-                      else [(w,) for w in wholes])
-        for k, (i, g, _rows) in enumerate(direct):
-            for t, ptr in zip(batch[i], g.in_ptrs):
-                ops += (ptr, t.data_ptr(), t.nbytes)
-            ops += (g.direct or 0, 0, _LAUNCH)
-            if shared is not None:
-                results = [views[k] for views in shared]
-            else:
-                results = [torch.empty(o.shape, dtype=o.dtype, device=o.device)
-                           for o in g.outputs]
-            for r, ptr in zip(results, g.out_ptrs):
-                ops += (r.data_ptr(), ptr, r.nbytes)
+            counts = [rows for _, _, rows, _ in direct]
+            shared = [w.split(counts) for w in self._outputs(direct[0][1], sum(counts))]
+        for k, (i, g, rows, inputs) in enumerate(direct):
+            results = ([views[k] for views in shared] if shared is not None
+                       else self._outputs(g, rows))
+            ops += self._ops(inputs, g, results)
+            ends.append(len(ops) // _OP)
             out[i] = results
         with own.lock:
-            self._queue(ops, stream)
+            done = self._queue(ops, stream)
+        if done is not None:
+            for (i, *_), end in zip(direct, ends):
+                if end > done:  # its launch was not queued
+                    out[i] = None
 
-    def _queue(self, ops: list[int], stream: int) -> None:
-        """Queue copies and launches (`_replay_direct`) on `stream`: in one native call, GIL
-        released (a launch may wait for room in the GPU's queue), where the native helper is
-        built; else one driver call each."""
+    def _outputs(self, g: _Graph, rows: int) -> list[torch.Tensor]:
+        """New tensors for the outputs of a direct replay of `rows` rows on `g` (rows at dim
+        0 where they are independent; else `g`'s own shapes, `rows` then being its size)."""
+        return [torch.empty((rows, *o.shape[1:]) if self.pad else o.shape, dtype=o.dtype,
+                            device=o.device) for o in g.outputs]
+
+    @staticmethod
+    def _ops(inputs: Sequence[torch.Tensor], g: _Graph, results: list[torch.Tensor]
+             ) -> list[int]:
+        """One direct replay's steps (`_queue`): `g`'s copy nodes set to copy `inputs` in and
+        out into `results`, then `g` launched."""
+        ops: list[int] = []
+        e = g.direct or 0
+        for t, node, ptr in zip(inputs, g.in_nodes, g.in_ptrs):
+            if node is not None:
+                ops += (e, node, ptr, t.data_ptr(), t.nbytes)
+        for r, node, ptr in zip(results, g.out_nodes, g.out_ptrs):
+            if node is not None:
+                ops += (e, node, r.data_ptr(), ptr, r.nbytes)
+        ops += (e, 0, 0, 0, 0)
+        return ops
+
+    def _queue(self, ops: list[int], stream: int) -> int | None:
+        """Do the steps of `_replay_direct` (`_OP` words each) on `stream`: in one native call,
+        GIL released (a launch may wait for room in the GPU's queue), where the native helper
+        is built; else one driver call each. None, or where one failed, the number of steps
+        done before it (said once with a warning: the driver refused to point a copy node at
+        a tensor, say, whose memory it cannot reach that way)."""
         native = runmany.replayer()
+        count = len(ops) // _OP
         if native is None:
             drv = self._driver
-            for dst, src, n in zip(ops[0::3], ops[1::3], ops[2::3]):
-                if n == _LAUNCH:
-                    drv.launch_graph(dst, stream)
-                else:
-                    drv.copy(dst, src, n, stream)
-            return
+            for k in range(count):
+                e, node, dst, src, n = ops[k * _OP:(k + 1) * _OP]
+                try:
+                    if node:
+                        drv.set_copy(e, node, dst, src, n, self._context)
+                    else:
+                        drv.launch_graph(e, stream)
+                except BackendError as exc:
+                    self._failed(str(exc))
+                    return k
+            return None
         done = ctypes.c_size_t()
-        copy, launch = self._addresses
-        code = native(copy, launch, (ctypes.c_uint64 * len(ops))(*ops), len(ops) // 3, stream,
-                      ctypes.byref(done))
+        set_copy, launch = self._addresses
+        code = native(set_copy, launch, self._context, (ctypes.c_uint64 * len(ops))(*ops),
+                      count, stream, ctypes.byref(done))
         if code:
-            raise ModelRunError(f"CUDA graph replay failed: {self._driver.describe(code)} "
-                                f"(code {code}, after {done.value} of {len(ops) // 3} steps)")
+            self._failed(f"CUDA {self._driver.describe(code)} (code {code})")
+            return done.value
+        return None
+
+    def _failed(self, reason: str) -> None:
+        self.failed_steps += 1
+        if not self._warned_step:
+            self._warned_step = True
+            warnings.warn(f"cuda_graphs: a replay step failed ({reason}); runs whose replay "
+                          "was not queued go without graphs (stats()['cuda_graphs']"
+                          "['failed_steps'] counts such failures)", RuntimeWarning,
+                          stacklevel=2)
 
     def stats(self) -> dict[str, Any]:
         return {
             "sizes": self.captured,
             "graphs": sum(len(s.graphs) for s in self._sets),
-            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.graphs.values()),
+            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.graphs.values())
+            + sum(t.nbytes for t in self._scratches),
+            "spare_bytes": sum(t.nbytes for s in self._sets for g in s.graphs.values()
+                               if g.spare is not None for t in g.spare[1]),
             "padding": self.pad,
             "direct": all(g.direct is not None for s in self._sets for g in s.graphs.values()),
             "replays": self.replays,
             "fallbacks": self.fallbacks,
+            "failed_steps": self.failed_steps,
             "captures": self.captures,
             "stale": self.stale,
             "disabled": self.disabled,
