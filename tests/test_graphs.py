@@ -14,6 +14,7 @@ from torch import nn
 from torch.export import Dim
 
 import aioti
+from aioti.core import runmany
 from aioti.errors import InputError
 from aioti.testing import MODELS, ModelSpec, compile_model, eager_model
 
@@ -84,11 +85,15 @@ async def test_replays_match_eager(anyio_backend):
 
 @cuda
 @pytest.mark.anyio
-async def test_lone_replays_keep_their_outputs(anyio_backend):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "driver-calls"])
+async def test_lone_replays_keep_their_outputs(anyio_backend, native, monkeypatch):
     """Lone requests one after another, each replayed on its caller's thread into its graph's
     spare outputs (the next spare allocated while the GPU runs it): every output kept stays its
     own request's, at captured and padded sizes, and the spares are reported. Outputs handed
-    out twice would hold a later request's values."""
+    out twice would hold a later request's values. Without the native helper (no compiler),
+    each copy node is set and each graph launched by a driver call of its own."""
+    if not native:
+        monkeypatch.setattr(runmany, "replayer", lambda: None)
     path = compile_model("mid_mlp", "cuda")
     eager = eager_model("mid_mlp", "cuda")
     xs = [torch.randn(n, 1024, device="cuda") for n in [1, 1, 3, 3, 4, 1, 3, 4] * 4]

@@ -1,11 +1,12 @@
-"""The CUDA driver's event, stream, copy and graph-launch calls that a CUDA worker makes per
-batch (or per replayed request), GIL held.
+"""The CUDA driver's event, stream, copy and graph calls that a CUDA worker makes per batch (or
+per replayed request), GIL held; and those that find a captured graph's copy nodes.
 
 A worker records an event after each batch, polls it, and makes its stream wait on callers'
 streams. torch's `Event.record` and `Event.wait` release the GIL around their driver call, and
 taking it back is a wait behind the event loop's thread whenever that thread took it meanwhile
-(benchmarks/README.md has the measurement). These calls return in microseconds, so they are made through `ctypes.PyDLL`,
-which keeps the GIL; only `synchronize`, which blocks until the GPU is done, releases it.
+(benchmarks/README.md has the measurement). These calls return in microseconds, so they are
+made through `ctypes.PyDLL`, which keeps the GIL; only `synchronize`, which blocks until the
+GPU is done, releases it.
 
 Runtime and driver handles are interchangeable (a `cudaStream_t` is a `CUstream`, a
 `cudaEvent_t` a `CUevent`): torch's streams are used as they are, and handle 0 is the legacy
