@@ -27,8 +27,6 @@ __all__ = ["CopyParams", "Driver", "driver"]
 _NOT_READY = 600  # CUDA_ERROR_NOT_READY
 _DISABLE_TIMING = 0x2  # CU_EVENT_DISABLE_TIMING: recording one is then cheaper
 _NON_BLOCKING = 0x1  # CU_STREAM_NON_BLOCKING: no implicit order with the legacy stream
-
-
 _MEMCPY_NODE = 1  # CU_GRAPH_NODE_TYPE_MEMCPY
 _DEVICE_MEMORY = 2  # CU_MEMORYTYPE_DEVICE
 
@@ -120,10 +118,7 @@ class Driver:
         current = c_void_p()
         self._check(self._ctx_get(byref(current)), "cuCtxGetCurrent")
         if not current.value:
-            device, context = c_int(), c_void_p()
-            self._check(self._device_get(byref(device), index), "cuDeviceGet")
-            self._check(self._retain(byref(context), device), "cuDevicePrimaryCtxRetain")
-            self._check(self._ctx_set(context), "cuCtxSetCurrent")
+            self._check(self._ctx_set(self.primary_context(index)), "cuCtxSetCurrent")
         self._bound.done = True
 
     def create_stream(self) -> int:

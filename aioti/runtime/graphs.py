@@ -169,7 +169,6 @@ class GraphRunner:
         self._context = self._driver.primary_context(
             torch.cuda.current_device() if self.device.index is None else self.device.index)
         self._scratches: list[torch.Tensor] = []
-        self._warned_step = False
         self._first = self._carries.index(True)  # an input that carries the batch dim
         self.pad = False
         self.disabled: str | None = None
@@ -294,7 +293,8 @@ class GraphRunner:
 
     def _scratch(self, nbytes: int) -> int:
         """The address of device memory of at least `nbytes` that capture copy nodes copy from
-        and to (a replay points them elsewhere first), kept while the graphs live."""
+        and to (a replay points them elsewhere first), kept while the graphs live. Allocated
+        inside a capture's measure, it counts in that graph's `nbytes`."""
         if not self._scratches or self._scratches[-1].nbytes < nbytes:
             self._scratches.append(torch.empty(nbytes, dtype=torch.uint8, device=self.device))
         return self._scratches[-1].data_ptr()
@@ -513,8 +513,7 @@ class GraphRunner:
 
     def _failed(self, reason: str) -> None:
         self.failed_steps += 1
-        if not self._warned_step:
-            self._warned_step = True
+        if self.failed_steps == 1:
             warnings.warn(f"cuda_graphs: a replay step failed ({reason}); runs whose replay "
                           "was not queued go without graphs (stats()['cuda_graphs']"
                           "['failed_steps'] counts such failures)", RuntimeWarning,
@@ -524,8 +523,7 @@ class GraphRunner:
         return {
             "sizes": self.captured,
             "graphs": sum(len(s.graphs) for s in self._sets),
-            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.graphs.values())
-            + sum(t.nbytes for t in self._scratches),
+            "memory_bytes": sum(g.nbytes for s in self._sets for g in s.graphs.values()),
             "spare_bytes": sum(t.nbytes for s in self._sets for g in s.graphs.values()
                                if g.spare is not None for t in g.spare[1]),
             "padding": self.pad,
